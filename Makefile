@@ -1,0 +1,24 @@
+# The two commands of README.md: `make demo` and `make test`. Both set up what is missing first.
+.PHONY: setup demo demo-down test lint crds
+
+setup:
+	@scripts/setup
+
+demo: setup
+	.venv/bin/tandem demo
+
+demo-down: setup
+	.venv/bin/tandem demo --down
+
+test: setup
+	.venv/bin/ruff check controller agent tests
+	.venv/bin/lint-imports
+	.venv/bin/pytest
+
+lint: setup
+	.venv/bin/ruff check controller agent tests
+	.venv/bin/ruff format --check controller agent tests
+	.venv/bin/lint-imports
+
+crds: setup
+	.venv/bin/tandem crds

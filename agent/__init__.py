@@ -1,0 +1,1 @@
+"""Tandem's agent: every action that touches the operating system."""

@@ -1,0 +1,1 @@
+"""Tandem's controller: what should be true (resources, store) and the loop that makes it so."""

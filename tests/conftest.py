@@ -1,0 +1,43 @@
+"""Fixtures every test shares: a guard that fails a test on any unexpected warning or error log."""
+
+from __future__ import annotations
+
+import logging
+import re
+from collections.abc import Iterator
+
+import pytest
+
+
+class ExpectedLogs:
+    """Patterns of WARNING-or-worse lines a test declares it expects; anything else fails the test."""
+
+    def __init__(self) -> None:
+        self.patterns: list[re.Pattern[str]] = []
+
+    def expect(self, pattern: str) -> None:
+        self.patterns.append(re.compile(pattern))
+
+    def allows(self, record: logging.LogRecord) -> bool:
+        message = record.getMessage()
+        return any(p.search(message) for p in self.patterns)
+
+
+@pytest.fixture
+def expected_logs() -> ExpectedLogs:
+    return ExpectedLogs()
+
+
+@pytest.fixture(autouse=True)
+def _no_unexpected_warnings(request: pytest.FixtureRequest, caplog: pytest.LogCaptureFixture) -> Iterator[None]:
+    caplog.set_level(logging.INFO)
+    yield
+    expected = request.getfixturevalue("expected_logs") if "expected_logs" in request.fixturenames else ExpectedLogs()
+    bad = [
+        r
+        for r in caplog.get_records("call")
+        if r.levelno >= logging.WARNING and r.name.startswith("tandem") and not expected.allows(r)
+    ]
+    if bad:
+        lines = "\n".join(f"{r.levelname} {r.name}: {r.getMessage()}" for r in bad)
+        pytest.fail(f"unexpected warnings or errors were logged:\n{lines}", pytrace=False)
