@@ -12,7 +12,7 @@ from typing import Literal
 
 from controller.resources import Resource
 from controller.resources.consistency import Finding, check_consistency
-from controller.store import Op, Store
+from controller.store import AlreadyExists, Op, Store
 
 Action = Literal["created", "configured", "unchanged"]
 
@@ -46,14 +46,24 @@ def _same(a: Resource, b: Resource) -> bool:
 
 
 async def apply(
-    store: Store, incoming: Sequence[Resource], *, state_dir: str | None = None, dry_run: bool = False
+    store: Store,
+    incoming: Sequence[Resource],
+    *,
+    state_dir: str | None = None,
+    dry_run: bool = False,
+    create_only: bool = False,
 ) -> list[Applied]:
-    """Create or update every resource of ``incoming``, atomically; raise ``Rejected`` if inconsistent."""
+    """Create or update every resource of ``incoming``, atomically; raise ``Rejected`` if inconsistent.
+
+    With ``create_only`` an object that already exists is an ``AlreadyExists`` error, as for a POST.
+    """
     stored = {r.key: r for r in await store.list()}
     result = dict(stored)
     plan: list[tuple[Action, Resource]] = []
     for resource in incoming:
         current = stored.get(resource.key)
+        if current is not None and create_only:
+            raise AlreadyExists(*resource.key)
         if current is None:
             plan.append(("created", resource))
         elif _same(current, resource):

@@ -146,7 +146,15 @@ def cmd_demo(args: argparse.Namespace) -> int:
 
     if args.down:
         return demo.down(Path(args.root))
-    return demo.up(Path(args.root), manifests=Path(args.manifests))
+    if args.stop:
+        return demo.stop_node(Path(args.root), args.stop)
+    if args.start:
+        return demo.start_node(Path(args.root), args.start)
+    try:
+        first, second = (int(p) for p in args.ports.split(","))
+    except ValueError:
+        raise UsageError(f"--ports {args.ports!r}: expected two ports, e.g. 9011,9012") from None
+    return demo.up(Path(args.root), manifests=Path(args.manifests), ports=(first, second))
 
 
 # --- plumbing ------------------------------------------------------------------------------------------------
@@ -221,9 +229,14 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(func=cmd_node_run)
 
     p = sub.add_parser("demo", help="start a demo cluster of two daemons on loopback (--down removes it)")
-    p.add_argument("--down", action="store_true")
-    p.add_argument("--root", default=".demo", help="where the demo keeps its state (default: .demo)")
+    p.add_argument("--down", action="store_true", help="stop both daemons and remove the demo's state")
+    p.add_argument("--stop", metavar="NODE", help="stop one node's daemon, keeping its state")
+    p.add_argument("--start", metavar="NODE", help="start a stopped node's daemon again")
+    p.add_argument(
+        "--root", default="/tmp/tandem-demo", help="where the demo keeps its state (default: /tmp/tandem-demo)"
+    )
     p.add_argument("--manifests", default=str(Path(__file__).resolve().parent.parent / "manifests"))
+    p.add_argument("--ports", default="9011,9012", help="API ports of node1 and node2 (default 9011,9012)")
     p.set_defaults(func=cmd_demo)
     return parser
 
@@ -251,10 +264,11 @@ def main(argv: Sequence[str] | None = None) -> int:
 
 def _local_errors() -> tuple[type[Exception], ...]:
     from controller.daemon import DaemonError
+    from controller.demo import DemoError
     from controller.secret import SecretError
     from controller.store import StoreError
 
-    return (DaemonError, SecretError, StoreError, OSError)
+    return (DaemonError, DemoError, SecretError, StoreError, OSError)
 
 
 if __name__ == "__main__":

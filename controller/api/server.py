@@ -12,7 +12,7 @@ from pydantic import ValidationError
 from controller import apply as applying
 from controller.api.errors import UnknownResourceType, error_response, json_body, response_for
 from controller.resources import KINDS, Resource, Status
-from controller.store import AlreadyExists, Store, StoreError
+from controller.store import Store, StoreError
 
 log = logging.getLogger("tandem.api")
 PLURALS = {cls.PLURAL: cls for cls in KINDS.values()}
@@ -81,9 +81,7 @@ class Api:
 
     async def create(self, request: web.Request) -> web.Response:
         resource = await _body_resource(request, _kind(request))
-        applied = await applying.apply(self.store, [resource], state_dir=self.state_dir)
-        if applied[0].action != "created":
-            raise AlreadyExists(resource.kind, resource.name)
+        applied = await applying.apply(self.store, [resource], state_dir=self.state_dir, create_only=True)
         return web.json_response(applied[0].resource.to_dict(), status=201)
 
     async def update(self, request: web.Request) -> web.Response:

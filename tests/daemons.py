@@ -1,0 +1,133 @@
+"""Real tandemd processes for tests: started with their own state dir, stopped by PID, always."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+import urllib.error
+import urllib.request
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any, TypeVar
+
+T = TypeVar("T")
+REPO = Path(__file__).resolve().parents[1]
+
+
+def free_port(host: str = "127.0.0.1") -> int:
+    with socket.socket() as s:
+        s.bind((host, 0))
+        return int(s.getsockname()[1])
+
+
+def wait_for(what: str, probe: Callable[[], T | None], *, timeout: float = 20.0, interval: float = 0.05) -> T:
+    """Poll ``probe`` until it returns something other than None/False, or fail naming ``what``."""
+    deadline = time.monotonic() + timeout
+    last: Exception | None = None
+    while time.monotonic() < deadline:
+        try:
+            value = probe()
+            if value:
+                return value
+        except Exception as exc:  # the probe may fail until the condition holds
+            last = exc
+        time.sleep(interval)
+    raise AssertionError(
+        f"timed out after {timeout:.0f}s waiting for {what}" + (f" (last error: {last})" if last else "")
+    )
+
+
+def tandem(*args: str, server: str | None = None, check: bool = True) -> subprocess.CompletedProcess[str]:
+    """Run the real CLI as a user would."""
+    env = {**os.environ, "PYTHONPATH": str(REPO)}
+    if server:
+        env["TANDEM_SERVER"] = server
+    proc = subprocess.run(
+        [sys.executable, "-m", "controller.cli", *args],
+        capture_output=True,
+        text=True,
+        env=env,
+        timeout=60,
+        stdin=subprocess.DEVNULL,
+    )
+    if check and proc.returncode != 0:
+        raise AssertionError(f"tandem {' '.join(args)} failed ({proc.returncode}): {proc.stderr.strip()}")
+    return proc
+
+
+class Daemon:
+    """One node's tandemd, on 127.0.0.1 and its own port."""
+
+    def __init__(self, node: str, state_dir: Path, port: int, *, store: str = "embedded") -> None:
+        self.node, self.state_dir, self.port, self.store = node, state_dir, port, store
+        self.proc: subprocess.Popen[bytes] | None = None
+
+    @property
+    def url(self) -> str:
+        return f"http://127.0.0.1:{self.port}"
+
+    def start(self) -> Daemon:
+        self.state_dir.mkdir(parents=True, exist_ok=True)
+        out = open(self.state_dir / "daemon.out", "ab")  # noqa: SIM115 - owned by the child process
+        self.proc = subprocess.Popen(
+            [
+                sys.executable,
+                "-m",
+                "controller.cli",
+                "node",
+                "run",
+                "--node",
+                self.node,
+                "--state-dir",
+                str(self.state_dir),
+                "--listen",
+                f"127.0.0.1:{self.port}",
+                "--store",
+                self.store,
+            ],
+            stdout=out,
+            stderr=subprocess.STDOUT,
+            stdin=subprocess.DEVNULL,
+            start_new_session=True,
+            env={**os.environ, "PYTHONPATH": str(REPO)},
+        )
+        out.close()
+        wait_for(f"{self.node} to answer /healthz", self._healthy)
+        return self
+
+    def _healthy(self) -> bool:
+        assert self.proc is not None
+        if self.proc.poll() is not None:
+            raise AssertionError(f"{self.node} exited with {self.proc.returncode}: {self.output()[-2000:]}")
+        return self.get("/healthz")["status"] == "ok"
+
+    def get(self, path: str) -> Any:
+        with urllib.request.urlopen(self.url + path, timeout=5) as response:
+            return json.loads(response.read())
+
+    def get_or_none(self, path: str) -> Any:
+        try:
+            return self.get(path)
+        except urllib.error.HTTPError as exc:
+            if exc.code == 404:
+                return None
+            raise
+
+    def output(self) -> str:
+        path = self.state_dir / "daemon.out"
+        return path.read_text(errors="replace") if path.exists() else ""
+
+    def stop(self, sig: int = signal.SIGTERM) -> None:
+        if self.proc is None or self.proc.poll() is not None:
+            return
+        self.proc.send_signal(sig)
+        try:
+            self.proc.wait(timeout=10)
+        except subprocess.TimeoutExpired:
+            self.proc.kill()
+            self.proc.wait(timeout=10)
