@@ -29,14 +29,16 @@ def expected_logs() -> ExpectedLogs:
 
 
 @pytest.fixture(autouse=True)
-def _no_unexpected_warnings(request: pytest.FixtureRequest, caplog: pytest.LogCaptureFixture) -> Iterator[None]:
+def _no_unexpected_warnings(caplog: pytest.LogCaptureFixture, expected_logs: ExpectedLogs) -> Iterator[None]:
     caplog.set_level(logging.INFO)
     yield
-    expected = request.getfixturevalue("expected_logs") if "expected_logs" in request.fixturenames else ExpectedLogs()
+    expected = expected_logs
     bad = [
         r
         for r in caplog.get_records("call")
-        if r.levelno >= logging.WARNING and r.name.startswith("tandem") and not expected.allows(r)
+        if r.levelno >= logging.WARNING
+        and r.name.startswith(("tandem", "agent", "controller"))
+        and not expected.allows(r)
     ]
     if bad:
         lines = "\n".join(f"{r.levelname} {r.name}: {r.getMessage()}" for r in bad)

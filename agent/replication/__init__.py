@@ -1,0 +1,1 @@
+"""Synchronous byte-level replication of a directory: wire protocol, applier, FUSE primary."""

@@ -1,0 +1,225 @@
+"""The secondary's state machine: applies operation frames beneath its directory fd, in order, once each."""
+
+from __future__ import annotations
+
+import errno
+import os
+import stat
+from collections import OrderedDict
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
+from typing import Any
+
+from agent.replication import messages as m
+from agent.replication import syscalls
+from agent.replication.beneath import Beneath
+from agent.replication.wire import Frame, ProtocolError
+
+_REMEMBERED_ERRORS = 1024
+_NODE_TYPES = (stat.S_IFIFO, stat.S_IFSOCK, stat.S_IFCHR, stat.S_IFBLK, stat.S_IFREG)
+
+
+def _proc(fd: int) -> str:
+    # Reopening our own O_PATH fd through /proc reaches exactly that inode, never a path a peer chose.
+    return f"/proc/self/fd/{fd}"
+
+
+def _pwrite_all(fd: int, data: bytes, offset: int) -> None:
+    view = memoryview(data)
+    while view:
+        n = os.pwrite(fd, view, offset)
+        view, offset = view[n:], offset + n
+
+
+class Applier:
+    """Applies frames deterministically; a seq already applied is acknowledged again, never re-applied."""
+
+    def __init__(self, root_fd: int, *, use_openat2: bool = True) -> None:
+        self.beneath = Beneath(root_fd, use_openat2=use_openat2)
+        self.stream: bytes | None = None
+        self.applied_seq = 0
+        self._errors: OrderedDict[int, m.Ack] = OrderedDict()
+        self._ops: dict[type[m.Message], Callable[[Any], None]] = {
+            m.Write: self._write,
+            m.Truncate: self._truncate,
+            m.Fallocate: self._fallocate,
+            m.Create: self._create,
+            m.Mkdir: self._mkdir,
+            m.Mknod: self._mknod,
+            m.Unlink: self._unlink,
+            m.Rmdir: self._rmdir,
+            m.Rename: self._rename,
+            m.Link: self._link,
+            m.Symlink: self._symlink,
+            m.Setattr: self._setattr,
+            m.Setxattr: self._setxattr,
+            m.Removexattr: self._removexattr,
+            m.Fsync: self._fsync,
+        }
+
+    def applied_for(self, stream: bytes) -> int:
+        """The last seq applied from `stream`, 0 if that stream is new here."""
+        return self.applied_seq if stream == self.stream else 0
+
+    def begin(self, stream: bytes) -> None:
+        """Start or continue `stream`; a different stream starts again from seq 1."""
+        if stream != self.stream:
+            self.stream, self.applied_seq = stream, 0
+            self._errors.clear()
+
+    def apply(self, frame: Frame) -> m.Ack:
+        """Apply one operation frame and return its ack; PathEscape or ProtocolError means disconnect."""
+        msg = frame.msg
+        op = self._ops.get(type(msg))
+        if op is None:
+            raise ProtocolError(f"{type(msg).__name__} is not an operation a secondary applies")
+        if frame.seq == 0:
+            raise ProtocolError("operation frame with sequence number 0")
+        if frame.seq <= self.applied_seq:
+            return self._errors.get(frame.seq, m.Ack())
+        if frame.seq != self.applied_seq + 1:
+            raise ProtocolError(f"sequence gap: applied {self.applied_seq}, received {frame.seq}")
+        ack = self._run(op, msg)
+        self.applied_seq = frame.seq
+        if ack.status:
+            self._errors[frame.seq] = ack
+            if len(self._errors) > _REMEMBERED_ERRORS:
+                self._errors.popitem(last=False)
+        return ack
+
+    def _run(self, op: Callable[[Any], None], msg: m.Message) -> m.Ack:
+        try:
+            op(msg)
+            for fix in getattr(msg, "times", ()):
+                self._fix_times(fix)
+        except OSError as exc:
+            code = exc.errno or errno.EIO
+            return m.Ack(code, f"{type(msg).__name__} {exc.filename!r}: {os.strerror(code)}"[:1000])
+        except ValueError as exc:
+            raise ProtocolError(f"{type(msg).__name__} cannot be applied: {exc}") from exc
+        return m.Ack()
+
+    @contextmanager
+    def _regular(self, path: bytes, flags: int) -> Iterator[int]:
+        """Open a regular file for I/O; other types are never opened, so no device driver is reached."""
+        with self.beneath.inode(path) as (pfd, st):
+            if not stat.S_ISREG(st.st_mode):
+                code = errno.EISDIR if stat.S_ISDIR(st.st_mode) else errno.EINVAL
+                raise OSError(code, os.strerror(code), path)
+            fd = os.open(_proc(pfd), flags | os.O_CLOEXEC)
+        try:
+            yield fd
+        finally:
+            os.close(fd)
+
+    def _own(self, dir_fd: int, name: bytes, uid: int, gid: int, mode: int | None) -> None:
+        os.chown(name, uid, gid, dir_fd=dir_fd, follow_symlinks=False)
+        if mode is not None:
+            self._chmod(dir_fd, name, mode)
+
+    @staticmethod
+    def _chmod(dir_fd: int, name: bytes, mode: int) -> None:
+        fd = os.open(name, os.O_PATH | os.O_NOFOLLOW | os.O_CLOEXEC, dir_fd=dir_fd)
+        try:
+            # Linux symlinks have no mode of their own; chmod through one would reach its target.
+            if not stat.S_ISLNK(os.fstat(fd).st_mode):
+                os.chmod(_proc(fd), mode & 0o7777)
+        finally:
+            os.close(fd)
+
+    def _fix_times(self, fix: m.TimeFix) -> None:
+        with self.beneath.node(fix.path) as (dir_fd, name):
+            os.utime(name, ns=(fix.atime_ns, fix.mtime_ns), dir_fd=dir_fd, follow_symlinks=False)
+
+    def _write(self, msg: m.Write) -> None:
+        with self._regular(msg.path, os.O_WRONLY) as fd:
+            _pwrite_all(fd, msg.data, msg.offset)
+
+    def _truncate(self, msg: m.Truncate) -> None:
+        with self._regular(msg.path, os.O_WRONLY) as fd:
+            os.ftruncate(fd, msg.size)
+
+    def _fallocate(self, msg: m.Fallocate) -> None:
+        with self._regular(msg.path, os.O_WRONLY) as fd:
+            syscalls.fallocate(fd, msg.mode, msg.offset, msg.length)
+
+    def _create(self, msg: m.Create) -> None:
+        # Always exclusive: the primary just created a new inode, so an existing entry here is divergence.
+        with self.beneath.entry(msg.path) as (dir_fd, name):
+            flags = os.O_CREAT | os.O_EXCL | os.O_WRONLY | os.O_NOFOLLOW | os.O_CLOEXEC
+            fd = os.open(name, flags, 0o600, dir_fd=dir_fd)
+            try:
+                os.fchown(fd, msg.uid, msg.gid)
+                os.fchmod(fd, msg.mode)
+            finally:
+                os.close(fd)
+
+    def _mkdir(self, msg: m.Mkdir) -> None:
+        with self.beneath.entry(msg.path) as (dir_fd, name):
+            os.mkdir(name, 0o700, dir_fd=dir_fd)
+            self._own(dir_fd, name, msg.uid, msg.gid, msg.mode)
+
+    def _mknod(self, msg: m.Mknod) -> None:
+        if stat.S_IFMT(msg.mode) not in _NODE_TYPES:
+            raise OSError(errno.EINVAL, "mknod of an unsupported file type", msg.path)
+        with self.beneath.entry(msg.path) as (dir_fd, name):
+            os.mknod(name, stat.S_IFMT(msg.mode) | 0o600, msg.rdev, dir_fd=dir_fd)
+            self._own(dir_fd, name, msg.uid, msg.gid, msg.mode)
+
+    def _unlink(self, msg: m.Unlink) -> None:
+        with self.beneath.entry(msg.path) as (dir_fd, name):
+            os.unlink(name, dir_fd=dir_fd)
+
+    def _rmdir(self, msg: m.Rmdir) -> None:
+        with self.beneath.entry(msg.path) as (dir_fd, name):
+            os.rmdir(name, dir_fd=dir_fd)
+
+    def _rename(self, msg: m.Rename) -> None:
+        with self.beneath.entry(msg.old) as (old_fd, old), self.beneath.entry(msg.new) as (new_fd, new):
+            if msg.flags:
+                syscalls.renameat2(old_fd, old, new_fd, new, msg.flags)
+            else:
+                os.rename(old, new, src_dir_fd=old_fd, dst_dir_fd=new_fd)
+
+    def _link(self, msg: m.Link) -> None:
+        with self.beneath.entry(msg.target) as (old_fd, old), self.beneath.entry(msg.path) as (new_fd, new):
+            os.link(old, new, src_dir_fd=old_fd, dst_dir_fd=new_fd, follow_symlinks=False)
+
+    def _symlink(self, msg: m.Symlink) -> None:
+        with self.beneath.entry(msg.path) as (dir_fd, name):
+            os.symlink(msg.target, name, dir_fd=dir_fd)
+            self._own(dir_fd, name, msg.uid, msg.gid, None)
+
+    def _setattr(self, msg: m.Setattr) -> None:
+        with self.beneath.node(msg.path) as (dir_fd, name):
+            if msg.uid is not None or msg.gid is not None:
+                uid, gid = -1 if msg.uid is None else msg.uid, -1 if msg.gid is None else msg.gid
+                os.chown(name, uid, gid, dir_fd=dir_fd, follow_symlinks=False)
+            if msg.mode is not None:
+                self._chmod(dir_fd, name, msg.mode)
+            if msg.size is not None:
+                with self._regular(msg.path, os.O_WRONLY) as fd:
+                    os.ftruncate(fd, msg.size)
+            if msg.atime_ns is not None or msg.mtime_ns is not None:
+                st = os.stat(name, dir_fd=dir_fd, follow_symlinks=False)
+                atime = st.st_atime_ns if msg.atime_ns is None else msg.atime_ns
+                mtime = st.st_mtime_ns if msg.mtime_ns is None else msg.mtime_ns
+                os.utime(name, ns=(atime, mtime), dir_fd=dir_fd, follow_symlinks=False)
+
+    def _setxattr(self, msg: m.Setxattr) -> None:
+        with self.beneath.inode(msg.path) as (fd, _):
+            os.setxattr(_proc(fd), msg.name, msg.value, msg.flags)
+
+    def _removexattr(self, msg: m.Removexattr) -> None:
+        with self.beneath.inode(msg.path) as (fd, _):
+            os.removexattr(_proc(fd), msg.name)
+
+    def _fsync(self, msg: m.Fsync) -> None:
+        with self.beneath.inode(msg.path) as (pfd, st):
+            if not (stat.S_ISREG(st.st_mode) or stat.S_ISDIR(st.st_mode)):
+                return
+            fd = os.open(_proc(pfd), os.O_RDONLY | os.O_CLOEXEC)
+        try:
+            (os.fdatasync if msg.datasync else os.fsync)(fd)
+        finally:
+            os.close(fd)

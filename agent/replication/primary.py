@@ -1,0 +1,409 @@
+"""The primary's FUSE passthrough: applies each call beneath the directory fd, ships it, awaits the ack."""
+
+from __future__ import annotations
+
+import asyncio
+import dataclasses
+import errno
+import functools
+import os
+import stat
+from collections.abc import Awaitable, Callable
+from typing import Any, ParamSpec, TypeVar
+
+import pyfuse3
+
+from agent.replication import messages as m
+from agent.replication import syscalls
+from agent.replication.inodes import Inodes
+from agent.replication.sender import Sender
+
+MOUNT_OPTIONS = frozenset({"fsname=tandem", "subtype=tandem", "default_permissions", "allow_other"})
+_P = ParamSpec("_P")
+_R = TypeVar("_R")
+
+
+def _proc(fd: int) -> str:
+    return f"/proc/self/fd/{fd}"
+
+
+def passes_errors(fn: Callable[_P, Awaitable[_R]]) -> Callable[_P, Awaitable[_R]]:
+    """Turn every OSError into the same errno for the caller, never a generic EIO."""
+
+    @functools.wraps(fn)
+    async def wrapper(*args: _P.args, **kwargs: _P.kwargs) -> _R:
+        try:
+            return await fn(*args, **kwargs)
+        except OSError as exc:
+            raise pyfuse3.FUSEError(exc.errno or errno.EIO) from exc
+
+    return wrapper
+
+
+class ReplicatedFS(pyfuse3.Operations):
+    """Inode-based passthrough over the directory it is mounted on; every change goes to the Sender."""
+
+    supports_dot_lookup = False
+    enable_writeback_cache = False
+
+    def __init__(self, root_fd: int, sender: Sender, *, timeout: float = 1.0) -> None:
+        super().__init__()
+        self.inodes = Inodes(root_fd)
+        self.sender = sender
+        self.timeout = timeout
+        self._files: dict[int, tuple[int, int]] = {}
+        self._dirs: dict[int, tuple[int, list[bytes]]] = {}
+        self._next_fh = 1
+
+    def _attr(self, ino: int, st: os.stat_result) -> pyfuse3.EntryAttributes:
+        attr = pyfuse3.EntryAttributes()
+        for name in ("st_mode", "st_nlink", "st_uid", "st_gid", "st_rdev", "st_size", "st_blksize", "st_blocks"):
+            setattr(attr, name, getattr(st, name))
+        attr.st_atime_ns, attr.st_mtime_ns, attr.st_ctime_ns = st.st_atime_ns, st.st_mtime_ns, st.st_ctime_ns
+        attr.st_ino, attr.generation = ino, 0
+        attr.entry_timeout = attr.attr_timeout = self.timeout
+        return attr
+
+    def _fix(self, *inos: int | None) -> m.Times:
+        fixes = []
+        for ino in dict.fromkeys(i for i in inos if i is not None):
+            path = self.inodes.path(ino)
+            if path is not None:
+                st = os.fstat(self.inodes.fd(ino))
+                fixes.append(m.TimeFix(path, st.st_atime_ns, st.st_mtime_ns))
+        return tuple(fixes)
+
+    def _handle(self, table: dict[int, Any], value: Any) -> int:
+        fh, self._next_fh = self._next_fh, self._next_fh + 1
+        table[fh] = value
+        return fh
+
+    async def _ship(self, msg: m.Message | None) -> None:
+        if msg is not None:
+            await self.sender.replicate(msg)
+
+    @passes_errors
+    async def lookup(self, parent_inode: int, name: bytes, ctx: pyfuse3.RequestContext) -> pyfuse3.EntryAttributes:
+        ino, st = self.inodes.learn(parent_inode, name)
+        return self._attr(ino, st)
+
+    async def forget(self, inode_list: list[tuple[int, int]]) -> None:
+        for ino, count in inode_list:
+            self.inodes.forget(ino, count)
+
+    @passes_errors
+    async def getattr(self, inode: int, ctx: pyfuse3.RequestContext) -> pyfuse3.EntryAttributes:
+        return self._attr(inode, os.fstat(self.inodes.fd(inode)))
+
+    @passes_errors
+    async def readlink(self, inode: int, ctx: pyfuse3.RequestContext) -> bytes:
+        return os.readlink(b"", dir_fd=self.inodes.fd(inode))
+
+    @passes_errors
+    async def statfs(self, ctx: pyfuse3.RequestContext) -> pyfuse3.StatvfsData:
+        sv = os.statvfs(_proc(self.inodes.root_fd))
+        data = pyfuse3.StatvfsData()
+        for name in ("f_bsize", "f_frsize", "f_blocks", "f_bfree", "f_bavail", "f_files", "f_ffree", "f_favail"):
+            setattr(data, name, getattr(sv, name))
+        data.f_namemax = sv.f_namemax
+        return data
+
+    # --- directories -------------------------------------------------------------------------
+
+    @passes_errors
+    async def opendir(self, inode: int, ctx: pyfuse3.RequestContext) -> int:
+        fd = os.open(_proc(self.inodes.fd(inode)), os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
+        try:
+            names = sorted(os.fsencode(n) for n in os.listdir(fd))
+        finally:
+            os.close(fd)
+        return self._handle(self._dirs, (inode, names))
+
+    @passes_errors
+    async def readdir(self, fh: int, start_id: int, token: pyfuse3.ReaddirToken) -> None:
+        inode, names = self._dirs[fh]
+        for i in range(start_id, len(names)):
+            try:
+                ino, st = self.inodes.learn(inode, names[i])
+            except FileNotFoundError:
+                continue
+            if not pyfuse3.readdir_reply(token, names[i], self._attr(ino, st), i + 1):
+                self.inodes.forget(ino, 1)
+                break
+
+    async def releasedir(self, fh: int) -> None:
+        self._dirs.pop(fh, None)
+
+    @passes_errors
+    async def fsyncdir(self, fh: int, datasync: bool) -> None:
+        inode, _ = self._dirs[fh]
+        await self._sync(inode, None, datasync)
+
+    # --- creating and removing entries ---------------------------------------------------------
+
+    def _owner(self, parent: int, ctx: pyfuse3.RequestContext) -> tuple[int, int, bool]:
+        pst = os.fstat(self.inodes.fd(parent))
+        setgid = bool(pst.st_mode & stat.S_ISGID)
+        return ctx.uid, (pst.st_gid if setgid else ctx.gid), setgid
+
+    def _chown_chmod(self, parent: int, name: bytes, uid: int, gid: int, mode: int | None) -> None:
+        pfd = self.inodes.fd(parent)
+        os.chown(name, uid, gid, dir_fd=pfd, follow_symlinks=False)
+        if mode is not None:
+            fd = os.open(name, os.O_PATH | os.O_NOFOLLOW | os.O_CLOEXEC, dir_fd=pfd)
+            try:
+                os.chmod(_proc(fd), mode)
+            finally:
+                os.close(fd)
+
+    async def _entered(
+        self, parent: int, name: bytes, build: Callable[[bytes, os.stat_result], m.Message]
+    ) -> pyfuse3.EntryAttributes:
+        ino, st = self.inodes.learn(parent, name)
+        path = self.inodes.entry_path(parent, name)
+        if path is not None:
+            msg = build(path, st)
+            await self._ship(_with_times(msg, self._fix(ino, parent)))
+        return self._attr(ino, st)
+
+    @passes_errors
+    async def mkdir(
+        self, parent_inode: int, name: bytes, mode: int, ctx: pyfuse3.RequestContext
+    ) -> pyfuse3.EntryAttributes:
+        uid, gid, setgid = self._owner(parent_inode, ctx)
+        os.mkdir(name, 0o700, dir_fd=self.inodes.fd(parent_inode))
+        perm = stat.S_IMODE(mode) | (stat.S_ISGID if setgid else 0)
+        self._chown_chmod(parent_inode, name, uid, gid, perm)
+        return await self._entered(
+            parent_inode, name, lambda p, st: m.Mkdir(p, stat.S_IMODE(st.st_mode), st.st_uid, st.st_gid)
+        )
+
+    @passes_errors
+    async def mknod(
+        self, parent_inode: int, name: bytes, mode: int, rdev: int, ctx: pyfuse3.RequestContext
+    ) -> pyfuse3.EntryAttributes:
+        uid, gid, _ = self._owner(parent_inode, ctx)
+        os.mknod(name, stat.S_IFMT(mode) | 0o600, rdev, dir_fd=self.inodes.fd(parent_inode))
+        self._chown_chmod(parent_inode, name, uid, gid, stat.S_IMODE(mode))
+        return await self._entered(
+            parent_inode, name, lambda p, st: m.Mknod(p, st.st_mode, st.st_rdev, st.st_uid, st.st_gid)
+        )
+
+    @passes_errors
+    async def symlink(
+        self, parent_inode: int, name: bytes, target: bytes, ctx: pyfuse3.RequestContext
+    ) -> pyfuse3.EntryAttributes:
+        uid, gid, _ = self._owner(parent_inode, ctx)
+        os.symlink(target, name, dir_fd=self.inodes.fd(parent_inode))
+        self._chown_chmod(parent_inode, name, uid, gid, None)
+        return await self._entered(parent_inode, name, lambda p, st: m.Symlink(p, target, st.st_uid, st.st_gid))
+
+    @passes_errors
+    async def create(
+        self, parent_inode: int, name: bytes, mode: int, flags: int, ctx: pyfuse3.RequestContext
+    ) -> tuple[pyfuse3.FileInfo, pyfuse3.EntryAttributes]:
+        uid, gid, _ = self._owner(parent_inode, ctx)
+        open_flags = (flags & ~os.O_APPEND) | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_CLOEXEC
+        fd = os.open(name, open_flags, 0o600, dir_fd=self.inodes.fd(parent_inode))
+        try:
+            os.fchown(fd, uid, gid)
+            os.fchmod(fd, stat.S_IMODE(mode))
+            attr = await self._entered(
+                parent_inode, name, lambda p, st: m.Create(p, stat.S_IMODE(st.st_mode), st.st_uid, st.st_gid, flags)
+            )
+        except BaseException:
+            os.close(fd)
+            raise
+        return pyfuse3.FileInfo(fh=self._handle(self._files, (fd, attr.st_ino))), attr
+
+    @passes_errors
+    async def link(
+        self, inode: int, new_parent_inode: int, new_name: bytes, ctx: pyfuse3.RequestContext
+    ) -> pyfuse3.EntryAttributes:
+        target = self.inodes.path(inode)
+        os.link(_proc(self.inodes.fd(inode)), new_name, dst_dir_fd=self.inodes.fd(new_parent_inode))
+        if target is None:
+            return await self.lookup(new_parent_inode, new_name, ctx)
+        return await self._entered(new_parent_inode, new_name, lambda p, st: m.Link(target, p))
+
+    @passes_errors
+    async def unlink(self, parent_inode: int, name: bytes, ctx: pyfuse3.RequestContext) -> None:
+        await self._remove(parent_inode, name, rmdir=False)
+
+    @passes_errors
+    async def rmdir(self, parent_inode: int, name: bytes, ctx: pyfuse3.RequestContext) -> None:
+        await self._remove(parent_inode, name, rmdir=True)
+
+    async def _remove(self, parent: int, name: bytes, *, rmdir: bool) -> None:
+        ino = self.inodes.find(parent, name)
+        path = self.inodes.entry_path(parent, name)
+        (os.rmdir if rmdir else os.unlink)(name, dir_fd=self.inodes.fd(parent))
+        self.inodes.unname(parent, name, ino)
+        if path is not None:
+            msg: m.Message = m.Rmdir(path) if rmdir else m.Unlink(path)
+            await self._ship(_with_times(msg, self._fix(parent)))
+
+    @passes_errors
+    async def rename(
+        self,
+        parent_inode_old: int,
+        name_old: bytes,
+        parent_inode_new: int,
+        name_new: bytes,
+        flags: int,
+        ctx: pyfuse3.RequestContext,
+    ) -> None:
+        old, new = (parent_inode_old, name_old), (parent_inode_new, name_new)
+        src, dst = self.inodes.find(*old), self.inodes.find(*new)
+        old_path, new_path = self.inodes.entry_path(*old), self.inodes.entry_path(*new)
+        pold, pnew = self.inodes.fd(parent_inode_old), self.inodes.fd(parent_inode_new)
+        if flags:
+            syscalls.renameat2(pold, name_old, pnew, name_new, flags)
+        else:
+            os.rename(name_old, name_new, src_dir_fd=pold, dst_dir_fd=pnew)
+        if flags & syscalls.RENAME_EXCHANGE:
+            if dst is not None:
+                self.inodes.rename(dst, new, old)
+        else:
+            self.inodes.unname(*new, dst)
+        if src is not None:
+            self.inodes.rename(src, old, new)
+        if old_path is not None and new_path is not None:
+            times = self._fix(parent_inode_old, parent_inode_new, src, dst)
+            await self._ship(m.Rename(old_path, new_path, flags, times))
+
+    # --- attributes ----------------------------------------------------------------------------
+
+    @passes_errors
+    async def setattr(
+        self,
+        inode: int,
+        attr: pyfuse3.EntryAttributes,
+        fields: pyfuse3.SetattrFields,
+        fh: int | None,
+        ctx: pyfuse3.RequestContext,
+    ) -> pyfuse3.EntryAttributes:
+        fd = self.inodes.fd(inode)
+        uid = attr.st_uid if fields.update_uid else None
+        gid = attr.st_gid if fields.update_gid else None
+        mode = stat.S_IMODE(attr.st_mode) if fields.update_mode else None
+        size = attr.st_size if fields.update_size else None
+        if uid is not None or gid is not None:
+            os.chown(_proc(fd), -1 if uid is None else uid, -1 if gid is None else gid)
+        if mode is not None:
+            os.chmod(_proc(fd), mode)
+        if size is not None:
+            self._truncate(fd, fh, size)
+        atime, mtime = self._set_times(fd, attr, fields)
+        path = self.inodes.path(inode)
+        if path is not None:
+            await self._ship(m.Setattr(path, mode, uid, gid, size, atime, mtime, self._fix(inode)))
+        return self._attr(inode, os.fstat(fd))
+
+    def _truncate(self, fd: int, fh: int | None, size: int) -> None:
+        if fh is not None and fh in self._files:
+            os.ftruncate(self._files[fh][0], size)
+            return
+        wfd = os.open(_proc(fd), os.O_WRONLY | os.O_CLOEXEC)
+        try:
+            os.ftruncate(wfd, size)
+        finally:
+            os.close(wfd)
+
+    @staticmethod
+    def _set_times(
+        fd: int, attr: pyfuse3.EntryAttributes, fields: pyfuse3.SetattrFields
+    ) -> tuple[int | None, int | None]:
+        if not (fields.update_atime or fields.update_mtime):
+            return None, None
+        st = os.fstat(fd)
+        atime = attr.st_atime_ns if fields.update_atime else st.st_atime_ns
+        mtime = attr.st_mtime_ns if fields.update_mtime else st.st_mtime_ns
+        os.utime(_proc(fd), ns=(atime, mtime))
+        return atime, mtime
+
+    @passes_errors
+    async def getxattr(self, inode: int, name: bytes, ctx: pyfuse3.RequestContext) -> bytes:
+        return os.getxattr(_proc(self.inodes.fd(inode)), name)
+
+    @passes_errors
+    async def listxattr(self, inode: int, ctx: pyfuse3.RequestContext) -> list[bytes]:
+        return [os.fsencode(n) for n in os.listxattr(_proc(self.inodes.fd(inode)))]
+
+    @passes_errors
+    async def setxattr(self, inode: int, name: bytes, value: bytes, ctx: pyfuse3.RequestContext) -> None:
+        os.setxattr(_proc(self.inodes.fd(inode)), name, value)
+        path = self.inodes.path(inode)
+        if path is not None:
+            await self._ship(m.Setxattr(path, name, 0, value))
+
+    @passes_errors
+    async def removexattr(self, inode: int, name: bytes, ctx: pyfuse3.RequestContext) -> None:
+        os.removexattr(_proc(self.inodes.fd(inode)), name)
+        path = self.inodes.path(inode)
+        if path is not None:
+            await self._ship(m.Removexattr(path, name))
+
+    # --- file data -----------------------------------------------------------------------------
+
+    @passes_errors
+    async def open(self, inode: int, flags: int, ctx: pyfuse3.RequestContext) -> pyfuse3.FileInfo:
+        # O_APPEND is dropped: the kernel passes append offsets itself, and pwrite on an O_APPEND fd
+        # would ignore the offset that is also shipped to the secondary.
+        clean = flags & ~(os.O_CREAT | os.O_EXCL | os.O_APPEND | os.O_NOCTTY)
+        fd = os.open(_proc(self.inodes.fd(inode)), clean | os.O_CLOEXEC)
+        if flags & os.O_TRUNC:
+            path = self.inodes.path(inode)
+            if path is not None:
+                await self._ship(m.Truncate(path, 0, self._fix(inode)))
+        return pyfuse3.FileInfo(fh=self._handle(self._files, (fd, inode)))
+
+    @passes_errors
+    async def read(self, fh: int, off: int, size: int) -> bytes:
+        return os.pread(self._files[fh][0], size, off)
+
+    @passes_errors
+    async def write(self, fh: int, off: int, buf: bytes) -> int:
+        fd, inode = self._files[fh]
+        written = os.pwrite(fd, buf, off)
+        path = self.inodes.path(inode)
+        if path is not None:
+            await self._ship(m.Write(path, off, bytes(buf[:written]), self._fix(inode)))
+        return written
+
+    async def flush(self, fh: int) -> None:
+        return None
+
+    async def release(self, fh: int) -> None:
+        entry = self._files.pop(fh, None)
+        if entry is not None:
+            os.close(entry[0])
+
+    @passes_errors
+    async def fsync(self, fh: int, datasync: bool) -> None:
+        fd, inode = self._files[fh]
+        await self._sync(inode, fd, datasync)
+
+    async def _sync(self, inode: int, fd: int | None, datasync: bool) -> None:
+        """fsync locally while the secondary does the same; return when both are durable."""
+        path = self.inodes.path(inode)
+        fut = self.sender.submit(m.Fsync(path, datasync)) if path is not None else None
+        own = fd if fd is not None else os.open(_proc(self.inodes.fd(inode)), os.O_RDONLY | os.O_CLOEXEC)
+        try:
+            await asyncio.to_thread(os.fdatasync if datasync else os.fsync, own)
+        finally:
+            if fd is None:
+                os.close(own)
+        await self.sender.wait(fut)
+
+
+def _with_times(msg: m.Message, times: m.Times) -> m.Message:
+    return dataclasses.replace(msg, times=times)  # type: ignore[call-arg]
+
+
+def mount(fs: ReplicatedFS, directory: str, *, debug: bool = False) -> None:
+    """Mount the file system over `directory`, whose fd the caller opened beforehand."""
+    options = set(pyfuse3.default_options) | MOUNT_OPTIONS
+    if debug:
+        options.add("debug")
+    pyfuse3.init(fs, directory, options)

@@ -1,0 +1,103 @@
+"""The secondary's end of a replication stream: handshake, ordered apply, acks per mode, disconnects."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import enum
+import logging
+
+from agent.replication import messages as m
+from agent.replication.applier import Applier
+from agent.replication.beneath import PathEscape
+from agent.replication.handshake import server_handshake
+from agent.replication.wire import Frame, FrameReader, FrameWriter, ProtocolError
+
+log = logging.getLogger(__name__)
+QUEUE_FRAMES = 512
+
+
+class AckMode(enum.StrEnum):
+    """When the secondary acknowledges an operation (an fsync is always acked after the fsync)."""
+
+    RECEIVED = "received"
+    DURABLE = "durable"
+
+
+class Receiver:
+    """Serves replication connections for one Applier, one at a time, in the ack mode the primary asks."""
+
+    def __init__(self, applier: Applier, *, node: str, secret: bytes | None) -> None:
+        self.applier = applier
+        self.node = node
+        self.secret = secret
+        self.mode = AckMode.DURABLE
+        self._lock = asyncio.Lock()
+        self._writers: set[asyncio.StreamWriter] = set()
+
+    async def serve(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        """Run one connection to its end; any protocol violation closes it with a logged reason."""
+        peername = writer.get_extra_info("peername")
+        self._writers.add(writer)
+        async with self._lock:
+            try:
+                await self._session(FrameReader(reader), FrameWriter(writer), peername)
+            except* (ProtocolError, PathEscape) as group:
+                for exc in group.exceptions:
+                    log.error("Disconnecting replication peer %s: reason=%s", peername, exc)
+            except* (ConnectionError, TimeoutError) as group:
+                log.warning("Replication connection from %s lost: %s", peername, group.exceptions[0])
+            finally:
+                self._writers.discard(writer)
+                writer.close()
+                with contextlib.suppress(ConnectionError):
+                    await writer.wait_closed()
+
+    async def close(self) -> None:
+        """End every connection at a frame boundary and wait until the applier is idle."""
+        for writer in list(self._writers):
+            writer.close()
+        async with self._lock:
+            pass
+
+    async def _session(self, reader: FrameReader, writer: FrameWriter, peername: object) -> None:
+        peer = await server_handshake(reader, writer, self.node, self.secret, self.applier.applied_for)
+        if not peer.authenticated:
+            log.warning("Replication peer %s (node=%s) is unauthenticated: no shared secret", peername, peer.node)
+        self.mode = AckMode(peer.ack)
+        self.applier.begin(peer.stream)
+        log.info("Replication stream open: peer=%s applied_seq=%d mode=%s", peer.node, peer.applied_seq, self.mode)
+        queue: asyncio.Queue[Frame | None] = asyncio.Queue(QUEUE_FRAMES)
+        async with asyncio.TaskGroup() as tg:
+            tg.create_task(self._apply_loop(queue, writer))
+            await self._read_loop(reader, writer, queue)
+
+    async def _read_loop(self, reader: FrameReader, writer: FrameWriter, queue: asyncio.Queue[Frame | None]) -> None:
+        expected: int | None = None
+        while (frame := await reader.read()) is not None:
+            if not frame.msg.OPERATION:
+                raise ProtocolError(f"{type(frame.msg).__name__} is not an operation (seq {frame.seq})")
+            if expected is None:
+                if not 1 <= frame.seq <= self.applier.applied_seq + 1:
+                    raise ProtocolError(f"stream resumes at seq {frame.seq}, applied {self.applier.applied_seq}")
+            elif frame.seq != expected:
+                raise ProtocolError(f"sequence number {frame.seq} where {expected} was due")
+            expected = frame.seq + 1
+            if self.mode is AckMode.RECEIVED and not isinstance(frame.msg, m.Fsync):
+                writer.send_nowait(Frame(frame.seq, m.Ack()))
+            await queue.put(frame)
+        await queue.put(None)
+
+    async def _apply_loop(self, queue: asyncio.Queue[Frame | None], writer: FrameWriter) -> None:
+        while (frame := await queue.get()) is not None:
+            if isinstance(frame.msg, m.Fsync):
+                ack = await asyncio.to_thread(self.applier.apply, frame)
+            else:
+                ack = self.applier.apply(frame)
+            if self.mode is AckMode.DURABLE or isinstance(frame.msg, m.Fsync):
+                writer.send_nowait(Frame(frame.seq, ack))
+            elif ack.status:
+                writer.send_nowait(Frame(frame.seq, m.Fault(ack.status, ack.message)))
+            if ack.status:
+                log.error("Replication error applying seq=%d: %s (errno %d)", frame.seq, ack.message, ack.status)
+            await writer.writer.drain()

@@ -1,0 +1,120 @@
+"""Entry point of one replicator process: the primary's FUSE mount or the secondary's applier server."""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import contextlib
+import logging
+import os
+import signal
+import socket
+from pathlib import Path
+
+import pyfuse3
+import pyfuse3.asyncio
+
+from agent.replication.applier import Applier
+from agent.replication.primary import ReplicatedFS, mount
+from agent.replication.receiver import Receiver
+from agent.replication.sender import STREAM_LIMIT, Sender
+
+log = logging.getLogger("agent.replication")
+
+
+def _address(value: str) -> tuple[str, int]:
+    host, sep, port = value.rpartition(":")
+    if not sep or not port.isdigit():
+        raise argparse.ArgumentTypeError(f"expected HOST:PORT, got {value!r}")
+    return host, int(port)
+
+
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    """Parse the command line."""
+    p = argparse.ArgumentParser(prog="python -m agent.replication.replicator", description=__doc__)
+    p.add_argument("--role", choices=["primary", "secondary"], required=True)
+    p.add_argument("--dir", type=Path, required=True, help="the replicated directory (same path on every node)")
+    p.add_argument("--peer", type=_address, help="primary: the secondary's HOST:PORT")
+    p.add_argument("--listen", type=_address, help="secondary: HOST:PORT to accept the primary on")
+    p.add_argument("--ack", choices=["received", "durable"], default="received", help="primary: ack mode asked")
+    p.add_argument("--node", default=socket.gethostname())
+    p.add_argument("--secret-file", type=Path, help="shared secret; without it peers are unauthenticated")
+    p.add_argument("--connect-timeout", type=float, default=30.0)
+    p.add_argument("--debug-fuse", action="store_true")
+    args = p.parse_args(argv)
+    if args.role == "primary" and args.peer is None:
+        p.error("--role primary needs --peer HOST:PORT")
+    if args.role == "secondary" and args.listen is None:
+        p.error("--role secondary needs --listen HOST:PORT")
+    return args
+
+
+def _secret(path: Path | None) -> bytes | None:
+    if path is None:
+        log.warning("No secret file given: the replication stream is unauthenticated")
+        return None
+    return path.read_bytes().strip()
+
+
+async def _connect(sender: Sender, host: str, port: int, timeout: float) -> None:
+    async with asyncio.timeout(timeout):
+        while True:
+            try:
+                await sender.connect(host, port)
+                return
+            except ConnectionRefusedError:
+                await asyncio.sleep(0.1)
+
+
+async def run_primary(args: argparse.Namespace) -> None:
+    """Connect to the secondary, then mount over the directory and serve until SIGTERM/SIGINT."""
+    # Opened before mounting: afterwards the path leads into our own mount, the fd to the real tree.
+    root_fd = os.open(args.dir, os.O_PATH | os.O_DIRECTORY | os.O_CLOEXEC)
+    sender = Sender(node=args.node, secret=_secret(args.secret_file), ack=args.ack)
+    await _connect(sender, *args.peer, args.connect_timeout)
+    mount(ReplicatedFS(root_fd, sender), str(args.dir), debug=args.debug_fuse)
+    loop = asyncio.get_running_loop()
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        loop.add_signal_handler(sig, pyfuse3.terminate)
+    log.info("Primary serving dir=%s peer=%s:%d ack=%s", args.dir, *args.peer, args.ack)
+    try:
+        await pyfuse3.main()
+    finally:
+        pyfuse3.close(unmount=True)
+        await sender.close()
+        os.close(root_fd)
+    log.info("Primary stopped and unmounted dir=%s", args.dir)
+
+
+async def run_secondary(args: argparse.Namespace) -> None:
+    """Accept the primary's stream and apply it beneath the directory until SIGTERM/SIGINT."""
+    root_fd = os.open(args.dir, os.O_PATH | os.O_DIRECTORY | os.O_CLOEXEC)
+    receiver = Receiver(Applier(root_fd), node=args.node, secret=_secret(args.secret_file))
+    server = await asyncio.start_server(receiver.serve, *args.listen, limit=STREAM_LIMIT)
+    stop = asyncio.Event()
+    loop = asyncio.get_running_loop()
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        loop.add_signal_handler(sig, stop.set)
+    log.info("Secondary listening on %s:%d dir=%s", *args.listen, args.dir)
+    async with server:
+        await stop.wait()
+        server.close()
+        await receiver.close()
+    with contextlib.suppress(OSError):
+        os.close(root_fd)
+    log.info("Secondary stopped dir=%s", args.dir)
+
+
+def main(argv: list[str] | None = None) -> None:
+    """Run one replicator."""
+    args = parse_args(argv)
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    if args.role == "primary":
+        pyfuse3.asyncio.enable()
+        asyncio.run(run_primary(args))
+    else:
+        asyncio.run(run_secondary(args))
+
+
+if __name__ == "__main__":
+    main()

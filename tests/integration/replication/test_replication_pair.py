@@ -1,0 +1,278 @@
+"""Two replicators on 127.0.0.1: a workload through the primary's mount leaves two identical trees."""
+
+from __future__ import annotations
+
+import os
+import shutil
+import signal
+import socket
+import stat
+import subprocess
+import sys
+import time
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import pytest
+
+from agent.replication import syscalls
+
+REPO = Path(__file__).resolve().parents[3]
+
+
+def mounted(path: Path) -> bool:
+    """Whether a mount point sits at `path` (from /proc/mounts)."""
+    target = str(path).replace(" ", "\\040")
+    return any(line.split()[1] == target for line in Path("/proc/mounts").read_text().splitlines())
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+def unmount(path: Path) -> None:
+    """Unmount, falling back to a lazy unmount if the mount is busy."""
+    if mounted(path):
+        subprocess.run(["fusermount3", "-u", str(path)], check=False, capture_output=True)
+    if mounted(path):
+        subprocess.run(["fusermount3", "-u", "-z", str(path)], check=False, capture_output=True)
+
+
+@dataclass
+class Pair:
+    """A primary and a secondary replicator over two directories of one machine."""
+
+    primary_dir: Path
+    secondary_dir: Path
+    logs: Path
+    procs: dict[str, subprocess.Popen[bytes]] = field(default_factory=dict)
+
+    def start(self, ack: str, secret: Path | None) -> None:
+        port = free_port()
+        common = [sys.executable, "-m", "agent.replication.replicator"]
+        auth = ["--secret-file", str(secret)] if secret else []
+        self._spawn(
+            "secondary",
+            [
+                *common,
+                "--role",
+                "secondary",
+                "--dir",
+                str(self.secondary_dir),
+                "--listen",
+                f"127.0.0.1:{port}",
+                "--node",
+                "node2",
+                *auth,
+            ],
+        )
+        self._spawn(
+            "primary",
+            [
+                *common,
+                "--role",
+                "primary",
+                "--dir",
+                str(self.primary_dir),
+                "--peer",
+                f"127.0.0.1:{port}",
+                "--ack",
+                ack,
+                "--node",
+                "node1",
+                *auth,
+            ],
+        )
+        deadline = time.monotonic() + 20
+        while not mounted(self.primary_dir):
+            for role, proc in self.procs.items():
+                if proc.poll() is not None:
+                    raise RuntimeError(f"{role} replicator exited with {proc.returncode}: {self.log(role)}")
+            if time.monotonic() > deadline:
+                raise TimeoutError(f"primary did not mount {self.primary_dir}: {self.log('primary')}")
+            time.sleep(0.05)
+
+    def _spawn(self, role: str, cmd: list[str]) -> None:
+        out = open(self.logs / f"{role}.log", "wb")  # noqa: SIM115 - closed with the process
+        self.procs[role] = subprocess.Popen(cmd, cwd=REPO, stdout=out, stderr=subprocess.STDOUT)
+        out.close()
+
+    def log(self, role: str) -> str:
+        return (self.logs / f"{role}.log").read_text(errors="replace")
+
+    def stop(self, role: str, timeout: float = 10) -> int | None:
+        """SIGTERM one replicator by PID, SIGKILL it if it does not exit in time."""
+        proc = self.procs.get(role)
+        if proc is None:
+            return None
+        if proc.poll() is None:
+            proc.send_signal(signal.SIGTERM)
+            try:
+                proc.wait(timeout)
+            except subprocess.TimeoutExpired:
+                proc.kill()
+                proc.wait(5)
+        return proc.returncode
+
+
+@pytest.fixture
+def pair(tmp_path: Path) -> Iterator[Pair]:
+    if shutil.which("fusermount3") is None:
+        pytest.fail("fusermount3 is missing: apt-get install -y fuse3")
+    p = Pair(tmp_path / "node1" / "data", tmp_path / "node2" / "data", tmp_path)
+    p.primary_dir.mkdir(parents=True)
+    p.secondary_dir.mkdir(parents=True)
+    try:
+        yield p
+    finally:
+        try:
+            p.stop("primary")
+        finally:
+            unmount(p.primary_dir)
+            p.stop("secondary")
+
+
+def tree(root: Path) -> dict[str, tuple[object, ...]]:
+    """Everything replication promises to copy, per relative path (atime and ctime excepted)."""
+    out: dict[str, tuple[object, ...]] = {}
+    inodes: dict[int, str] = {}
+    for dirpath, dirnames, filenames in os.walk(root):
+        for name in ["", *sorted(dirnames), *sorted(filenames)]:
+            p = Path(dirpath, name) if name else Path(dirpath)
+            rel = str(p.relative_to(root))
+            st = os.lstat(p)
+            kind = stat.S_IFMT(st.st_mode)
+            body: object = None
+            if kind == stat.S_IFREG:
+                data = p.read_bytes()
+                body = (data, _allocated_ranges(p))
+            elif kind == stat.S_IFLNK:
+                body = os.readlink(p)
+            xattrs = {n: os.getxattr(p, n, follow_symlinks=False) for n in os.listxattr(p, follow_symlinks=False)}
+            group = inodes.setdefault(st.st_ino, rel) if st.st_nlink > 1 and kind != stat.S_IFDIR else None
+            out[rel] = (
+                st.st_mode,
+                st.st_uid,
+                st.st_gid,
+                st.st_size,
+                st.st_mtime_ns,
+                st.st_nlink,
+                st.st_rdev,
+                body,
+                xattrs,
+                group,
+            )
+    return out
+
+
+def _allocated_ranges(p: Path) -> list[tuple[int, int]]:
+    ranges = []
+    with open(p, "rb") as fh:
+        fd, end, pos = fh.fileno(), os.fstat(fh.fileno()).st_size, 0
+        while pos < end:
+            try:
+                start = os.lseek(fd, pos, os.SEEK_DATA)
+            except OSError:
+                break
+            pos = os.lseek(fd, start, os.SEEK_HOLE)
+            ranges.append((start, pos))
+    return ranges
+
+
+def as_user(cmd: str, cwd: Path) -> None:
+    subprocess.run(
+        ["setpriv", "--reuid=1000", "--regid=1000", "--clear-groups", "sh", "-c", f"umask 027; {cmd}"],
+        cwd=cwd,
+        check=True,
+    )
+
+
+def workload(top: Path) -> None:
+    """Every kind of change an application makes, through the mount."""
+    (top / "big").write_bytes(os.urandom(3 * 1024 * 1024 + 17))
+    with open(top / "big", "r+b") as fh:
+        fh.seek(1000)
+        fh.write(b"patched")
+        os.fsync(fh.fileno())
+    with open(top / "log", "ab") as fh:
+        for i in range(50):
+            fh.write(b"line %d\n" % i)
+    with open(top / "sparse", "wb") as fh:
+        fh.seek(10 * 1024 * 1024)
+        fh.write(b"end")
+    (top / "d" / "sub").mkdir(parents=True)
+    (top / "d" / "sub" / "f").write_text("inner")
+    os.rename(top / "d" / "sub" / "f", top / "d" / "moved")
+    (top / "over").write_text("will be replaced")
+    (top / "src").write_text("replaces")
+    os.rename(top / "src", top / "over")
+    (top / "x1").write_text("one")
+    (top / "x2").write_text("two")
+    dfd = os.open(top, os.O_RDONLY | os.O_DIRECTORY)
+    syscalls.renameat2(dfd, b"x1", dfd, b"x2", syscalls.RENAME_EXCHANGE)
+    with pytest.raises(FileExistsError):
+        syscalls.renameat2(dfd, b"x1", dfd, b"x2", syscalls.RENAME_NOREPLACE)
+    os.close(dfd)
+    (top / "gone").write_text("bye")
+    os.unlink(top / "gone")
+    (top / "emptydir").mkdir()
+    os.rmdir(top / "emptydir")
+    os.chmod(top / "log", 0o600)
+    os.chown(top / "log", 1000, 1000)
+    os.utime(top / "d" / "moved", ns=(1_500_000_000_111_222_333, 1_500_000_000_444_555_666))
+    os.symlink("d/moved", top / "link")
+    os.symlink("/etc/passwd", top / "abs-link")
+    os.link(top / "big", top / "big-hardlink")
+    os.link(top / "link", top / "link-hardlink", follow_symlinks=False)
+    os.setxattr(top / "big", "user.color", b"blue")
+    os.setxattr(top / "big", "user.tmp", b"x")
+    os.removexattr(top / "big", "user.tmp")
+    os.truncate(top / "sparse", 5 * 1024 * 1024)
+    os.truncate(top / "log", 10)
+    os.mkfifo(top / "fifo", 0o640)
+    os.mknod(top / "null", stat.S_IFCHR | 0o666, os.makedev(1, 3))
+    (top / "x").mkdir()
+    (top / "x" / ("n" * 255)).write_text("long name")
+    shared = top / "shared"
+    shared.mkdir(mode=0o777)
+    os.chmod(shared, 0o2777)
+    as_user("echo mine > mine && mkdir mydir && ln -s mine mylink && chmod 4750 mine", shared)
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("ack", ["received", "durable"])
+def test_workload_leaves_identical_trees(pair: Pair, tmp_path: Path, ack: str) -> None:
+    secret = tmp_path / "cluster.key"
+    secret.write_bytes(os.urandom(32).hex().encode())
+    pair.start(ack, secret)
+    workload(pair.primary_dir)
+    mine = os.lstat(pair.primary_dir / "shared" / "mine")
+    assert (mine.st_uid, mine.st_gid, stat.S_IMODE(mine.st_mode)) == (1000, 0, 0o4750)  # setgid dir's group
+    assert stat.S_IMODE(os.lstat(pair.primary_dir / "shared" / "mydir").st_mode) == 0o2750
+    assert pair.stop("primary") == 0, pair.log("primary")
+    assert not mounted(pair.primary_dir)
+    primary, secondary = tree(pair.primary_dir), tree(pair.secondary_dir)
+    assert primary.keys() == secondary.keys()
+    for rel in primary:
+        assert primary[rel] == secondary[rel], rel
+    logs = pair.log("primary") + pair.log("secondary")
+    assert "ERROR" not in logs and "Traceback" not in logs, logs
+    assert "unauthenticated" not in logs
+
+
+@pytest.mark.slow
+def test_losing_the_secondary_leaves_the_primary_serving(pair: Pair) -> None:
+    pair.start("received", None)
+    (pair.primary_dir / "before").write_text("replicated")
+    assert pair.stop("secondary") == 0
+    assert "Traceback" not in pair.log("secondary")
+    (pair.primary_dir / "after").write_text("local only")
+    assert (pair.primary_dir / "after").read_text() == "local only"
+    assert pair.stop("primary") == 0
+    assert (pair.secondary_dir / "before").read_text() == "replicated"
+    assert not (pair.secondary_dir / "after").exists()
+    assert "running alone (full resync needed)" in pair.log("primary")
+    assert "unauthenticated" in pair.log("primary")

@@ -1,0 +1,138 @@
+"""The secondary's stream end over a socket: ack modes, fsync acks, disconnect on violations."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import errno
+import logging
+import os
+import socket
+from collections.abc import AsyncIterator
+from dataclasses import dataclass
+from pathlib import Path
+
+import pytest
+
+from agent.replication import messages as m
+from agent.replication.applier import Applier
+from agent.replication.handshake import client_handshake
+from agent.replication.receiver import AckMode, Receiver
+from agent.replication.wire import Frame, FrameReader, FrameWriter
+from tests.conftest import ExpectedLogs
+
+SECRET = b"k" * 32
+
+
+@dataclass
+class Link:
+    reader: FrameReader
+    writer: FrameWriter
+    server: asyncio.Task[None]
+    root: Path
+    receiver: Receiver
+
+
+@pytest.fixture(params=[AckMode.RECEIVED, AckMode.DURABLE])
+async def link(request: pytest.FixtureRequest, tmp_path: Path) -> AsyncIterator[Link]:
+    root = tmp_path / "repl"
+    root.mkdir()
+    fd = os.open(root, os.O_PATH | os.O_DIRECTORY)
+    receiver = Receiver(Applier(fd), node="node2", secret=SECRET)
+    left, right = socket.socketpair()
+    sr, sw = await asyncio.open_connection(sock=right)
+    server = asyncio.create_task(receiver.serve(sr, sw))
+    cr, cw = await asyncio.open_connection(sock=left)
+    reader, writer = FrameReader(cr), FrameWriter(cw)
+    try:
+        peer = await client_handshake(reader, writer, "node1", SECRET, b"s" * 16, request.param)
+        assert peer.authenticated and peer.applied_seq == 0 and peer.ack == request.param
+        yield Link(reader, writer, server, root, receiver)
+    finally:
+        cw.close()
+        with contextlib.suppress(ConnectionError):
+            await cw.wait_closed()
+        await asyncio.wait_for(server, 5)
+        os.close(fd)
+
+
+async def test_every_op_is_acked_once_in_order_of_need(link: Link, expected_logs: ExpectedLogs) -> None:
+    expected_logs.expect(r"Replication error applying seq=4: Unlink b'nope'")
+    ops: list[m.Message] = [
+        m.Create(b"f", 0o644, 0, 0, 0),
+        m.Write(b"f", 0, b"abc"),
+        m.Fsync(b"f", False),
+        m.Unlink(b"nope"),
+    ]
+    for seq, op in enumerate(ops, 1):
+        await link.writer.send(Frame(seq, op))
+    got: dict[int, m.Message] = {}
+    while len(got) < len(ops):
+        frame = await asyncio.wait_for(link.reader.read(), 5)
+        assert frame is not None
+        if isinstance(frame.msg, m.Fault):
+            assert frame.seq == 4 and frame.msg.status == errno.ENOENT
+            continue
+        assert frame.seq not in got
+        got[frame.seq] = frame.msg
+    assert (link.root / "f").read_bytes() == b"abc"
+    assert got[3] == m.Ack()
+    assert isinstance(got[4], m.Ack)
+
+
+async def test_durable_ack_means_applied(link: Link) -> None:
+    await link.writer.send(Frame(1, m.Mkdir(b"d", 0o755, 0, 0)))
+    frame = await asyncio.wait_for(link.reader.read(), 5)
+    assert frame == Frame(1, m.Ack())
+    await link.writer.send(Frame(2, m.Fsync(b"d", False)))  # fsync's ack follows every earlier apply
+    assert await asyncio.wait_for(link.reader.read(), 5) == Frame(2, m.Ack())
+    assert (link.root / "d").is_dir()
+
+
+async def test_an_escape_disconnects_with_a_logged_reason(
+    link: Link, caplog: pytest.LogCaptureFixture, expected_logs: ExpectedLogs
+) -> None:
+    expected_logs.expect("Disconnecting replication peer .*crosses a symlink")
+    caplog.set_level(logging.ERROR)
+    await link.writer.send(Frame(1, m.Symlink(b"l", b"..", 0, 0)))
+    await link.writer.send(Frame(2, m.Create(b"l/escaped", 0o644, 0, 0, 0)))
+    await link.writer.send(Frame(3, m.Mkdir(b"after", 0o755, 0, 0)))
+    while (frame := await asyncio.wait_for(link.reader.read(), 5)) is not None:
+        assert frame.seq in (1, 2, 3)
+    await asyncio.wait_for(link.server, 5)
+    assert "crosses a symlink" in caplog.text
+    assert not (link.root.parent / "escaped").exists()
+    assert not (link.root / "after").exists()
+
+
+async def test_garbage_disconnects_and_nothing_is_applied(
+    link: Link, caplog: pytest.LogCaptureFixture, expected_logs: ExpectedLogs
+) -> None:
+    expected_logs.expect("Disconnecting replication peer .*not valid msgpack")
+    caplog.set_level(logging.ERROR)
+    link.writer.writer.write(b"\x00\x00\x00\x09\x00\x00\x00\x05\xc1garbage")
+    assert await asyncio.wait_for(link.reader.read(), 5) is None
+    assert "not valid msgpack" in caplog.text
+    assert os.listdir(link.root) == []
+
+
+async def test_a_sequence_jump_disconnects(
+    link: Link, caplog: pytest.LogCaptureFixture, expected_logs: ExpectedLogs
+) -> None:
+    expected_logs.expect("Disconnecting replication peer .*sequence number 3 where 2 was due")
+    caplog.set_level(logging.ERROR)
+    await link.writer.send(Frame(1, m.Mkdir(b"a", 0o755, 0, 0)))
+    await link.writer.send(Frame(3, m.Mkdir(b"b", 0o755, 0, 0)))
+    while await asyncio.wait_for(link.reader.read(), 5) is not None:
+        pass
+    assert "sequence number 3 where 2 was due" in caplog.text
+    assert not (link.root / "b").exists()
+
+
+async def test_close_applies_what_was_received_then_ends_cleanly(link: Link) -> None:
+    await link.writer.send(Frame(1, m.Mkdir(b"d", 0o755, 0, 0)))
+    assert await asyncio.wait_for(link.reader.read(), 5) == Frame(1, m.Ack())
+    await asyncio.wait_for(link.receiver.close(), 5)
+    assert await asyncio.wait_for(link.reader.read(), 5) is None
+    await asyncio.wait_for(link.server, 5)
+    assert (link.root / "d").is_dir()
