@@ -68,7 +68,7 @@ def _example_resources(root: Path, manifests: Path, nodes: tuple[DemoNode, ...])
     return load([cluster_file, *examples], state_dir=str(root))
 
 
-def _alive(pid: int) -> bool:
+def pid_alive(pid: int) -> bool:
     try:
         os.kill(pid, 0)
     except ProcessLookupError:
@@ -121,7 +121,7 @@ def _wait_healthy(root: Path, node: DemoNode, pid: int) -> None:
     deadline = time.monotonic() + START_DEADLINE
     client = Client(node.url, timeout=1.0)
     while time.monotonic() < deadline:
-        if not _alive(pid):
+        if not pid_alive(pid):
             log = (root / node.name / "daemon.out").read_text(errors="replace").strip().splitlines()
             raise DemoError(f"{node.name}'s daemon exited: {log[-1] if log else 'no output'}")
         try:
@@ -151,7 +151,7 @@ def up(root: Path, *, manifests: Path, ports: tuple[int, int] = DEFAULT_PORTS) -
     """Start the demo, apply the examples on node1, show them as node2 sees them."""
     nodes = demo_nodes(ports)
     root = root.resolve()
-    running = {name: pid for name, pid in _pids(root).items() if _alive(pid)}
+    running = {name: pid for name, pid in _pids(root).items() if pid_alive(pid)}
     if running:
         raise DemoError(f"the demo already runs in {root} (pids {running}): `tandem demo --down` first")
     root.mkdir(parents=True, exist_ok=True)
@@ -220,7 +220,7 @@ def start_node(root: Path, name: str) -> int:
     root = root.resolve()
     node = _demo_node(root, name)
     pid = _pids(root).get(node.name)
-    if pid is not None and _alive(pid):
+    if pid is not None and pid_alive(pid):
         raise DemoError(f"{node.name} already runs (pid {pid})")
     _wait_healthy(root, node, _start_daemon(root, node))
     print(f"started {node.name} on {node.url}")
@@ -238,12 +238,12 @@ def _stop_daemons(root: Path, *, only: str | None = None) -> None:
     for name, pid in _pids(root).items():
         if only is not None and name != only:
             continue
-        if _alive(pid):
+        if pid_alive(pid):
             os.kill(pid, signal.SIGTERM)
             deadline = time.monotonic() + 10
-            while _alive(pid) and time.monotonic() < deadline:
+            while pid_alive(pid) and time.monotonic() < deadline:
                 time.sleep(0.05)
-            if _alive(pid):
+            if pid_alive(pid):
                 os.kill(pid, signal.SIGKILL)
             print(f"stopped {name} (pid {pid})")
         (root / name / "demo.pid").unlink()

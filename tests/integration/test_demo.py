@@ -2,22 +2,14 @@
 
 from __future__ import annotations
 
-import os
 from pathlib import Path
 
 import pytest
 
+from controller.demo import pid_alive as alive
 from tests.daemons import free_port, tandem, wait_for
 
 pytestmark = pytest.mark.slow
-
-
-def alive(pid: int) -> bool:
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    return True
 
 
 def test_the_demo_comes_up_survives_a_node_restart_and_goes_down(tmp_path: Path) -> None:
