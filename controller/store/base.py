@@ -10,9 +10,13 @@ Contracts (one suite, ``tests/integration/test_store_contract.py``, holds every 
 - ``metadata.generation`` starts at 1 and grows by one on every write that changes ``spec``; writes
   that change only metadata or status keep it. ``update`` never changes status; ``update_status``
   never changes spec, metadata or generation.
-- ``commit`` applies a batch atomically: every operation or none.
+- Without a ``resourceVersion`` a write is unconditional, yet never loses a concurrent write: an
+  ``update`` keeps the status, and an ``update_status`` the spec, that are stored when it lands.
+- ``commit`` applies a batch atomically: every operation or none. A batch names each object at
+  most once and holds at most ``MAX_BATCH`` operations (etcd's default transaction limit).
+- An unknown kind is a ``StoreError`` in every method.
 - ``watch`` first yields an ``ADDED`` event per existing object, then every later change, in order,
-  with no gap between the two.
+  with no gap between the two. The listing is taken when the iterator is first advanced.
 - Every method finishes or raises within the store's deadline; a backend that cannot be reached
   raises ``StoreUnavailable``, the one error the loop treats as "retry later".
 """
@@ -25,6 +29,8 @@ from dataclasses import dataclass
 from typing import Literal, Protocol
 
 from controller.resources import KINDS, Resource, Status
+
+MAX_BATCH = 128
 
 
 class StoreError(Exception):
@@ -151,6 +157,16 @@ def prepared_status(stored: Resource, status: Status) -> Resource:
 
 def with_version(resource: Resource, version: str) -> Resource:
     return resource.model_copy(update={"metadata": resource.metadata.model_copy(update={"resource_version": version})})
+
+
+def check_batch(ops: Sequence[Op]) -> None:
+    """Refuse a batch that names one object twice or is larger than every backend takes."""
+    if len(ops) > MAX_BATCH:
+        raise StoreError(f"a commit holds {len(ops)} operations; at most {MAX_BATCH}: apply fewer at a time")
+    targets = [op.resource.key for op in ops]
+    for kind, name in dict.fromkeys(targets):
+        if targets.count((kind, name)) > 1:
+            raise StoreError(f"a commit names {kind}/{name} more than once: send one operation per object")
 
 
 def check_version(kind: str, name: str, sent: str | None, stored: str | None) -> None:

@@ -26,6 +26,7 @@ from controller.store.base import (
     StoreError,
     WatchEvent,
     body_of,
+    check_batch,
     check_kind,
     check_version,
     now_rfc3339,
@@ -219,6 +220,7 @@ class EmbeddedStore:
         return [event.resource for _, event in written]
 
     async def commit(self, ops: Sequence[Op]) -> list[Resource]:
+        check_batch(ops)
         return await self._apply([(op, None) for op in ops])
 
     async def create(self, resource: Resource) -> Resource:

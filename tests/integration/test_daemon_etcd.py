@@ -1,0 +1,59 @@
+"""Two daemons on one real etcd: `--store etcd://...` is configuration, not code."""
+
+from __future__ import annotations
+
+import signal
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+import yaml
+
+from tests.daemons import Daemon, free_port, tandem, wait_for
+from tests.integration.etcd_server import EtcdServer
+
+ROOT = Path(__file__).resolve().parents[2]
+pytestmark = [pytest.mark.slow, pytest.mark.etcd]
+
+
+@pytest.fixture
+def etcd() -> Iterator[EtcdServer]:
+    with EtcdServer() as server:
+        yield server
+
+
+def test_an_apply_through_one_daemon_is_read_through_the_other(etcd: EtcdServer, tmp_path: Path) -> None:
+    url = f"{etcd.url}/tandem-e2e"
+    daemons = [Daemon(name, tmp_path / name, free_port(), store=url) for name in ("node1", "node2")]
+    try:
+        for daemon in daemons:
+            daemon.start()
+        first, second = daemons
+        cluster = {
+            "apiVersion": "tandem.dev/v1alpha1",
+            "kind": "Cluster",
+            "metadata": {"name": "test"},
+            "spec": {
+                "networks": ["lan"],
+                "nodes": [{"name": d.node, "addresses": {"lan": "127.0.0.1"}, "apiPort": d.port} for d in daemons],
+            },
+        }
+        (tmp_path / "cluster.yaml").write_text(yaml.safe_dump(cluster))
+        notes = ROOT / "manifests/notes-sqlite/module.yaml"
+        out = tandem("apply", "-f", str(tmp_path / "cluster.yaml"), "-f", str(notes), server=first.url).stdout
+        assert "module/notes created" in out
+        on_first = yaml.safe_load(tandem("get", "module", "notes", "-o", "yaml", server=first.url).stdout)
+        on_second = yaml.safe_load(tandem("get", "module", "notes", "-o", "yaml", server=second.url).stdout)
+        assert on_second == on_first  # one store: the same object, the same resourceVersion
+        second.stop()
+        tandem("delete", "checker", "notes-http", server=first.url)
+        second.start()
+        assert second.get_or_none("/api/v1/checkers/notes-http") is None
+        etcd.pause()
+        refused = tandem("get", "modules", server=first.url, check=False)
+        assert refused.returncode == 1 and "did not answer" in refused.stderr
+        etcd.resume()
+        wait_for("the store to answer again", lambda: "notes" in tandem("get", "modules", server=first.url).stdout)
+    finally:
+        for daemon in daemons:
+            daemon.stop(signal.SIGKILL)
