@@ -11,6 +11,7 @@ from pydantic import ValidationError
 
 from controller import apply as applying
 from controller.api.errors import UnknownResourceType, error_response, json_body, response_for
+from controller.api.health import Verdicts, health_routes
 from controller.resources import KINDS, Resource, Status
 from controller.store import Store, StoreError
 
@@ -22,11 +23,22 @@ Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
 class Api:
     """Routes of one node's daemon; state lives in the store, nothing here is cached."""
 
-    def __init__(self, *, store: Store, node: str, state_dir: str, sync: Any | None = None) -> None:
+    def __init__(
+        self,
+        *,
+        store: Store,
+        node: str,
+        state_dir: str,
+        sync: Any | None = None,
+        verdicts: Verdicts | None = None,
+        liveness_bound: float = 30.0,
+    ) -> None:
         self.store = store
         self.node = node
         self.state_dir = state_dir
         self.sync = sync
+        self.verdicts = verdicts or Verdicts()
+        self.liveness_bound = liveness_bound
 
     def app(self) -> web.Application:
         app = web.Application(middlewares=[self._errors], client_max_size=16 * 1024 * 1024)
@@ -43,6 +55,7 @@ class Api:
                 web.put("/api/v1/{plural}/{name}/status", self.update_status),
             ]
         )
+        app.add_routes(health_routes(self.verdicts, liveness_bound=self.liveness_bound))
         if self.sync is not None:
             app.add_routes([web.post("/peer/v1/sync", self.sync.handle)])
         return app
