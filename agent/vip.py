@@ -1,0 +1,322 @@
+"""Virtual IP addresses on this node's interfaces: adding, removing, announcing, and the ledger of what we added.
+
+Every address the agent adds is recorded in a ledger in the state dir before it is added, so that after a crash
+the next start removes what it should no longer hold and never touches an address it did not add.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import errno
+import ipaddress
+import json
+import logging
+import os
+import socket
+import struct
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from pyroute2 import AsyncIPRoute
+from pyroute2.netlink.exceptions import NetlinkError
+
+log = logging.getLogger("tandem.vip")
+
+IPInterface = ipaddress.IPv4Interface | ipaddress.IPv6Interface
+
+ETH_P_ARP = 0x0806
+ETH_ZLEN = 60
+IFF_UP = 0x1
+IFF_RUNNING = 0x40
+IFA_F_NODAD = 0x02
+ND_NEIGHBOR_ADVERT = 136
+ND_NA_FLAG_OVERRIDE = 0x20000000
+ND_OPT_TARGET_LINKADDR = 2
+ALL_NODES = "ff02::1"
+
+
+class VipError(Exception):
+    """A virtual IP that cannot be placed or announced; the message says what to change."""
+
+
+@dataclass(frozen=True, order=True)
+class Held:
+    """One address (CIDR) on one interface."""
+
+    address: str
+    interface: str
+
+
+def parse(address_cidr: str) -> IPInterface:
+    """The address in CIDR form, normalised (so '10.0.0.5/24' and '10.0.0.05/24' are one address)."""
+    try:
+        return ipaddress.ip_interface(address_cidr)
+    except ValueError:
+        raise VipError(f"{address_cidr!r} is not an address in CIDR form (e.g. 192.0.2.10/24)") from None
+
+
+class Ledger:
+    """The addresses this agent added, in a JSON file of the state dir rewritten atomically on every change."""
+
+    def __init__(self, path: Path) -> None:
+        self.path = path
+        self._held = self._load()
+
+    def held(self) -> frozenset[Held]:
+        """Every address recorded as added by this agent and not yet removed."""
+        return frozenset(self._held)
+
+    def record(self, held: Held) -> None:
+        """Remember an address before it is added, so a crash right after still leaves it on record."""
+        if held not in self._held:
+            self._held.add(held)
+            self._write()
+
+    def forget(self, held: Held) -> None:
+        """Drop an address once it is gone from its interface."""
+        if held in self._held:
+            self._held.discard(held)
+            self._write()
+
+    def _load(self) -> set[Held]:
+        try:
+            data = json.loads(self.path.read_text())
+            return {Held(str(parse(e["address"])), str(e["interface"])) for e in data["addresses"]}
+        except FileNotFoundError:
+            return set()
+        except (ValueError, KeyError, TypeError, VipError) as exc:
+            aside = self.path.with_name(self.path.name + ".corrupt")
+            os.replace(self.path, aside)
+            log.warning(
+                "Address ledger is unreadable, starting with an empty one; addresses it listed will not be "
+                "cleaned up. path=%s moved_to=%s error=%s",
+                self.path,
+                aside,
+                exc,
+            )
+            return set()
+
+    def _write(self) -> None:
+        entries = [{"address": h.address, "interface": h.interface} for h in sorted(self._held)]
+        tmp = self.path.with_name(self.path.name + ".tmp")
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        tmp.write_text(json.dumps({"addresses": entries}, indent=2) + "\n")
+        # No fsync: addresses do not survive a reboot, so the ledger only has to survive a crash of the process,
+        # which the rename alone guarantees.
+        os.replace(tmp, self.path)
+
+
+async def find_interface(address_cidr: str) -> str:
+    """The one interface with an address whose subnet contains the VIP (the VIP itself does not count)."""
+    vip = parse(address_cidr)
+    async with AsyncIPRoute() as ipr:
+        names = await _link_names(ipr)
+        matches = sorted(
+            {
+                names[index]
+                for index, existing in await _addresses(ipr)
+                if existing.ip != vip.ip and existing.version == vip.version and vip.ip in existing.network
+            }
+        )
+    if not matches:
+        raise VipError(
+            f"no interface has an address in the subnet of {vip}: set the VirtualIP's interface, "
+            "or give this node an address on that subnet"
+        )
+    if len(matches) > 1:
+        raise VipError(
+            f"{vip} is in the subnet of several interfaces ({', '.join(matches)}): set the VirtualIP's interface"
+        )
+    return matches[0]
+
+
+async def ensure_present(address_cidr: str, interface: str | None = None, *, ledger: Ledger) -> Held:
+    """Hold the address on the interface (found from the subnet when not given); a no-op when already there."""
+    vip = parse(address_cidr)
+    name = interface or await find_interface(address_cidr)
+    held = Held(str(vip), name)
+    async with AsyncIPRoute() as ipr:
+        index = await _index(ipr, name)
+        if any(i == index and a == vip for i, a in await _addresses(ipr)):
+            return held
+        ledger.record(held)
+        try:
+            # NODAD: a VIP must answer at once; duplicate detection would hold it tentative for a second or more.
+            flags = IFA_F_NODAD if vip.version == 6 else 0
+            await ipr.addr("add", index=index, address=str(vip.ip), prefixlen=vip.network.prefixlen, flags=flags)
+        except NetlinkError as exc:
+            if exc.code != errno.EEXIST:
+                ledger.forget(held)
+                raise VipError(f"cannot add {vip} on {name}: {os.strerror(exc.code)}") from exc
+    log.info("Added virtual IP. address=%s interface=%s", vip, name)
+    return held
+
+
+async def ensure_absent(address_cidr: str, interface: str | None = None, *, ledger: Ledger) -> list[Held]:
+    """Remove the address from the interface (from every interface when none is given); a no-op when absent."""
+    vip = parse(address_cidr)
+    removed: list[Held] = []
+    async with AsyncIPRoute() as ipr:
+        names = await _link_names(ipr)
+        for index, existing in await _addresses(ipr):
+            if existing == vip and (interface is None or names[index] == interface):
+                await _delete(ipr, index, vip)
+                removed.append(Held(str(vip), names[index]))
+    for held in removed:
+        log.info("Removed virtual IP. address=%s interface=%s", held.address, held.interface)
+    for held in ledger.held():
+        if held.address == str(vip) and (interface is None or held.interface == interface):
+            ledger.forget(held)
+    return removed
+
+
+async def cleanup_stale(ledger: Ledger, should_hold: set[str]) -> list[Held]:
+    """Remove every recorded address not in should_hold (CIDRs); addresses never recorded are left alone."""
+    keep = {str(parse(a)) for a in should_hold}
+    removed: list[Held] = []
+    async with AsyncIPRoute() as ipr:
+        names = await _link_names(ipr)
+        present = {Held(str(a), names[i]) for i, a in await _addresses(ipr)}
+        for held in sorted(ledger.held()):
+            if held.address in keep:
+                continue
+            if held in present:
+                await _delete(ipr, await _index(ipr, held.interface), parse(held.address))
+                removed.append(held)
+                log.info(
+                    "Removed a stale virtual IP left by an earlier run. address=%s interface=%s",
+                    held.address,
+                    held.interface,
+                )
+            ledger.forget(held)
+    return removed
+
+
+async def link_up(interface: str) -> bool:
+    """True when the interface is administratively up and has carrier; a missing interface counts as down."""
+    async with AsyncIPRoute() as ipr:
+        indexes = await ipr.link_lookup(ifname=interface)
+        if not indexes:
+            return False
+        (link,) = await ipr.link("get", index=indexes[0])
+    flags = int(link["flags"])
+    return bool(flags & IFF_UP and flags & IFF_RUNNING)
+
+
+async def announce(address_cidr: str, interface: str | None = None, *, count: int, interval: float) -> int:
+    """Tell the segment that this node's MAC now owns the VIP: gratuitous ARP (IPv4) or unsolicited NA (IPv6)."""
+    vip = parse(address_cidr)
+    name = interface or await find_interface(address_cidr)
+    async with AsyncIPRoute() as ipr:
+        index = await _index(ipr, name)
+        (link,) = await ipr.link("get", index=index)
+    mac_text = link.get("IFLA_ADDRESS")
+    if not mac_text or mac_text == "00:00:00:00:00:00":
+        log.info("Interface has no hardware address, nothing to announce. address=%s interface=%s", vip, name)
+        return 0
+    mac = bytes.fromhex(mac_text.replace(":", ""))
+    sender = (
+        _ArpSender(name, mac, vip.ip) if isinstance(vip, ipaddress.IPv4Interface) else _NaSender(index, mac, vip.ip)
+    )
+    sent = 0
+    with sender:
+        for i in range(count):
+            if i:
+                await asyncio.sleep(interval)
+            await sender.send()
+            sent += 1
+    kind = "gratuitous ARP" if vip.version == 4 else "unsolicited neighbour advertisement"
+    log.info("Announced virtual IP with %s. address=%s interface=%s mac=%s count=%d", kind, vip, name, mac_text, sent)
+    return sent
+
+
+def arp_announcement(mac: bytes, ip: ipaddress.IPv4Address) -> bytes:
+    """An Ethernet broadcast ARP request with sender = target = the VIP (RFC 5227 announcement)."""
+    ethernet = b"\xff" * 6 + mac + struct.pack("!H", ETH_P_ARP)
+    arp = struct.pack("!HHBBH", 1, 0x0800, 6, 4, 1) + mac + ip.packed + b"\x00" * 6 + ip.packed
+    return (ethernet + arp).ljust(ETH_ZLEN, b"\x00")
+
+
+def neighbour_advertisement(mac: bytes, ip: ipaddress.IPv6Address) -> bytes:
+    """An unsolicited ICMPv6 neighbour advertisement with the override flag; the kernel fills in the checksum."""
+    header = struct.pack("!BBHI", ND_NEIGHBOR_ADVERT, 0, 0, ND_NA_FLAG_OVERRIDE)
+    return header + ip.packed + struct.pack("!BB", ND_OPT_TARGET_LINKADDR, 1) + mac
+
+
+class _ArpSender:
+    """A raw packet socket bound to one interface, sending ARP announcements."""
+
+    def __init__(self, interface: str, mac: bytes, ip: ipaddress.IPv4Address) -> None:
+        self.frame = arp_announcement(mac, ip)
+        self.sock = socket.socket(socket.AF_PACKET, socket.SOCK_RAW, socket.htons(ETH_P_ARP))
+        try:
+            self.sock.bind((interface, ETH_P_ARP))
+            self.sock.setblocking(False)
+        except OSError as exc:
+            self.sock.close()
+            raise VipError(f"cannot send gratuitous ARP on {interface}: {exc.strerror}") from exc
+
+    async def send(self) -> None:
+        await asyncio.get_running_loop().sock_sendall(self.sock, self.frame)
+
+    def __enter__(self) -> _ArpSender:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.sock.close()
+
+
+class _NaSender:
+    """A raw ICMPv6 socket sending neighbour advertisements to all nodes, from the VIP, on one interface."""
+
+    def __init__(self, index: int, mac: bytes, ip: ipaddress.IPv6Address) -> None:
+        self.payload = neighbour_advertisement(mac, ip)
+        self.index = index
+        self.pktinfo = [(socket.IPPROTO_IPV6, socket.IPV6_PKTINFO, ip.packed + struct.pack("@I", index))]
+        self.sock = socket.socket(socket.AF_INET6, socket.SOCK_RAW, socket.IPPROTO_ICMPV6)
+        # Receivers drop neighbour discovery messages whose hop limit is not 255 (RFC 4861 section 7.1.2).
+        self.sock.setsockopt(socket.IPPROTO_IPV6, socket.IPV6_MULTICAST_HOPS, 255)
+        self.sock.setblocking(False)
+
+    async def send(self) -> None:
+        try:
+            self.sock.sendmsg([self.payload], self.pktinfo, 0, (ALL_NODES, 0, 0, self.index))
+        except OSError as exc:
+            raise VipError(f"cannot send a neighbour advertisement: {exc.strerror}") from exc
+
+    def __enter__(self) -> _NaSender:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.sock.close()
+
+
+async def _index(ipr: AsyncIPRoute, interface: str) -> int:
+    indexes = await ipr.link_lookup(ifname=interface)
+    if not indexes:
+        raise VipError(f"interface {interface!r} does not exist on this node: check the VirtualIP's interface")
+    return int(indexes[0])
+
+
+async def _link_names(ipr: AsyncIPRoute) -> dict[int, str]:
+    return {int(link["index"]): str(link.get("IFLA_IFNAME")) async for link in await ipr.link("dump")}
+
+
+async def _addresses(ipr: AsyncIPRoute) -> list[tuple[int, IPInterface]]:
+    """Every address on every interface, as (interface index, address with prefix)."""
+    found: list[tuple[int, IPInterface]] = []
+    message: Any
+    async for message in await ipr.addr("dump"):
+        ip = message.get("IFA_LOCAL") or message.get("IFA_ADDRESS")
+        if ip:
+            found.append((int(message["index"]), ipaddress.ip_interface(f"{ip}/{message['prefixlen']}")))
+    return found
+
+
+async def _delete(ipr: AsyncIPRoute, index: int, vip: IPInterface) -> None:
+    try:
+        await ipr.addr("del", index=index, address=str(vip.ip), prefixlen=vip.network.prefixlen)
+    except NetlinkError as exc:
+        if exc.code not in (errno.EADDRNOTAVAIL, errno.ENODEV):
+            raise VipError(f"cannot remove {vip}: {os.strerror(exc.code)}") from exc
