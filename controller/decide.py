@@ -75,7 +75,7 @@ class Observed:
     timeout: float = 30.0
     witness: bool | None = None  # a splitbrain witness answers; None: none configured
     data: DataRelation = "unknown"
-    replication: Replication = "none"
+    replication: Replication = "none"  # none: the module replicates no directory
     waiting_on: tuple[str, ...] = ()  # checkers with onFailure: wait that fail now
     failure: FailureAction | None = None  # a process or checker failure asks for this action
     failure_cause: str = ""
@@ -193,15 +193,20 @@ def _yield(o: Observed, peer: PeerView, reason: str, message: str, *, handover: 
 
 
 def _serving_role(o: Observed, peer: PeerView, reason: str, message: str) -> Decision:
-    if peer.state == State.SECOND and o.replication == "in-sync":
+    if peer.state == State.SECOND and _in_sync(o):
         return _serve(o, State.PRIM, reason, f"{message}, peer in sync")
     return _serve(o, State.ALONE, reason, f"{message}, peer not in sync ({peer.state}, replication {o.replication})")
 
 
 def _should_hand_over(o: Observed, peer: PeerView) -> bool:
-    if peer.state != State.SECOND or o.replication != "in-sync" or o.forced == "prim":
+    if peer.state != State.SECOND or not _in_sync(o) or o.forced == "prim":
         return False
     return o.swap or o.forced == "second" or (o.auto_swap and _preferred(o) != o.node)
+
+
+def _in_sync(o: Observed) -> bool:
+    """The secondary holds everything: replication caught up, or nothing to replicate."""
+    return o.replication in ("in-sync", "none")
 
 
 def _nobody_serves(o: Observed, peer: PeerView) -> Decision:

@@ -52,6 +52,7 @@ CASES = [
     # a serving node is PRIM only with its peer SECOND and in sync
     (obs(S.ALONE, S.SECOND, replication="syncing"), S.ALONE, "Serving"),
     (obs(S.ALONE, S.SECOND, replication="in-sync"), S.PRIM, "Serving"),
+    (obs(S.ALONE, S.SECOND, replication="none"), S.PRIM, "Serving"),  # nothing to replicate
     (obs(S.PRIM, S.STOP, replication="disconnected"), S.ALONE, "Serving"),
     (obs(S.SECOND, S.PRIM), S.SECOND, "PeerServes"),
     (obs(S.STOP, S.ALONE), S.SECOND, "PeerServes"),
@@ -199,7 +200,7 @@ def test_the_handshake_elects_one_node_within_a_few_heartbeats() -> None:
                 peer_handover=p.handover,
             )
             last[node] = decide(situation)
-    assert [last[n].state for n in NODES] == [S.ALONE, S.SECOND]
+    assert [last[n].state for n in NODES] == [S.PRIM, S.SECOND]  # no directory to replicate: in sync at once
 
 
 def test_after_a_partition_heals_exactly_one_keeps_serving() -> None:
