@@ -4,13 +4,15 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import json
 import logging
 import sys
 from collections.abc import Sequence
 from pathlib import Path
+from typing import Any
 
 from controller.client import Client, ClientError, server_url
-from controller.output import describe, dump, table
+from controller.output import describe, dump, status_table, table
 from controller.resources import KINDS, Resource
 from controller.resources.manifests import ManifestError, load, read_documents, validate_document
 
@@ -86,6 +88,64 @@ def cmd_delete(args: argparse.Namespace) -> int:
     query = {"resourceVersion": args.resource_version} if args.resource_version else None
     _client(args).request("DELETE", f"/api/v1/{cls.PLURAL}/{args.name}", query=query)
     print(f"{cls.KIND.lower()}/{args.name} deleted")
+    return 0
+
+
+def _node_urls(client: Client) -> dict[str, str]:
+    """Every node's API URL from the Cluster, as the server knows it (first network first)."""
+    clusters = client.get("/api/v1/clusters")["items"]
+    if not clusters:
+        return {}
+    spec = clusters[0]["spec"]
+    urls = {}
+    for node in spec["nodes"]:
+        address = node["addresses"][spec["networks"][0]]
+        host = f"[{address}]" if ":" in address else address
+        urls[node["name"]] = f"http://{host}:{node.get('apiPort', 9010)}"
+    return urls
+
+
+def _node_client(client: Client, urls: dict[str, str], node: str) -> Client:
+    if node not in urls:
+        raise UsageError(f"node {node!r} is not in the Cluster: it has {', '.join(urls) or 'no nodes'}")
+    return Client(urls[node], timeout=client.timeout)
+
+
+def cmd_status(args: argparse.Namespace) -> int:
+    client = _client(args)
+    urls = _node_urls(client) or {"(this node)": client.server}
+    rows: list[dict[str, Any]] = []
+    unreachable = []
+    for node, url in urls.items():
+        try:
+            rows += Client(url, timeout=3.0).get("/api/v1/status")["modules"]
+        except ClientError as exc:
+            unreachable.append(f"{node}: {exc}")
+    rows.sort(key=lambda r: (r["module"], r["node"]))
+    if args.output == "json":
+        keys = ("module", "node", "state", "serving", "replication", "reason", "message")
+        print(json.dumps([{k: r[k] for k in keys} for r in rows], indent=2))
+    else:
+        print(status_table(rows))
+    for line in unreachable:
+        print(f"warning: cannot read node {line}", file=sys.stderr)
+    return 0
+
+
+def cmd_module(args: argparse.Namespace) -> int:
+    """start, stop, restart, swap, prim, second: sent to the nodes of the module that must act."""
+    client = _client(args)
+    module = client.get(f"/api/v1/modules/{args.module}")
+    urls = _node_urls(client)
+    nodes = [args.node] if args.node else list(module["spec"]["nodes"])
+    commands = [(n, args.command) for n in nodes]
+    if args.command == "prim" and args.node:
+        commands += [(n, "second") for n in module["spec"]["nodes"] if n != args.node]
+    for node, command in commands:
+        answer = _node_client(client, urls, node).request(
+            "POST", f"/api/v1/modules/{args.module}/commands", {"command": command}
+        )
+        print(answer["message"])
     return 0
 
 
@@ -202,6 +262,23 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("name")
     p.add_argument("--resource-version", help="delete only if the stored version is still this one")
     p.set_defaults(func=cmd_delete)
+
+    p = sub.add_parser("status", parents=[remote], help="every module on every node: state, serving, replication")
+    p.add_argument("-o", "--output", choices=["table", "json"], default="table")
+    p.set_defaults(func=cmd_status)
+
+    for command, text in (
+        ("start", "start a module (on every node of it, or --node)"),
+        ("stop", "stop a module (on every node of it, or --node)"),
+        ("restart", "restart a module's application where it serves"),
+        ("swap", "swap the primary and secondary roles once in sync"),
+        ("prim", "force a node to be primary (the other is forced secondary)"),
+        ("second", "force a node to be secondary"),
+    ):
+        p = sub.add_parser(command, parents=[remote], help=text)
+        p.add_argument("module")
+        p.add_argument("--node", required=command in ("prim", "second"), help="the node that acts")
+        p.set_defaults(func=cmd_module, command=command)
 
     p = sub.add_parser("validate", help="check manifests offline, reporting every problem")
     p.add_argument("-f", "--filename", action="append", required=True, help="a manifest file or directory")

@@ -15,7 +15,11 @@ from typing import IO
 
 from aiohttp import web
 
+from controller.actuators import Actuators
+from controller.api.health import Verdicts
 from controller.api.server import Api
+from controller.membership.supervisor import MembershipSupervisor
+from controller.reconcile import Reconciler
 from controller.resources import Cluster
 from controller.secret import key_path, load_key
 from controller.store import Store
@@ -103,22 +107,24 @@ async def run_node(*, node: str, state_dir: Path, listen: Listen, store_url: str
     """Run until SIGTERM or SIGINT, then stop serving and close the store."""
     lock = lock_state_dir(state_dir)
     store = await open_store(store_url, state_dir=state_dir, node=node)
-    sync = None
+    actuators = Actuators(node=node, state_dir=state_dir)
     tasks: list[asyncio.Task[None]] = []
     runner: web.AppRunner | None = None
     try:
-        if isinstance(store, EmbeddedStore):
-            key, path = await _cluster_key(store, state_dir)
-            if key is None:
-                log.warning(
-                    "No cluster key at %s: peer traffic is unauthenticated (run `tandem keygen` on one "
-                    "node and copy the file to every node). node=%s",
-                    path,
-                    node,
-                )
-            sync = PeerSync(store=store, node=node, key=key)
-            tasks.append(asyncio.create_task(sync.run(), name="peer-sync"))
-        api = Api(store=store, node=node, state_dir=str(state_dir), sync=sync)
+        key, path = await _cluster_key(store, state_dir)
+        if key is None:
+            log.warning(
+                "No cluster key at %s: heartbeats and peer traffic are unauthenticated (run `tandem keygen` "
+                "on one node and copy the file to every node). node=%s",
+                path,
+                node,
+            )
+        await actuators.cleanup_stale()
+        verdicts = Verdicts()
+        reconciler = Reconciler(node=node, store=store, actuators=actuators, verdicts=verdicts)
+        membership = MembershipSupervisor(node=node, store=store, reconciler=reconciler, key=key)
+        sync = PeerSync(store=store, node=node, key=key) if isinstance(store, EmbeddedStore) else None
+        api = Api(store=store, node=node, state_dir=str(state_dir), sync=sync, verdicts=verdicts, reconciler=reconciler)
         runner = web.AppRunner(api.app(), access_log=None, handle_signals=False)
         await runner.setup()
         for host, port in listen.binds():
@@ -126,6 +132,10 @@ async def run_node(*, node: str, state_dir: Path, listen: Listen, store_url: str
                 await web.TCPSite(runner, host, port, reuse_address=True).start()
             except OSError as exc:
                 raise DaemonError(f"cannot listen on {host}:{port}: {exc.strerror}") from None
+        if sync is not None:
+            tasks.append(asyncio.create_task(sync.run(), name="peer-sync"))
+        tasks.append(asyncio.create_task(membership.run(), name="membership"))
+        tasks.append(asyncio.create_task(reconciler.run(), name="reconcile"))
         log.info(
             "tandemd is serving. node=%s listen=%s store=%s state_dir=%s",
             node,
@@ -143,6 +153,7 @@ async def run_node(*, node: str, state_dir: Path, listen: Listen, store_url: str
                 await task
         if runner is not None:
             await runner.cleanup()
+        await actuators.aclose()
         await store.close()
         lock.close()
 

@@ -20,7 +20,8 @@ import yaml
 
 from controller.client import Client, ClientError
 from controller.output import table
-from controller.resources import Resource
+from controller.resources import Module, Resource, VirtualIP
+from controller.resources.kinds import Scripts
 from controller.resources.manifests import load
 from controller.secret import generate_key
 
@@ -61,11 +62,24 @@ def cluster_manifest(nodes: tuple[DemoNode, ...]) -> dict[str, object]:
 
 
 def _example_resources(root: Path, manifests: Path, nodes: tuple[DemoNode, ...]) -> list[Resource]:
-    """The examples with the demo's own loopback Cluster in place of manifests/cluster.yaml."""
+    """The examples on the demo's own loopback Cluster, without anything that would act on this host.
+
+    Both daemons run on this machine, not in a lab: a virtual IP would land on its real interface
+    and the examples' scripts would start its services. So the demo keeps the modules and their
+    roles, heartbeats and health URLs, and leaves out the addresses, scripts and process watches.
+    """
     cluster_file = root / "cluster.yaml"
     cluster_file.write_text(yaml.safe_dump(cluster_manifest(nodes), sort_keys=False))
     examples = [p for p in sorted(manifests.iterdir()) if p.name != "cluster.yaml"]
-    return load([cluster_file, *examples], state_dir=str(root))
+    resources = load([cluster_file, *examples], state_dir=str(root))
+    return [_inert(r) for r in resources if not isinstance(r, VirtualIP)]
+
+
+def _inert(resource: Resource) -> Resource:
+    if not isinstance(resource, Module):
+        return resource
+    spec = resource.spec.model_copy(update={"scripts": Scripts(), "processes": []})
+    return resource.model_copy(update={"spec": spec})
 
 
 def pid_alive(pid: int) -> bool:
@@ -176,11 +190,14 @@ def up(root: Path, *, manifests: Path, ports: tuple[int, int] = DEFAULT_PORTS) -
     modules = Client(second.url).get("/api/v1/modules")["items"]
     print(f"\n$ TANDEM_SERVER={second.url} tandem get modules")
     print(table("Module", modules))
+    print("\n(On loopback the demo leaves out the examples' virtual IPs and scripts, which would act on this "
+          "host;\n modules still elect a primary over heartbeats: see `tandem status`.)")
     tandem = _tandem_command()
     print(
         "\nBoth daemons hold the same resources at the same resourceVersion. Try:\n"
         f"  TANDEM_SERVER={first.url} {tandem} get all -o wide\n"
         f"  TANDEM_SERVER={second.url} {tandem} describe module notes\n"
+        f"  TANDEM_SERVER={first.url} {tandem} status\n"
         f"  {tandem} demo --stop node2                                  # node2 goes down\n"
         f"  TANDEM_SERVER={first.url} {tandem} delete checker notes-http   # a change while it is away\n"
         f"  {tandem} demo --start node2                                 # node2 returns and catches up\n"

@@ -137,3 +137,25 @@ def _pairs(values: dict[str, str] | None) -> str:
 
 def _indent(text: str) -> str:
     return "\n".join("  " + line for line in text.splitlines())
+
+
+def status_table(rows: Sequence[dict[str, Any]]) -> str:
+    """`tandem status`: one line per module and node."""
+    header = ["MODULE", "NODE", "STATE", "SERVING", "REPLICATION", "REASON", "MESSAGE"]
+    lines = [header] + [
+        [
+            r["module"],
+            r["node"],
+            r["state"] + (f" -> {r['transition']['to']} ({r['transition']['step']})" if r.get("transition") else ""),
+            "yes" if r["serving"] else "no",
+            r["replication"]["state"],
+            r.get("reason", ""),
+            r.get("message", ""),
+        ]
+        for r in rows
+    ]
+    widths = [max(len(line[i]) for line in lines) for i in range(len(header) - 1)]
+    return "\n".join(
+        "   ".join(cell.ljust(w) for cell, w in zip(line[:-1], widths, strict=True)) + "   " + line[-1]
+        for line in lines
+    )

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import logging
 import re
+import subprocess
 from collections.abc import Iterator
 
 import pytest
@@ -43,3 +44,18 @@ def _no_unexpected_warnings(caplog: pytest.LogCaptureFixture, expected_logs: Exp
     if bad:
         lines = "\n".join(f"{r.levelname} {r.name}: {r.getMessage()}" for r in bad)
         pytest.fail(f"unexpected warnings or errors were logged:\n{lines}", pytrace=False)
+
+
+def _host_addresses() -> set[str]:
+    out = subprocess.run(["ip", "-o", "addr", "show"], capture_output=True, text=True, check=False).stdout
+    return {" ".join(line.split()[1:4]) for line in out.splitlines()}
+
+
+@pytest.fixture(scope="session", autouse=True)
+def _host_network_untouched() -> Iterator[None]:
+    """Daemons in tests run on this machine: none of them may leave an address on its real interfaces."""
+    before = _host_addresses()
+    yield
+    added = _host_addresses() - before
+    if added:
+        pytest.fail(f"tests left addresses on this machine's own interfaces: {sorted(added)}", pytrace=False)

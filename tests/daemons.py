@@ -15,8 +15,23 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any, TypeVar
 
+import yaml
+
 T = TypeVar("T")
 REPO = Path(__file__).resolve().parents[1]
+
+
+def inert_manifest(path: Path) -> str:
+    """An example manifest with its modules not started at boot.
+
+    Daemons in these tests run on this machine itself, not in a lab: a module that started would put
+    its virtual IP on the machine's real interface and run the example's scripts here.
+    """
+    docs = [d for d in yaml.safe_load_all(path.read_text()) if d]
+    for doc in docs:
+        if doc["kind"] == "Module":
+            doc["spec"]["bootStart"] = False
+    return yaml.safe_dump_all(docs, sort_keys=False)
 
 
 def free_port(host: str = "127.0.0.1") -> int:
@@ -61,15 +76,17 @@ def tandem(*args: str, server: str | None = None, check: bool = True) -> subproc
 
 
 class Daemon:
-    """One node's tandemd, on 127.0.0.1 and its own port."""
+    """One node's tandemd on its own loopback address (its heartbeats bind there) and its own port."""
 
-    def __init__(self, node: str, state_dir: Path, port: int, *, store: str = "embedded") -> None:
-        self.node, self.state_dir, self.port, self.store = node, state_dir, port, store
+    def __init__(
+        self, node: str, state_dir: Path, port: int, *, address: str = "127.0.0.1", store: str = "embedded"
+    ) -> None:
+        self.node, self.state_dir, self.port, self.address, self.store = node, state_dir, port, address, store
         self.proc: subprocess.Popen[bytes] | None = None
 
     @property
     def url(self) -> str:
-        return f"http://127.0.0.1:{self.port}"
+        return f"http://{self.address}:{self.port}"
 
     def start(self) -> Daemon:
         self.state_dir.mkdir(parents=True, exist_ok=True)
@@ -86,7 +103,7 @@ class Daemon:
                 "--state-dir",
                 str(self.state_dir),
                 "--listen",
-                f"127.0.0.1:{self.port}",
+                f"{self.address}:{self.port}",
                 "--store",
                 self.store,
             ],

@@ -13,10 +13,11 @@ from controller import apply as applying
 from controller.api.errors import UnknownResourceType, error_response, json_body, response_for
 from controller.api.health import Verdicts, health_routes
 from controller.resources import KINDS, Resource, Status
-from controller.store import Store, StoreError
+from controller.store import NotFound, Store, StoreError
 
 log = logging.getLogger("tandem.api")
 PLURALS = {cls.PLURAL: cls for cls in KINDS.values()}
+COMMANDS = ("start", "stop", "restart", "swap", "prim", "second")
 Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
 
 
@@ -32,6 +33,7 @@ class Api:
         sync: Any | None = None,
         verdicts: Verdicts | None = None,
         liveness_bound: float = 30.0,
+        reconciler: Any | None = None,
     ) -> None:
         self.store = store
         self.node = node
@@ -39,6 +41,7 @@ class Api:
         self.sync = sync
         self.verdicts = verdicts or Verdicts()
         self.liveness_bound = liveness_bound
+        self.reconciler = reconciler
 
     def app(self) -> web.Application:
         app = web.Application(middlewares=[self._errors], client_max_size=16 * 1024 * 1024)
@@ -47,6 +50,8 @@ class Api:
                 web.get("/healthz", self.healthz),
                 web.get("/api/v1", self.discovery),
                 web.post("/api/v1/apply", self.apply),
+                web.get("/api/v1/status", self.status),
+                web.post("/api/v1/modules/{name}/commands", self.module_command),
                 web.get("/api/v1/{plural}", self.list),
                 web.post("/api/v1/{plural}", self.create),
                 web.get("/api/v1/{plural}/{name}", self.get),
@@ -82,6 +87,25 @@ class Api:
     async def discovery(self, request: web.Request) -> web.Response:
         kinds = [{"kind": c.KIND, "plural": c.PLURAL, "shortNames": list(c.SHORT_NAMES)} for c in KINDS.values()]
         return web.json_response({"node": self.node, "kinds": kinds})
+
+    async def status(self, request: web.Request) -> web.Response:
+        """This node's live module states (the reconcile loop's, not the store's)."""
+        modules = self.reconciler.snapshot() if self.reconciler is not None else []
+        return web.json_response({"node": self.node, "modules": modules})
+
+    async def module_command(self, request: web.Request) -> web.Response:
+        """start, stop, restart, swap, prim or second for one module on this node."""
+        body = await json_body(request)
+        command = body.get("command") if isinstance(body, dict) else None
+        if command not in COMMANDS:
+            raise StoreError(f"unknown command {command!r}: expected one of {', '.join(COMMANDS)}")
+        if self.reconciler is None:
+            raise StoreError(f"node {self.node} runs no reconcile loop")
+        try:
+            message = self.reconciler.command(request.match_info["name"], command)
+        except KeyError as exc:
+            raise NotFound("Module", request.match_info["name"]) from exc
+        return web.json_response({"node": self.node, "message": message}, status=202)
 
     async def list(self, request: web.Request) -> web.Response:
         cls = _kind(request)

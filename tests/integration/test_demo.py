@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
 
 import pytest
@@ -18,10 +19,18 @@ def test_the_demo_comes_up_survives_a_node_restart_and_goes_down(tmp_path: Path)
     node1, node2 = (f"http://127.0.0.{i}:{p}" for i, p in zip((1, 2), ports.split(","), strict=True))
     try:
         out = tandem("demo", "--root", str(root), "--ports", ports).stdout
-        assert "Applied 16 resources on node1" in out
+        assert "Applied 13 resources on node1" in out  # the examples less their virtual IPs
+        assert "virtualip/" not in out
         assert "tandem get modules" in out and "notes        mirror   node1,node2" in out
         pids = [int(p.read_text()) for p in root.glob("*/demo.pid")]
         assert len(pids) == 2 and all(alive(p) for p in pids)
+
+        status = wait_for(
+            "one node to serve notes",
+            lambda: (rows := json.loads(tandem("status", "-o", "json", server=node1).stdout))
+            and [r["node"] for r in rows if r["module"] == "notes" and r["serving"]] == ["node1"] and rows,
+        )
+        assert {(r["module"], r["node"]): r["state"] for r in status}[("notes", "node2")] == "SECOND"
 
         again = tandem("demo", "--root", str(root), "--ports", ports, check=False)
         assert again.returncode == 1 and "the demo already runs" in again.stderr

@@ -10,10 +10,12 @@ from typing import Any
 import pytest
 import yaml
 
-from tests.daemons import Daemon, free_port, tandem, wait_for
+from tests.daemons import Daemon, free_port, inert_manifest, tandem, wait_for
 
 ROOT = Path(__file__).resolve().parents[2]
 pytestmark = pytest.mark.slow
+
+ADDRESSES = {"node1": "127.0.0.1", "node2": "127.0.0.2"}
 
 
 def cluster(ports: dict[str, int]) -> dict[str, Any]:
@@ -24,7 +26,7 @@ def cluster(ports: dict[str, int]) -> dict[str, Any]:
         "spec": {
             "networks": ["lan"],
             "nodes": [
-                {"name": name, "addresses": {"lan": "127.0.0.1"}, "apiPort": port} for name, port in ports.items()
+                {"name": name, "addresses": {"lan": ADDRESSES[name]}, "apiPort": port} for name, port in ports.items()
             ],
         },
     }
@@ -36,8 +38,8 @@ def pair(tmp_path: Path) -> Iterator[tuple[Daemon, Daemon, Path]]:
     manifests = tmp_path / "manifests"
     manifests.mkdir()
     (manifests / "cluster.yaml").write_text(yaml.safe_dump(cluster(ports)))
-    (manifests / "notes.yaml").write_text((ROOT / "manifests/notes-sqlite/module.yaml").read_text())
-    daemons = [Daemon(name, tmp_path / name, port) for name, port in ports.items()]
+    (manifests / "notes.yaml").write_text(inert_manifest(ROOT / "manifests/notes-sqlite/module.yaml"))
+    daemons = [Daemon(name, tmp_path / name, port, address=ADDRESSES[name]) for name, port in ports.items()]
     try:
         for daemon in daemons:
             daemon.start()
@@ -110,7 +112,7 @@ def test_with_a_cluster_key_a_peer_with_another_key_is_refused(tmp_path: Path) -
         (tmp_path / name).mkdir()
         (tmp_path / name / "cluster.key").write_text(key + "\n")
     (tmp_path / "cluster.yaml").write_text(yaml.safe_dump(cluster(ports)))
-    daemons = [Daemon(name, tmp_path / name, port) for name, port in ports.items()]
+    daemons = [Daemon(name, tmp_path / name, port, address=ADDRESSES[name]) for name, port in ports.items()]
     try:
         for daemon in daemons:
             daemon.start()

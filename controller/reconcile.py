@@ -1,0 +1,322 @@
+"""The reconcile loop: every tick, observe each module of this node, decide, act, report.
+
+Level-triggered: a tick reads the whole world (resources from the store, the peer's heartbeats, the
+module's own runtime state), so a missed event costs one tick, never correctness. The loop owns
+each module's state on this node; transitions (scripts, addresses) run as one task per module,
+observed by later ticks and never awaited by the loop itself.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import time
+from collections import deque
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from typing import Any, Literal, Protocol
+
+from controller.actuators import Actuators, StepFailed
+from controller.api.health import Verdicts
+from controller.decide import Decision, Observed, PeerView, State, decide
+from controller.membership.heartbeat import ModuleBeat
+from controller.resources import Module, VirtualIP
+from controller.resources.durations import parse_duration
+from controller.store import Store, StoreUnavailable
+from controller.transitions import Step, plan
+
+log = logging.getLogger("tandem.reconcile")
+Command = Literal["start", "stop", "restart", "swap", "prim", "second"]
+
+
+class Membership(Protocol):
+    """What the loop needs of the heartbeat endpoint (controller.membership.endpoint.Endpoint)."""
+
+    listening_since: float | None
+
+    def now(self) -> float: ...
+    def view(self, peer: str, module: str, *, timeout: float | None = None) -> PeerView | None: ...
+
+
+@dataclass
+class ModuleRuntime:
+    """This node's live state of one module: owned by the loop, nobody else writes it."""
+
+    name: str
+    enabled: bool
+    module: Module | None = None  # the spec of the last tick, to stop the module if it is deleted
+    vips: list[VirtualIP] = field(default_factory=list)
+    state: State = State.STOP
+    decision: Decision | None = None
+    since: float = field(default_factory=time.time)
+    task: asyncio.Task[None] | None = None
+    target: State | None = None
+    step: str = ""
+    restarts: deque[float] = field(default_factory=deque)
+    start_failures: int = 0
+    last_error: str = ""
+    swap: bool = False
+    forced: Literal["prim", "second"] | None = None
+    restart: bool = False
+
+    @property
+    def busy(self) -> bool:
+        return self.task is not None and not self.task.done()
+
+
+class Reconciler:
+    """One loop per daemon over every module that names this node."""
+
+    def __init__(
+        self,
+        *,
+        node: str,
+        store: Store,
+        actuators: Actuators,
+        verdicts: Verdicts,
+        membership: Membership | None = None,
+        tick: float = 0.2,
+    ) -> None:
+        self.node = node
+        self.store = store
+        self.actuators = actuators
+        self.verdicts = verdicts
+        self.membership = membership
+        self.tick_interval = tick
+        self.modules: dict[str, ModuleRuntime] = {}
+        self._wake = asyncio.Event()
+        self._announce = False  # membership changed: serving modules announce their addresses again
+        self._background: set[asyncio.Task[None]] = set()
+
+    # --- what the rest of the daemon reads ------------------------------------------------------------
+
+    def beats(self) -> Mapping[str, ModuleBeat]:
+        """This node's module states and handshake flags, for the heartbeats (memory only)."""
+        out = {}
+        for name, rt in self.modules.items():
+            d = rt.decision
+            out[name] = ModuleBeat(
+                state=rt.state,
+                claiming=bool(d and d.claim),
+                grants=bool(d and d.grant),
+                handover=bool(d and d.handover),
+            )
+        return out
+
+    def snapshot(self) -> list[dict[str, Any]]:
+        """Every module's live state here, for /api/v1/status."""
+        return [
+            {
+                "module": rt.name,
+                "node": self.node,
+                "state": rt.state.value,
+                "serving": rt.state.serving,
+                "enabled": rt.enabled,
+                "reason": rt.decision.reason if rt.decision else "",
+                "message": rt.decision.message if rt.decision else "",
+                "transition": {"to": rt.target.value, "step": rt.step} if rt.busy and rt.target else None,
+                "lastError": rt.last_error,
+                "since": rt.since,
+                "replication": {"state": "none", "remainingBytes": 0},
+            }
+            for rt in sorted(self.modules.values(), key=lambda r: r.name)
+        ]
+
+    def command(self, module: str, command: Command) -> str:
+        """An operator's command for this node; the next tick acts on it."""
+        rt = self.modules.get(module)
+        if rt is None:
+            raise KeyError(f"module {module!r} does not run on node {self.node}")
+        if command in ("start", "stop"):
+            rt.enabled = command == "start"
+            rt.start_failures = 0
+            rt.forced = None
+        elif command == "restart":
+            rt.restart = True
+        elif command == "swap":
+            rt.swap = True
+        else:
+            rt.forced = command
+        self._wake.set()
+        return f"{command} {module} on {self.node}: accepted"
+
+    def membership_changed(self) -> None:
+        """A peer or a network came or went: decide now, and announce held addresses again."""
+        self._announce = True
+        self._wake.set()
+
+    # --- the loop ----------------------------------------------------------------------------------------
+
+    async def run(self) -> None:
+        """Tick until cancelled; then stop every module's transition task."""
+        try:
+            while True:
+                self._wake.clear()
+                await self.tick()
+                with contextlib.suppress(TimeoutError):
+                    await asyncio.wait_for(self._wake.wait(), self.tick_interval)
+        finally:
+            for rt in self.modules.values():
+                if rt.task is not None:
+                    rt.task.cancel()
+
+    async def tick(self) -> None:
+        """Observe, decide and act once for every module of this node."""
+        try:
+            resources = await self.store.list()
+        except StoreUnavailable as exc:
+            log.warning("Store unavailable; modules keep their state this tick. reason=%s", exc)
+            return
+        modules = {r.name: r for r in resources if isinstance(r, Module) and self.node in r.spec.nodes}
+        vips = [r for r in resources if isinstance(r, VirtualIP)]
+        for name, module in modules.items():
+            rt = self.modules.setdefault(name, ModuleRuntime(name, enabled=module.spec.boot_start))
+            rt.module, rt.vips = module, [v for v in vips if v.spec.module == name]
+            try:
+                self._reconcile(module, rt, rt.vips)
+            except Exception:  # a bug in one module's tick must not stop the others
+                log.exception("Reconciling a module failed; it keeps its state. module=%s node=%s", name, self.node)
+        for name in set(self.modules) - set(modules):
+            self._retire(self.modules[name])
+        if self._announce:
+            self._announce = False
+            self._announce_held()
+
+    def _announce_held(self) -> None:
+        """Gratuitous ARP for every address of a serving module: clients may hold the other node's MAC."""
+        for rt in self.modules.values():
+            if rt.state.serving and not rt.busy:
+                for address in rt.vips:
+                    task = asyncio.create_task(self.actuators.announce(address), name=f"announce-{address.name}")
+                    self._background.add(task)
+                    task.add_done_callback(self._background.discard)
+
+    def _reconcile(self, module: Module, rt: ModuleRuntime, vips: list[VirtualIP]) -> None:
+        if rt.busy:
+            self._record(module, rt)
+            return
+        observed = self._observe(module, rt)
+        decision = decide(observed)
+        self._log(module, rt, decision)
+        rt.decision = decision
+        steps = plan(rt.state, decision.state, restart=decision.restart)
+        if decision.restart:
+            rt.restarts.append(observed.now)
+        rt.swap = rt.restart = False
+        if decision.state != rt.state or steps:
+            rt.target = decision.state
+            rt.task = asyncio.create_task(self._transition(module, rt, vips, steps), name=f"{module.name}-transition")
+        self._record(module, rt)
+
+    def _observe(self, module: Module, rt: ModuleRuntime) -> Observed:
+        spec = module.spec
+        timeout = parse_duration(spec.heartbeat.timeout)
+        now = self.membership.now() if self.membership else asyncio.get_running_loop().time()
+        window = parse_duration(spec.restart.loop_interval)
+        while rt.restarts and rt.restarts[0] < now - window:
+            rt.restarts.popleft()
+        peer_name = next((n for n in spec.nodes if n != self.node), None) if spec.mode == "mirror" else None
+        peer = None
+        if peer_name is not None and self.membership is not None:
+            peer = self.membership.view(peer_name, module.name, timeout=timeout)
+        listening = self.membership.listening_since if self.membership and self.membership.listening_since else now
+        waiting = (f"startPrim failed {rt.start_failures} times",) if rt.start_failures > spec.restart.max_loop else ()
+        last = rt.decision
+        return Observed(
+            node=self.node,
+            nodes=tuple(spec.nodes),
+            state=rt.state,
+            enabled=rt.enabled,
+            now=now,
+            mode=spec.mode,
+            preferred=spec.preferred_primary,
+            auto_swap=spec.auto_swap,
+            failover=spec.failover,
+            peer=peer,
+            listening_since=listening,
+            timeout=timeout,
+            waiting_on=waiting,
+            failure="restart" if rt.restart else None,
+            failure_cause="an operator's restart",
+            restarts=0,
+            max_loop=spec.restart.max_loop,
+            forced=rt.forced,
+            swap=rt.swap,
+            claiming=bool(last and last.claim),
+            handing_over=bool(last and last.handover and rt.state == State.SECOND),
+        )
+
+    async def _transition(self, module: Module, rt: ModuleRuntime, vips: list[VirtualIP], steps: list[Step]) -> None:
+        target = rt.target or rt.state
+        role = "prim" if target.serving else ("second" if target == State.SECOND else "none")
+        done: list[Step] = []
+        try:
+            for step in steps:
+                rt.step = str(step)
+                await self.actuators.run(step, module, vips, role=role)
+                done.append(step)
+        except StepFailed as exc:
+            rt.last_error = str(exc)
+            rt.start_failures += 1
+            log.error(
+                "A transition failed; the module does not serve. module=%s node=%s to=%s error=%s",
+                module.name,
+                self.node,
+                target,
+                exc,
+            )
+            undo = plan(target, State.WAIT) if Step.VIP_UP in done else []
+            for step in undo:
+                await self.actuators.run(step, module, vips, role="none")
+            self._set_state(module, rt, State.WAIT if rt.state != State.SECOND else State.SECOND)
+            return
+        finally:
+            rt.step = ""
+        if target.serving:
+            rt.start_failures = 0
+        self._set_state(module, rt, target)
+        self._wake.set()
+
+    def _set_state(self, module: Module, rt: ModuleRuntime, state: State) -> None:
+        if state != rt.state:
+            reason = rt.decision.reason if rt.decision else ""
+            log.info(
+                "Module state changed. module=%s node=%s from=%s to=%s reason=%s",
+                module.name,
+                self.node,
+                rt.state,
+                state,
+                reason,
+            )
+            rt.state, rt.since = state, time.time()
+        self._record(module, rt)
+
+    def _record(self, module: Module, rt: ModuleRuntime) -> None:
+        valid_for = max(3 * self.tick_interval, 1.0)
+        self.verdicts.record(module.name, serving=rt.state.serving, valid_for=valid_for)
+
+    def _log(self, module: Module, rt: ModuleRuntime, decision: Decision) -> None:
+        last = rt.decision
+        if last is None or (last.state, last.reason) != (decision.state, decision.reason):
+            log.info(
+                "%s. module=%s node=%s state=%s reason=%s",
+                decision.message,
+                module.name,
+                self.node,
+                decision.state,
+                decision.reason,
+            )
+
+    def _retire(self, rt: ModuleRuntime) -> None:
+        """A module deleted, or no longer naming this node: stop it here, then forget it."""
+        if rt.busy:
+            return
+        if rt.state == State.STOP or rt.module is None:
+            del self.modules[rt.name]
+            self.verdicts.forget(rt.name)
+            log.info("Module no longer runs on this node. module=%s node=%s", rt.name, self.node)
+            return
+        rt.enabled, rt.target = False, State.STOP
+        steps = plan(rt.state, State.STOP)
+        rt.task = asyncio.create_task(self._transition(rt.module, rt, rt.vips, steps), name=f"{rt.name}-retire")
