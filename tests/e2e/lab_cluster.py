@@ -42,7 +42,8 @@ class LabCluster:
     def url(self, node: str, path: str = "") -> str:
         return f"http://{self.lab[node].address('lan')}:{API_PORT}{path}"
 
-    def manifests(self) -> Path:
+    def manifests(self, **module: Any) -> Path:
+        """The Cluster, the module `app` (spec fields in ``module`` override the defaults) and its VIP."""
         nodes = [
             {"name": n.name, "addresses": {net: n.address(net) for net in ("lan", "backup")}} for n in self.lab.nodes
         ]
@@ -57,8 +58,13 @@ class LabCluster:
                     "preferredPrimary": "node1",
                     "bootStart": True,
                     "heartbeat": {"pulse": self.pulse, "timeout": self.timeout},
-                    "scripts": {"startPrim": START_APP.format(**fmt), "stopPrim": STOP_APP.format(**fmt)},
+                    "scripts": {
+                        "startPrim": START_APP.format(**fmt),
+                        "stopPrim": STOP_APP.format(**fmt),
+                        **module.pop("scripts", {}),
+                    },
                     "stopTimeouts": {"graceful": "5s", "force": "5s"},
+                    **module,
                 },
             },
             {

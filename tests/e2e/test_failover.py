@@ -77,3 +77,40 @@ def test_the_old_primary_returns_as_secondary_and_swap_moves_the_app_back(cluste
     cluster.cli("node1", "swap", "app")
     wait_for("the roles swapped", lambda: cluster.status("node1") == {"node1": "PRIM", "node2": "SECOND"}, timeout=30)
     assert wait_for("the app on node1 again", lambda: cluster.app_answer() == "200 node1", timeout=30)
+
+
+def test_with_auto_swap_the_preferred_primary_takes_the_app_back_by_itself(tmp_path: Path) -> None:
+    with lab_cluster(tmp_path) as c:
+        c.start("node1")
+        c.start("node2")
+        c.cli("node1", "apply", "-f", str(c.manifests(autoSwap=True)))
+        wait_for("the app on node1", lambda: c.app_answer() == "200 node1")
+        c.kill("node1")
+        c.lab.isolate("node1")
+        wait_for("the app on node2", lambda: c.app_answer() == "200 node2", timeout=30)
+        c.lab.heal("node1")
+        c.start("node1")
+        wait_for("node1 primary again, by itself", lambda: c.status("node2") == {"node1": "PRIM", "node2": "SECOND"})
+        assert wait_for("the app on node1 again", lambda: c.app_answer() == "200 node1", timeout=30)
+
+
+def test_a_stop_script_that_hangs_is_killed_and_the_module_still_stops(tmp_path: Path) -> None:
+    with lab_cluster(tmp_path) as c:
+        c.start("node1")
+        c.start("node2")
+        hang = "sleep 1000 & echo $! > " + str(tmp_path / "$TANDEM_STOP_MODE.pid") + "; wait"
+        c.cli(
+            "node1",
+            "apply",
+            "-f",
+            str(c.manifests(scripts={"stopPrim": hang}, stopTimeouts={"graceful": "1s", "force": "1s"})),
+        )
+        wait_for("node1 primary", lambda: c.status("node1").get("node1") == "PRIM")
+        c.cli("node1", "stop", "app", "--node", "node1")
+        wait_for("node1 stopped", lambda: c.status("node1").get("node1") == "STOP", timeout=30)
+        app_log = (tmp_path / "node1" / "logs" / "app.app.log").read_text()
+        assert "timed out" in app_log
+        for mode in ("graceful", "force"):  # both runs of the hung script were killed with their group
+            pid = int((tmp_path / f"{mode}.pid").read_text())
+            assert not Path(f"/proc/{pid}").exists() or "zombie" in Path(f"/proc/{pid}/status").read_text().lower()
+        wait_for("node2 to take over", lambda: c.status("node2").get("node2") in ("ALONE", "PRIM"), timeout=30)
