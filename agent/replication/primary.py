@@ -4,65 +4,25 @@ from __future__ import annotations
 
 import asyncio
 import dataclasses
-import errno
-import functools
 import os
 import stat
-from collections.abc import Awaitable, Callable
-from typing import Any, ParamSpec, TypeVar
+from collections.abc import Callable
 
 import pyfuse3
 
 from agent.replication import messages as m
 from agent.replication import syscalls
-from agent.replication.inodes import Inodes
+from agent.replication.passthrough import Passthrough, passes_errors
+from agent.replication.passthrough import proc as _proc
 from agent.replication.sender import Sender
 
-MOUNT_OPTIONS = frozenset({"fsname=tandem", "subtype=tandem", "default_permissions", "allow_other"})
-_P = ParamSpec("_P")
-_R = TypeVar("_R")
 
-
-def _proc(fd: int) -> str:
-    return f"/proc/self/fd/{fd}"
-
-
-def passes_errors(fn: Callable[_P, Awaitable[_R]]) -> Callable[_P, Awaitable[_R]]:
-    """Turn every OSError into the same errno for the caller, never a generic EIO."""
-
-    @functools.wraps(fn)
-    async def wrapper(*args: _P.args, **kwargs: _P.kwargs) -> _R:
-        try:
-            return await fn(*args, **kwargs)
-        except OSError as exc:
-            raise pyfuse3.FUSEError(exc.errno or errno.EIO) from exc
-
-    return wrapper
-
-
-class ReplicatedFS(pyfuse3.Operations):
-    """Inode-based passthrough over the directory it is mounted on; every change goes to the Sender."""
-
-    supports_dot_lookup = False
-    enable_writeback_cache = False
+class ReplicatedFS(Passthrough):
+    """The primary's passthrough over the directory it is mounted on; every change goes to the Sender."""
 
     def __init__(self, root_fd: int, sender: Sender, *, timeout: float = 1.0) -> None:
-        super().__init__()
-        self.inodes = Inodes(root_fd)
+        super().__init__(root_fd, timeout=timeout)
         self.sender = sender
-        self.timeout = timeout
-        self._files: dict[int, tuple[int, int]] = {}
-        self._dirs: dict[int, tuple[int, list[bytes]]] = {}
-        self._next_fh = 1
-
-    def _attr(self, ino: int, st: os.stat_result) -> pyfuse3.EntryAttributes:
-        attr = pyfuse3.EntryAttributes()
-        for name in ("st_mode", "st_nlink", "st_uid", "st_gid", "st_rdev", "st_size", "st_blksize", "st_blocks"):
-            setattr(attr, name, getattr(st, name))
-        attr.st_atime_ns, attr.st_mtime_ns, attr.st_ctime_ns = st.st_atime_ns, st.st_mtime_ns, st.st_ctime_ns
-        attr.st_ino, attr.generation = ino, 0
-        attr.entry_timeout = attr.attr_timeout = self.timeout
-        return attr
 
     def _fix(self, *inos: int | None) -> m.Times:
         fixes = []
@@ -73,66 +33,9 @@ class ReplicatedFS(pyfuse3.Operations):
                 fixes.append(m.TimeFix(path, st.st_atime_ns, st.st_mtime_ns))
         return tuple(fixes)
 
-    def _handle(self, table: dict[int, Any], value: Any) -> int:
-        fh, self._next_fh = self._next_fh, self._next_fh + 1
-        table[fh] = value
-        return fh
-
     async def _ship(self, msg: m.Message | None) -> None:
         if msg is not None:
             await self.sender.replicate(msg)
-
-    @passes_errors
-    async def lookup(self, parent_inode: int, name: bytes, ctx: pyfuse3.RequestContext) -> pyfuse3.EntryAttributes:
-        ino, st = self.inodes.learn(parent_inode, name)
-        return self._attr(ino, st)
-
-    async def forget(self, inode_list: list[tuple[int, int]]) -> None:
-        for ino, count in inode_list:
-            self.inodes.forget(ino, count)
-
-    @passes_errors
-    async def getattr(self, inode: int, ctx: pyfuse3.RequestContext) -> pyfuse3.EntryAttributes:
-        return self._attr(inode, os.fstat(self.inodes.fd(inode)))
-
-    @passes_errors
-    async def readlink(self, inode: int, ctx: pyfuse3.RequestContext) -> bytes:
-        return os.readlink(b"", dir_fd=self.inodes.fd(inode))
-
-    @passes_errors
-    async def statfs(self, ctx: pyfuse3.RequestContext) -> pyfuse3.StatvfsData:
-        sv = os.statvfs(_proc(self.inodes.root_fd))
-        data = pyfuse3.StatvfsData()
-        for name in ("f_bsize", "f_frsize", "f_blocks", "f_bfree", "f_bavail", "f_files", "f_ffree", "f_favail"):
-            setattr(data, name, getattr(sv, name))
-        data.f_namemax = sv.f_namemax
-        return data
-
-    # --- directories -------------------------------------------------------------------------
-
-    @passes_errors
-    async def opendir(self, inode: int, ctx: pyfuse3.RequestContext) -> int:
-        fd = os.open(_proc(self.inodes.fd(inode)), os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
-        try:
-            names = sorted(os.fsencode(n) for n in os.listdir(fd))
-        finally:
-            os.close(fd)
-        return self._handle(self._dirs, (inode, names))
-
-    @passes_errors
-    async def readdir(self, fh: int, start_id: int, token: pyfuse3.ReaddirToken) -> None:
-        inode, names = self._dirs[fh]
-        for i in range(start_id, len(names)):
-            try:
-                ino, st = self.inodes.learn(inode, names[i])
-            except FileNotFoundError:
-                continue
-            if not pyfuse3.readdir_reply(token, names[i], self._attr(ino, st), i + 1):
-                self.inodes.forget(ino, 1)
-                break
-
-    async def releasedir(self, fh: int) -> None:
-        self._dirs.pop(fh, None)
 
     @passes_errors
     async def fsyncdir(self, fh: int, datasync: bool) -> None:
@@ -323,14 +226,6 @@ class ReplicatedFS(pyfuse3.Operations):
         return atime, mtime
 
     @passes_errors
-    async def getxattr(self, inode: int, name: bytes, ctx: pyfuse3.RequestContext) -> bytes:
-        return os.getxattr(_proc(self.inodes.fd(inode)), name)
-
-    @passes_errors
-    async def listxattr(self, inode: int, ctx: pyfuse3.RequestContext) -> list[bytes]:
-        return [os.fsencode(n) for n in os.listxattr(_proc(self.inodes.fd(inode)))]
-
-    @passes_errors
     async def setxattr(self, inode: int, name: bytes, value: bytes, ctx: pyfuse3.RequestContext) -> None:
         os.setxattr(_proc(self.inodes.fd(inode)), name, value)
         path = self.inodes.path(inode)
@@ -348,19 +243,12 @@ class ReplicatedFS(pyfuse3.Operations):
 
     @passes_errors
     async def open(self, inode: int, flags: int, ctx: pyfuse3.RequestContext) -> pyfuse3.FileInfo:
-        # O_APPEND is dropped: the kernel passes append offsets itself, and pwrite on an O_APPEND fd
-        # would ignore the offset that is also shipped to the secondary.
-        clean = flags & ~(os.O_CREAT | os.O_EXCL | os.O_APPEND | os.O_NOCTTY)
-        fd = os.open(_proc(self.inodes.fd(inode)), clean | os.O_CLOEXEC)
+        fd = self._open_fd(inode, flags)
         if flags & os.O_TRUNC:
             path = self.inodes.path(inode)
             if path is not None:
                 await self._ship(m.Truncate(path, 0, self._fix(inode)))
         return pyfuse3.FileInfo(fh=self._handle(self._files, (fd, inode)))
-
-    @passes_errors
-    async def read(self, fh: int, off: int, size: int) -> bytes:
-        return os.pread(self._files[fh][0], size, off)
 
     @passes_errors
     async def write(self, fh: int, off: int, buf: bytes) -> int:
@@ -370,14 +258,6 @@ class ReplicatedFS(pyfuse3.Operations):
         if path is not None:
             await self._ship(m.Write(path, off, bytes(buf[:written]), self._fix(inode)))
         return written
-
-    async def flush(self, fh: int) -> None:
-        return None
-
-    async def release(self, fh: int) -> None:
-        entry = self._files.pop(fh, None)
-        if entry is not None:
-            os.close(entry[0])
 
     @passes_errors
     async def fsync(self, fh: int, datasync: bool) -> None:
@@ -399,11 +279,3 @@ class ReplicatedFS(pyfuse3.Operations):
 
 def _with_times(msg: m.Message, times: m.Times) -> m.Message:
     return dataclasses.replace(msg, times=times)  # type: ignore[call-arg]
-
-
-def mount(fs: ReplicatedFS, directory: str, *, debug: bool = False) -> None:
-    """Mount the file system over `directory`, whose fd the caller opened beforehand."""
-    options = set(pyfuse3.default_options) | MOUNT_OPTIONS
-    if debug:
-        options.add("debug")
-    pyfuse3.init(fs, directory, options)

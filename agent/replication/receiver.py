@@ -69,8 +69,15 @@ class Receiver:
         log.info("Replication stream open: peer=%s applied_seq=%d mode=%s", peer.node, peer.applied_seq, self.mode)
         queue: asyncio.Queue[Frame | None] = asyncio.Queue(QUEUE_FRAMES)
         async with asyncio.TaskGroup() as tg:
-            tg.create_task(self._apply_loop(queue, writer))
-            await self._read_loop(reader, writer, queue)
+            applying = tg.create_task(self._apply_loop(queue, writer))
+            try:
+                await self._read_loop(reader, writer, queue)
+            finally:
+                # Whatever ended the connection, frames already received (and, in `received` mode,
+                # acknowledged) are applied: the ack promised they would be.
+                if not applying.done():
+                    await queue.put(None)
+                    await asyncio.wait([applying])
 
     async def _read_loop(self, reader: FrameReader, writer: FrameWriter, queue: asyncio.Queue[Frame | None]) -> None:
         expected: int | None = None
@@ -83,10 +90,11 @@ class Receiver:
             elif frame.seq != expected:
                 raise ProtocolError(f"sequence number {frame.seq} where {expected} was due")
             expected = frame.seq + 1
+            # Queued before the ack, so an acknowledged frame is always applied, even if the link dies now.
+            await queue.put(frame)
             if self.mode is AckMode.RECEIVED and not isinstance(frame.msg, m.Fsync):
                 writer.send_nowait(Frame(frame.seq, m.Ack()))
-            await queue.put(frame)
-        await queue.put(None)
+                await writer.writer.drain()
 
     async def _apply_loop(self, queue: asyncio.Queue[Frame | None], writer: FrameWriter) -> None:
         while (frame := await queue.get()) is not None:
@@ -94,10 +102,18 @@ class Receiver:
                 ack = await asyncio.to_thread(self.applier.apply, frame)
             else:
                 ack = self.applier.apply(frame)
-            if self.mode is AckMode.DURABLE or isinstance(frame.msg, m.Fsync):
-                writer.send_nowait(Frame(frame.seq, ack))
-            elif ack.status:
-                writer.send_nowait(Frame(frame.seq, m.Fault(ack.status, ack.message)))
             if ack.status:
                 log.error("Replication error applying seq=%d: %s (errno %d)", frame.seq, ack.message, ack.status)
+            if self.mode is AckMode.DURABLE or isinstance(frame.msg, m.Fsync):
+                await self._answer(writer, Frame(frame.seq, ack))
+            elif ack.status:
+                await self._answer(writer, Frame(frame.seq, m.Fault(ack.status, ack.message)))
+
+    @staticmethod
+    async def _answer(writer: FrameWriter, frame: Frame) -> None:
+        # Once the primary is gone its acks have no reader; the applier keeps applying what arrived.
+        if writer.writer.is_closing():
+            return
+        writer.send_nowait(frame)
+        with contextlib.suppress(ConnectionError):
             await writer.writer.drain()

@@ -15,7 +15,9 @@ import pyfuse3
 import pyfuse3.asyncio
 
 from agent.replication.applier import Applier
-from agent.replication.primary import ReplicatedFS, mount
+from agent.replication.passthrough import mount
+from agent.replication.primary import ReplicatedFS
+from agent.replication.readonly import ReadOnlyFS
 from agent.replication.receiver import Receiver
 from agent.replication.sender import STREAM_LIMIT, Sender
 
@@ -40,6 +42,12 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--node", default=socket.gethostname())
     p.add_argument("--secret-file", type=Path, help="shared secret; without it peers are unauthenticated")
     p.add_argument("--connect-timeout", type=float, default=30.0)
+    p.add_argument(
+        "--mount",
+        action=argparse.BooleanOptionalAction,
+        default=True,
+        help="secondary: mount the directory read-only for local processes (default: yes)",
+    )
     p.add_argument("--debug-fuse", action="store_true")
     args = p.parse_args(argv)
     if args.role == "primary" and args.peer is None:
@@ -87,30 +95,45 @@ async def run_primary(args: argparse.Namespace) -> None:
 
 
 async def run_secondary(args: argparse.Namespace) -> None:
-    """Accept the primary's stream and apply it beneath the directory until SIGTERM/SIGINT."""
+    """Mount the directory read-only, accept the primary's stream and apply it beneath the directory fd."""
+    # Opened before mounting: the applier writes the real tree, local processes see it through the mount.
     root_fd = os.open(args.dir, os.O_PATH | os.O_DIRECTORY | os.O_CLOEXEC)
+    if args.mount:
+        mount(ReadOnlyFS(root_fd), str(args.dir), read_only=True, debug=args.debug_fuse)
+    try:
+        await _serve_secondary(args, root_fd)
+    finally:
+        if args.mount:
+            pyfuse3.close(unmount=True)
+        with contextlib.suppress(OSError):
+            os.close(root_fd)
+    log.info("Secondary stopped dir=%s", args.dir)
+
+
+async def _serve_secondary(args: argparse.Namespace, root_fd: int) -> None:
     receiver = Receiver(Applier(root_fd), node=args.node, secret=_secret(args.secret_file))
     server = await asyncio.start_server(receiver.serve, *args.listen, limit=STREAM_LIMIT)
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGTERM, signal.SIGINT):
         loop.add_signal_handler(sig, stop.set)
-    log.info("Secondary listening on %s:%d dir=%s", *args.listen, args.dir)
+    fuse = asyncio.create_task(pyfuse3.main()) if args.mount else None
+    log.info("Secondary listening on %s:%d dir=%s mounted=%s", *args.listen, args.dir, args.mount)
     async with server:
         await stop.wait()
         server.close()
         await receiver.close()
-    with contextlib.suppress(OSError):
-        os.close(root_fd)
-    log.info("Secondary stopped dir=%s", args.dir)
+    if fuse is not None:
+        pyfuse3.terminate()
+        await fuse
 
 
 def main(argv: list[str] | None = None) -> None:
     """Run one replicator."""
     args = parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    pyfuse3.asyncio.enable()
     if args.role == "primary":
-        pyfuse3.asyncio.enable()
         asyncio.run(run_primary(args))
     else:
         asyncio.run(run_secondary(args))

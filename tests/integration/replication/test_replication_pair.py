@@ -3,136 +3,14 @@
 from __future__ import annotations
 
 import os
-import shutil
-import signal
-import socket
 import stat
 import subprocess
-import sys
-import time
-from collections.abc import Iterator
-from dataclasses import dataclass, field
 from pathlib import Path
 
 import pytest
 
 from agent.replication import syscalls
-
-REPO = Path(__file__).resolve().parents[3]
-
-
-def mounted(path: Path) -> bool:
-    """Whether a mount point sits at `path` (from /proc/mounts)."""
-    target = str(path).replace(" ", "\\040")
-    return any(line.split()[1] == target for line in Path("/proc/mounts").read_text().splitlines())
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
-
-
-def unmount(path: Path) -> None:
-    """Unmount, falling back to a lazy unmount if the mount is busy."""
-    if mounted(path):
-        subprocess.run(["fusermount3", "-u", str(path)], check=False, capture_output=True)
-    if mounted(path):
-        subprocess.run(["fusermount3", "-u", "-z", str(path)], check=False, capture_output=True)
-
-
-@dataclass
-class Pair:
-    """A primary and a secondary replicator over two directories of one machine."""
-
-    primary_dir: Path
-    secondary_dir: Path
-    logs: Path
-    procs: dict[str, subprocess.Popen[bytes]] = field(default_factory=dict)
-
-    def start(self, ack: str, secret: Path | None) -> None:
-        port = free_port()
-        common = [sys.executable, "-m", "agent.replication.replicator"]
-        auth = ["--secret-file", str(secret)] if secret else []
-        self._spawn(
-            "secondary",
-            [
-                *common,
-                "--role",
-                "secondary",
-                "--dir",
-                str(self.secondary_dir),
-                "--listen",
-                f"127.0.0.1:{port}",
-                "--node",
-                "node2",
-                *auth,
-            ],
-        )
-        self._spawn(
-            "primary",
-            [
-                *common,
-                "--role",
-                "primary",
-                "--dir",
-                str(self.primary_dir),
-                "--peer",
-                f"127.0.0.1:{port}",
-                "--ack",
-                ack,
-                "--node",
-                "node1",
-                *auth,
-            ],
-        )
-        deadline = time.monotonic() + 20
-        while not mounted(self.primary_dir):
-            for role, proc in self.procs.items():
-                if proc.poll() is not None:
-                    raise RuntimeError(f"{role} replicator exited with {proc.returncode}: {self.log(role)}")
-            if time.monotonic() > deadline:
-                raise TimeoutError(f"primary did not mount {self.primary_dir}: {self.log('primary')}")
-            time.sleep(0.05)
-
-    def _spawn(self, role: str, cmd: list[str]) -> None:
-        out = open(self.logs / f"{role}.log", "wb")  # noqa: SIM115 - closed with the process
-        self.procs[role] = subprocess.Popen(cmd, cwd=REPO, stdout=out, stderr=subprocess.STDOUT)
-        out.close()
-
-    def log(self, role: str) -> str:
-        return (self.logs / f"{role}.log").read_text(errors="replace")
-
-    def stop(self, role: str, timeout: float = 10) -> int | None:
-        """SIGTERM one replicator by PID, SIGKILL it if it does not exit in time."""
-        proc = self.procs.get(role)
-        if proc is None:
-            return None
-        if proc.poll() is None:
-            proc.send_signal(signal.SIGTERM)
-            try:
-                proc.wait(timeout)
-            except subprocess.TimeoutExpired:
-                proc.kill()
-                proc.wait(5)
-        return proc.returncode
-
-
-@pytest.fixture
-def pair(tmp_path: Path) -> Iterator[Pair]:
-    if shutil.which("fusermount3") is None:
-        pytest.fail("fusermount3 is missing: apt-get install -y fuse3")
-    p = Pair(tmp_path / "node1" / "data", tmp_path / "node2" / "data", tmp_path)
-    p.primary_dir.mkdir(parents=True)
-    p.secondary_dir.mkdir(parents=True)
-    try:
-        yield p
-    finally:
-        try:
-            p.stop("primary")
-        finally:
-            unmount(p.primary_dir)
-            p.stop("secondary")
+from tests.integration.replication.pairs import Pair, mounted
 
 
 def tree(root: Path) -> dict[str, tuple[object, ...]]:
@@ -254,6 +132,8 @@ def test_workload_leaves_identical_trees(pair: Pair, tmp_path: Path, ack: str) -
     assert stat.S_IMODE(os.lstat(pair.primary_dir / "shared" / "mydir").st_mode) == 0o2750
     assert pair.stop("primary") == 0, pair.log("primary")
     assert not mounted(pair.primary_dir)
+    assert pair.stop("secondary") == 0, pair.log("secondary")
+    assert not mounted(pair.secondary_dir)
     primary, secondary = tree(pair.primary_dir), tree(pair.secondary_dir)
     assert primary.keys() == secondary.keys()
     for rel in primary:

@@ -136,3 +136,26 @@ async def test_close_applies_what_was_received_then_ends_cleanly(link: Link) -> 
     assert await asyncio.wait_for(link.reader.read(), 5) is None
     await asyncio.wait_for(link.server, 5)
     assert (link.root / "d").is_dir()
+
+
+async def test_frames_received_before_a_reset_are_applied(link: Link, expected_logs: ExpectedLogs) -> None:
+    expected_logs.expect(r"Replication connection from .* lost")
+    link.writer.send_nowait(Frame(1, m.Create(b"kept", 0o644, 0, 0, 0)))
+    for i in range(200):
+        link.writer.send_nowait(Frame(i + 2, m.Write(b"kept", i * 4096, b"w" * 4096)))
+    await link.writer.writer.drain()
+    last = await asyncio.wait_for(_ack_of(link.reader, 201), 5)
+    assert last == m.Ack()
+    # A killed primary: RST with the acks unread; everything acknowledged must still be applied.
+    link.writer.writer.transport.abort()
+    await asyncio.wait_for(link.server, 5)
+    assert (link.root / "kept").read_bytes() == b"w" * 4096 * 200
+    assert link.receiver.applier.applied_seq == 201
+
+
+async def _ack_of(reader: FrameReader, seq: int) -> m.Message:
+    while True:
+        frame = await reader.read()
+        assert frame is not None
+        if frame.seq == seq:
+            return frame.msg

@@ -1,0 +1,155 @@
+"""The read side every replicated mount shares: an inode-based passthrough beneath a directory fd."""
+
+from __future__ import annotations
+
+import errno
+import functools
+import os
+from collections.abc import Awaitable, Callable
+from typing import Any, ParamSpec, TypeVar
+
+import pyfuse3
+
+from agent.replication.inodes import Inodes
+
+BASE_OPTIONS = frozenset({"fsname=tandem", "subtype=tandem", "default_permissions", "allow_other"})
+_P = ParamSpec("_P")
+_R = TypeVar("_R")
+
+
+def proc(fd: int) -> str:
+    """The /proc path that reopens exactly the inode behind one of our fds."""
+    return f"/proc/self/fd/{fd}"
+
+
+def passes_errors(fn: Callable[_P, Awaitable[_R]]) -> Callable[_P, Awaitable[_R]]:
+    """Turn every OSError into the same errno for the caller, never a generic EIO."""
+
+    @functools.wraps(fn)
+    async def wrapper(*args: _P.args, **kwargs: _P.kwargs) -> _R:
+        try:
+            return await fn(*args, **kwargs)
+        except OSError as exc:
+            raise pyfuse3.FUSEError(exc.errno or errno.EIO) from exc
+
+    return wrapper
+
+
+class Passthrough(pyfuse3.Operations):
+    """Lookups, attributes, directory listings, xattrs and reads, served from the tree beneath root_fd."""
+
+    supports_dot_lookup = False
+    enable_writeback_cache = False
+
+    def __init__(self, root_fd: int, *, timeout: float = 1.0) -> None:
+        super().__init__()
+        self.inodes = Inodes(root_fd)
+        self.timeout = timeout
+        self._files: dict[int, tuple[int, int]] = {}
+        self._dirs: dict[int, tuple[int, list[bytes]]] = {}
+        self._next_fh = 1
+
+    def _attr(self, ino: int, st: os.stat_result) -> pyfuse3.EntryAttributes:
+        attr = pyfuse3.EntryAttributes()
+        for name in ("st_mode", "st_nlink", "st_uid", "st_gid", "st_rdev", "st_size", "st_blksize", "st_blocks"):
+            setattr(attr, name, getattr(st, name))
+        attr.st_atime_ns, attr.st_mtime_ns, attr.st_ctime_ns = st.st_atime_ns, st.st_mtime_ns, st.st_ctime_ns
+        attr.st_ino, attr.generation = ino, 0
+        attr.entry_timeout = attr.attr_timeout = self.timeout
+        return attr
+
+    def _handle(self, table: dict[int, Any], value: Any) -> int:
+        fh, self._next_fh = self._next_fh, self._next_fh + 1
+        table[fh] = value
+        return fh
+
+    @passes_errors
+    async def lookup(self, parent_inode: int, name: bytes, ctx: pyfuse3.RequestContext) -> pyfuse3.EntryAttributes:
+        ino, st = self.inodes.learn(parent_inode, name)
+        return self._attr(ino, st)
+
+    async def forget(self, inode_list: list[tuple[int, int]]) -> None:
+        for ino, count in inode_list:
+            self.inodes.forget(ino, count)
+
+    @passes_errors
+    async def getattr(self, inode: int, ctx: pyfuse3.RequestContext) -> pyfuse3.EntryAttributes:
+        return self._attr(inode, os.fstat(self.inodes.fd(inode)))
+
+    @passes_errors
+    async def readlink(self, inode: int, ctx: pyfuse3.RequestContext) -> bytes:
+        return os.readlink(b"", dir_fd=self.inodes.fd(inode))
+
+    @passes_errors
+    async def statfs(self, ctx: pyfuse3.RequestContext) -> pyfuse3.StatvfsData:
+        sv = os.statvfs(proc(self.inodes.root_fd))
+        data = pyfuse3.StatvfsData()
+        for name in ("f_bsize", "f_frsize", "f_blocks", "f_bfree", "f_bavail", "f_files", "f_ffree", "f_favail"):
+            setattr(data, name, getattr(sv, name))
+        data.f_namemax = sv.f_namemax
+        return data
+
+    @passes_errors
+    async def opendir(self, inode: int, ctx: pyfuse3.RequestContext) -> int:
+        fd = os.open(proc(self.inodes.fd(inode)), os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
+        try:
+            names = sorted(os.fsencode(n) for n in os.listdir(fd))
+        finally:
+            os.close(fd)
+        return self._handle(self._dirs, (inode, names))
+
+    @passes_errors
+    async def readdir(self, fh: int, start_id: int, token: pyfuse3.ReaddirToken) -> None:
+        inode, names = self._dirs[fh]
+        for i in range(start_id, len(names)):
+            try:
+                ino, st = self.inodes.learn(inode, names[i])
+            except FileNotFoundError:
+                continue
+            if not pyfuse3.readdir_reply(token, names[i], self._attr(ino, st), i + 1):
+                self.inodes.forget(ino, 1)
+                break
+
+    async def releasedir(self, fh: int) -> None:
+        self._dirs.pop(fh, None)
+
+    @passes_errors
+    async def getxattr(self, inode: int, name: bytes, ctx: pyfuse3.RequestContext) -> bytes:
+        return os.getxattr(proc(self.inodes.fd(inode)), name)
+
+    @passes_errors
+    async def listxattr(self, inode: int, ctx: pyfuse3.RequestContext) -> list[bytes]:
+        return [os.fsencode(n) for n in os.listxattr(proc(self.inodes.fd(inode)))]
+
+    def _open_fd(self, inode: int, flags: int) -> int:
+        # O_APPEND is dropped: the kernel passes append offsets itself, and pwrite on an O_APPEND fd
+        # would ignore the offset that is also shipped to the secondary. O_NOFOLLOW is dropped because
+        # the kernel already resolved the name and /proc/self/fd/N is itself a (magic) link.
+        clean = flags & ~(os.O_CREAT | os.O_EXCL | os.O_APPEND | os.O_NOCTTY | os.O_NOFOLLOW)
+        return os.open(proc(self.inodes.fd(inode)), clean | os.O_CLOEXEC)
+
+    @passes_errors
+    async def open(self, inode: int, flags: int, ctx: pyfuse3.RequestContext) -> pyfuse3.FileInfo:
+        return pyfuse3.FileInfo(fh=self._handle(self._files, (self._open_fd(inode, flags), inode)))
+
+    @passes_errors
+    async def read(self, fh: int, off: int, size: int) -> bytes:
+        return os.pread(self._files[fh][0], size, off)
+
+    async def flush(self, fh: int) -> None:
+        return None
+
+    async def release(self, fh: int) -> None:
+        entry = self._files.pop(fh, None)
+        if entry is not None:
+            os.close(entry[0])
+
+
+def mount(fs: Passthrough, directory: str, *, read_only: bool = False, debug: bool = False) -> None:
+    """Mount the file system over `directory`, whose fd the caller opened beforehand."""
+    options = set(pyfuse3.default_options) | BASE_OPTIONS
+    if read_only:
+        options.add("ro")
+    if debug:
+        options.add("debug")
+    pyfuse3.init(fs, directory, options)

@@ -1,0 +1,261 @@
+"""Replication benchmark: local disk vs a replicated mount, side by side in one run, for each ack mode.
+
+Run as root from the repository: `.venv/bin/python -m bench.replication [--quick] [--modes received,durable]`.
+Both replicators run on 127.0.0.1 and every directory sits on the same disk, so the ratios are fair.
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import os
+import platform
+import signal
+import socket
+import sqlite3
+import statistics
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+@dataclass(frozen=True)
+class Sizes:
+    """How much work each benchmark does."""
+
+    dd_mib: int
+    fsync_writes: int
+    small_files: int
+    sqlite_tx: int
+
+
+FULL = Sizes(dd_mib=1024, fsync_writes=3000, small_files=10_000, sqlite_tx=3000)
+QUICK = Sizes(dd_mib=256, fsync_writes=1000, small_files=2000, sqlite_tx=1000)
+
+
+@dataclass
+class Row:
+    """One benchmark's figures on the local disk and through the replicated mount."""
+
+    name: str
+    unit: str
+    local: float
+    replicated: float
+    higher_is_better: bool = True
+
+    def ratio(self) -> str:
+        if self.higher_is_better:
+            return f"{self.replicated / self.local:.2f}x" if self.local else "-"
+        return f"+{self.replicated - self.local:.0f} µs"
+
+
+def _mounted(path: Path) -> bool:
+    target = str(path).replace(" ", "\\040")
+    return any(line.split()[1] == target for line in Path("/proc/mounts").read_text().splitlines())
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+@contextlib.contextmanager
+def replicated_pair(base: Path, ack: str) -> Iterator[tuple[Path, subprocess.Popen[bytes]]]:
+    """Start a secondary and a primary replicator; yield the primary's mount and process; stop both."""
+    primary_dir, secondary_dir = base / f"primary-{ack}", base / f"secondary-{ack}"
+    primary_dir.mkdir()
+    secondary_dir.mkdir()
+    port, cmd = _free_port(), [sys.executable, "-m", "agent.replication.replicator"]
+    log = open(base / f"replicators-{ack}.log", "ab")  # noqa: SIM115 - closed below
+    secondary = subprocess.Popen(
+        [*cmd, "--role", "secondary", "--dir", str(secondary_dir), "--listen", f"127.0.0.1:{port}"],
+        cwd=REPO,
+        stdout=log,
+        stderr=subprocess.STDOUT,
+    )
+    primary = subprocess.Popen(
+        [*cmd, "--role", "primary", "--dir", str(primary_dir), "--peer", f"127.0.0.1:{port}", "--ack", ack],
+        cwd=REPO,
+        stdout=log,
+        stderr=subprocess.STDOUT,
+    )
+    try:
+        deadline = time.monotonic() + 30
+        while not (_mounted(primary_dir) and _mounted(secondary_dir)):
+            if primary.poll() is not None or secondary.poll() is not None or time.monotonic() > deadline:
+                raise RuntimeError(f"replicators did not start; see {log.name}")
+            time.sleep(0.05)
+        yield primary_dir, primary
+    finally:
+        for proc, path in ((primary, primary_dir), (secondary, secondary_dir)):
+            _stop(proc, path)
+        log.close()
+
+
+def _stop(proc: subprocess.Popen[bytes], path: Path) -> None:
+    if proc.poll() is None:
+        proc.send_signal(signal.SIGTERM)
+        try:
+            proc.wait(60)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            proc.wait(10)
+    if _mounted(path):
+        subprocess.run(["fusermount3", "-u", "-z", str(path)], check=False)
+
+
+class RssSampler:
+    """Samples a process's resident set size in a thread; `peak` is the largest seen, in MiB."""
+
+    def __init__(self, pid: int) -> None:
+        self.pid, self.peak = pid, 0.0
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._run, daemon=True)
+
+    def _run(self) -> None:
+        while not self._stop.wait(0.05):
+            with contextlib.suppress(OSError):
+                for line in Path(f"/proc/{self.pid}/status").read_text().splitlines():
+                    if line.startswith("VmRSS:"):
+                        self.peak = max(self.peak, int(line.split()[1]) / 1024)
+
+    def __enter__(self) -> RssSampler:
+        self._thread.start()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self._stop.set()
+        self._thread.join()
+
+
+def bench_dd(top: Path, sizes: Sizes) -> float:
+    """Sequential write with dd, 1 MiB blocks, conv=fsync; MB/s."""
+    target = top / "dd.bin"
+    start = time.perf_counter()
+    subprocess.run(
+        ["dd", "if=/dev/zero", f"of={target}", "bs=1M", f"count={sizes.dd_mib}", "conv=fsync"],
+        check=True,
+        capture_output=True,
+    )
+    elapsed = time.perf_counter() - start
+    target.unlink()
+    return sizes.dd_mib * 1024 * 1024 / elapsed / 1e6
+
+
+def bench_fsync_latency(top: Path, sizes: Sizes) -> tuple[float, float, float]:
+    """4 KiB pwrite + fsync, one at a time; p50 and p99 in µs, and operations per second."""
+    block, lat = os.urandom(4096), []
+    fd = os.open(top / "lat.bin", os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o644)
+    try:
+        for i in range(sizes.fsync_writes):
+            t0 = time.perf_counter()
+            os.pwrite(fd, block, (i % 1024) * 4096)
+            os.fsync(fd)
+            lat.append((time.perf_counter() - t0) * 1e6)
+    finally:
+        os.close(fd)
+        os.unlink(top / "lat.bin")
+    q = statistics.quantiles(lat, n=100)
+    return q[49], q[98], len(lat) / (sum(lat) / 1e6)
+
+
+def bench_small_files(top: Path, sizes: Sizes) -> tuple[float, float]:
+    """Create + write 4 KiB + close, then unlink, of many small files; files per second for each phase."""
+    d, body = top / "small", os.urandom(4096)
+    d.mkdir()
+    t0 = time.perf_counter()
+    for i in range(sizes.small_files):
+        fd = os.open(d / f"f{i}", os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o644)
+        os.write(fd, body)
+        os.close(fd)
+    t1 = time.perf_counter()
+    for i in range(sizes.small_files):
+        os.unlink(d / f"f{i}")
+    t2 = time.perf_counter()
+    d.rmdir()
+    return sizes.small_files / (t1 - t0), sizes.small_files / (t2 - t1)
+
+
+def bench_sqlite(top: Path, sizes: Sizes) -> float:
+    """SQLite in WAL mode, synchronous=FULL, one insert per transaction; transactions per second."""
+    path = top / "bench.db"
+    con = sqlite3.connect(path, isolation_level=None)
+    try:
+        con.execute("PRAGMA journal_mode=WAL")
+        con.execute("PRAGMA synchronous=FULL")
+        con.execute("CREATE TABLE t (id INTEGER PRIMARY KEY, payload BLOB)")
+        t0 = time.perf_counter()
+        for _ in range(sizes.sqlite_tx):
+            con.execute("BEGIN")
+            con.execute("INSERT INTO t (payload) VALUES (randomblob(200))")
+            con.execute("COMMIT")
+        elapsed = time.perf_counter() - t0
+    finally:
+        con.close()
+    for suffix in ("", "-wal", "-shm"):
+        with contextlib.suppress(FileNotFoundError):
+            os.unlink(f"{path}{suffix}")
+    return sizes.sqlite_tx / elapsed
+
+
+def run_mode(base: Path, ack: str, sizes: Sizes) -> tuple[list[Row], float]:
+    """Every benchmark, local then replicated, with one pair in `ack` mode; plus the peak RSS during dd."""
+    local = base / f"local-{ack}"
+    local.mkdir()
+    rows: list[Row] = []
+    with replicated_pair(base, ack) as (mnt, primary):
+        dd_local = bench_dd(local, sizes)
+        with RssSampler(primary.pid) as rss:
+            dd_repl = bench_dd(mnt, sizes)
+        rows.append(Row(f"dd {sizes.dd_mib} MiB bs=1M conv=fsync", "MB/s", dd_local, dd_repl))
+        (lp50, lp99, liops), (rp50, rp99, riops) = bench_fsync_latency(local, sizes), bench_fsync_latency(mnt, sizes)
+        rows.append(Row("4 KiB write+fsync", "IOPS", liops, riops))
+        rows.append(Row("4 KiB write+fsync p50", "µs", lp50, rp50, higher_is_better=False))
+        rows.append(Row("4 KiB write+fsync p99", "µs", lp99, rp99, higher_is_better=False))
+        (lc, lu), (rc, ru) = bench_small_files(local, sizes), bench_small_files(mnt, sizes)
+        rows.append(Row(f"create+write 4 KiB+close, {sizes.small_files} files", "files/s", lc, rc))
+        rows.append(Row(f"unlink, {sizes.small_files} files", "files/s", lu, ru))
+        rows.append(Row("SQLite WAL synchronous=FULL", "tx/s", bench_sqlite(local, sizes), bench_sqlite(mnt, sizes)))
+    return rows, rss.peak
+
+
+def machine() -> str:
+    """One line naming the machine the figures come from."""
+    return f"nproc={os.cpu_count()} kernel={platform.release()} python={platform.python_version()}"
+
+
+def render(ack: str, rows: list[Row], rss: float) -> str:
+    """A markdown table of one mode's results."""
+    out = [f"### ack: {ack}", "", "| benchmark | unit | local | replicated | ratio |", "|---|---|---|---|---|"]
+    for r in rows:
+        out.append(f"| {r.name} | {r.unit} | {r.local:,.0f} | {r.replicated:,.0f} | {r.ratio()} |")
+    out.append(f"| replicator RSS during the dd write (peak) | MiB | - | {rss:.0f} | - |")
+    return "\n".join(out)
+
+
+def main(argv: list[str] | None = None) -> None:
+    """Run the benchmarks and print markdown tables."""
+    p = argparse.ArgumentParser(prog="python -m bench.replication", description=__doc__)
+    p.add_argument("--quick", action="store_true", help="smaller sizes (256 MiB dd, 2,000 files), ~1 minute")
+    p.add_argument("--modes", default="received,durable", help="comma-separated ack modes")
+    p.add_argument("--dir", type=Path, default=Path("/var/tmp"), help="where to work (one disk for all)")
+    args = p.parse_args(argv)
+    sizes = QUICK if args.quick else FULL
+    print(f"# {' '.join(['python -m bench.replication', *(argv or sys.argv[1:])])}")
+    print(f"# {machine()}\n")
+    with tempfile.TemporaryDirectory(prefix="tandem-bench-", dir=args.dir) as tmp:
+        for ack in args.modes.split(","):
+            rows, rss = run_mode(Path(tmp), ack, sizes)
+            print(render(ack, rows, rss), "\n", flush=True)
+
+
+if __name__ == "__main__":
+    main()
