@@ -5,6 +5,7 @@ from __future__ import annotations
 import contextlib
 import errno
 import ipaddress
+import json
 import logging
 import os
 import re
@@ -61,6 +62,13 @@ except OSError:
     pass
 sys.exit(1)
 """
+
+
+@dataclass(frozen=True)
+class _Attached:
+    """The sleeper of a lab brought up by another process: only its PID is known here."""
+
+    pid: int
 
 
 class LabError(Exception):
@@ -261,6 +269,8 @@ class Lab:
         if not re.fullmatch(r"[a-z][a-z0-9-]{1,19}", name_prefix):
             raise LabError(f"name prefix {name_prefix!r} must be 2-20 characters of a-z, 0-9 and '-'")
         self.name = f"{name_prefix}{secrets.token_hex(3)}"
+        self._layout = {"nodes": list(nodes), "networks": list(networks), "client": client, "witness": witness,
+                        "subnets": dict(subnets or {})}
         self.networks = _networks(networks, subnets or {})
         self.hosts = _hosts(self.name, nodes, client, witness, self.networks)
         self._ports = _ports(self.hosts, self.networks)
@@ -307,6 +317,7 @@ class Lab:
                 self._build_host(host)
             for host in self.hosts.values():
                 self._start_sleeper(host)
+            self._save_layout()
         except BaseException:
             try:
                 self.down()
@@ -418,6 +429,29 @@ class Lab:
             self._created_dirs.append(path)
             with open(REGISTRY / self.name / "created-dirs", "a") as f:
                 f.write(f"{path}\n")
+
+    def _save_layout(self) -> None:
+        sleepers = {h.name: h.pid for h in self.hosts.values()}
+        (REGISTRY / self.name / "layout.json").write_text(json.dumps({**self._layout, "sleepers": sleepers}))
+
+    @classmethod
+    def attach(cls, name: str) -> Lab:
+        """The lab ``name`` that another process brought up and left running, to drive it (not to own it)."""
+        try:
+            layout = json.loads((REGISTRY / name / "layout.json").read_text())
+        except (OSError, ValueError) as exc:
+            raise LabError(f"no running lab {name!r} to attach to: {exc}") from None
+        lab = cls("x-", layout["nodes"], layout["networks"], client=layout["client"], witness=layout["witness"],
+                  subnets=layout["subnets"])
+        lab.name = name
+        lab.hosts = _hosts(name, layout["nodes"], layout["client"], layout["witness"], lab.networks)
+        lab._ports = _ports(lab.hosts, lab.networks)
+        for host_name, pid in layout["sleepers"].items():
+            if _comm(pid) != "sleep":
+                raise LabError(f"lab {name} is not running: the holder of host {host_name}'s namespaces is gone")
+            lab.hosts[host_name].sleeper = _Attached(pid)  # type: ignore[assignment]
+        lab._own_workdir, lab._up = False, False  # attached: down() is the owner's, or remove_lab(name)
+        return lab
 
     def _register(self) -> None:
         entry = REGISTRY / self.name

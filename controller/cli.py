@@ -204,17 +204,16 @@ def cmd_node_run(args: argparse.Namespace) -> int:
 def cmd_demo(args: argparse.Namespace) -> int:
     from controller import demo
 
+    root = Path(args.root)
     if args.down:
-        return demo.down(Path(args.root))
-    if args.stop:
-        return demo.stop_node(Path(args.root), args.stop)
-    if args.start:
-        return demo.start_node(Path(args.root), args.start)
-    try:
-        first, second = (int(p) for p in args.ports.split(","))
-    except ValueError:
-        raise UsageError(f"--ports {args.ports!r}: expected two ports, e.g. 9011,9012") from None
-    return demo.up(Path(args.root), manifests=Path(args.manifests), ports=(first, second))
+        return demo.down(root)
+    for verb in ("client", "status", "crash", "restore", "swap"):
+        value = getattr(args, verb)
+        if value not in (None, False):
+            node = value if verb in ("crash", "restore") else None
+            text = value if verb == "client" and isinstance(value, str) and value else None
+            return demo.act(root, verb, node=node, text=text)
+    return demo.up(root)
 
 
 # --- plumbing ------------------------------------------------------------------------------------------------
@@ -305,15 +304,18 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("-v", "--verbose", action="store_true")
     p.set_defaults(func=cmd_node_run)
 
-    p = sub.add_parser("demo", help="start a demo cluster of two daemons on loopback (--down removes it)")
-    p.add_argument("--down", action="store_true", help="stop both daemons and remove the demo's state")
-    p.add_argument("--stop", metavar="NODE", help="stop one node's daemon, keeping its state")
-    p.add_argument("--start", metavar="NODE", help="start a stopped node's daemon again")
+    p = sub.add_parser("demo", help="a two-node demo cluster in a network-namespace lab (--down removes it)")
     p.add_argument(
         "--root", default="/tmp/tandem-demo", help="where the demo keeps its state (default: /tmp/tandem-demo)"
     )
-    p.add_argument("--manifests", default=str(Path(__file__).resolve().parent.parent / "manifests"))
-    p.add_argument("--ports", default="9011,9012", help="API ports of node1 and node2 (default 9011,9012)")
+    p.add_argument("--down", action="store_true", help="remove the demo's lab and state")
+    p.add_argument("--status", action="store_true", help="tandem status, from a node of the demo")
+    p.add_argument(
+        "--client", nargs="?", const="", metavar="TEXT", help="one request through the VIP; TEXT adds a note"
+    )
+    p.add_argument("--crash", metavar="NODE", help="SIGKILL a node's tandemd and app and pull its cables")
+    p.add_argument("--restore", metavar="NODE", help="plug a crashed node back and start its daemon")
+    p.add_argument("--swap", action="store_true", help="swap the primary and secondary roles")
     p.set_defaults(func=cmd_demo)
     return parser
 

@@ -76,7 +76,7 @@ class Observed:
     witness: bool | None = None  # a splitbrain witness answers; None: none configured
     data: DataRelation = "unknown"
     replication: Replication = "none"  # none: the module replicates no directory
-    waiting_on: tuple[str, ...] = ()  # checkers with onFailure: wait that fail now
+    waiting_on: tuple[str, ...] = ()  # what keeps this node from serving: failing wait-checkers, failed starts
     failure: FailureAction | None = None  # a process or checker failure asks for this action
     failure_cause: str = ""
     restarts: int = 0  # local restarts already made within restart.loopInterval
@@ -108,7 +108,7 @@ def decide(o: Observed) -> Decision:
     if not o.enabled:
         return Decision(State.STOP, "Stopped", f"{o.node} is stopped by the operator", grant=grant)
     if o.waiting_on:
-        return Decision(State.WAIT, "CheckerWaiting", f"{o.node} waits: {', '.join(o.waiting_on)} failing", grant=grant)
+        return Decision(State.WAIT, "CheckerWaiting", f"{o.node} waits: {'; '.join(o.waiting_on)}", grant=grant)
     if o.failure is not None:
         failed = _after_failure(o)
         if failed is not None:
@@ -194,7 +194,8 @@ def _yield(o: Observed, peer: PeerView, reason: str, message: str, *, handover: 
 
 def _serving_role(o: Observed, peer: PeerView, reason: str, message: str) -> Decision:
     if peer.state == State.SECOND and _in_sync(o):
-        return _serve(o, State.PRIM, reason, f"{message}, peer in sync")
+        synced = "peer in sync" if o.replication == "in-sync" else "peer SECOND (no directory to replicate)"
+        return _serve(o, State.PRIM, reason, f"{message}, {synced}")
     return _serve(o, State.ALONE, reason, f"{message}, peer not in sync ({peer.state}, replication {o.replication})")
 
 

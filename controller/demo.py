@@ -1,85 +1,37 @@
-"""`tandem demo`: two daemons on loopback with the example manifests applied.
+"""`tandem demo`: a two-node cluster in a network-namespace lab, serving a sample app through a VIP.
 
-Each node gets its own state dir under the demo root, its own loopback address and port, and the
-same cluster key. The demo applies everything on node1 and shows it arriving on node2 through the
-embedded store's sync. `tandem demo --down` stops the daemons by the PIDs it recorded.
+The lab (agent/lab.py) gives each node its own network and mount namespace on two networks, plus a
+client host; nothing touches this machine's own interfaces. Each node runs a real tandemd on the
+embedded store; the module `notes` runs the sample app (controller/demoapp.py, SQLite under
+/var/lib/tandem-demo/notes, a path each node has its own copy of) and follows the VIP. The demo
+leaves the lab running and records it in ``<root>/demo.json``; the other verbs drive it from there.
 """
 
 from __future__ import annotations
 
+import json
 import os
 import shutil
 import signal
-import subprocess
 import sys
 import time
-from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import yaml
 
-from controller.client import Client, ClientError
-from controller.output import table
-from controller.resources import Module, Resource, VirtualIP
-from controller.resources.kinds import Scripts
-from controller.resources.manifests import load
+from agent.lab import Lab, LabError, remove_lab
 from controller.secret import generate_key
 
-
-@dataclass(frozen=True)
-class DemoNode:
-    name: str
-    address: str
-    port: int
-
-    @property
-    def url(self) -> str:
-        return f"http://{self.address}:{self.port}"
-
-
-DEFAULT_PORTS = (9011, 9012)
-START_DEADLINE = 20.0
-
-
-def demo_nodes(ports: tuple[int, int] = DEFAULT_PORTS) -> tuple[DemoNode, DemoNode]:
-    return DemoNode("node1", "127.0.0.1", ports[0]), DemoNode("node2", "127.0.0.2", ports[1])
+PREFIX = "tdemo-"
+NODES = ("node1", "node2")
+API_PORT, APP_PORT = 9010, 8080
+APP_DIR = "/var/lib/tandem-demo/notes"
+DEADLINE = 30.0
 
 
 class DemoError(Exception):
-    """The demo cannot start or stop; the message says what to do."""
-
-
-def cluster_manifest(nodes: tuple[DemoNode, ...]) -> dict[str, object]:
-    return {
-        "apiVersion": "tandem.dev/v1alpha1",
-        "kind": "Cluster",
-        "metadata": {"name": "demo"},
-        "spec": {
-            "networks": ["lan"],
-            "nodes": [{"name": n.name, "addresses": {"lan": n.address}, "apiPort": n.port} for n in nodes],
-        },
-    }
-
-
-def _example_resources(root: Path, manifests: Path, nodes: tuple[DemoNode, ...]) -> list[Resource]:
-    """The examples on the demo's own loopback Cluster, without anything that would act on this host.
-
-    Both daemons run on this machine, not in a lab: a virtual IP would land on its real interface
-    and the examples' scripts would start its services. So the demo keeps the modules and their
-    roles, heartbeats and health URLs, and leaves out the addresses, scripts and process watches.
-    """
-    cluster_file = root / "cluster.yaml"
-    cluster_file.write_text(yaml.safe_dump(cluster_manifest(nodes), sort_keys=False))
-    examples = [p for p in sorted(manifests.iterdir()) if p.name != "cluster.yaml"]
-    resources = load([cluster_file, *examples], state_dir=str(root))
-    return [_inert(r) for r in resources if not isinstance(r, VirtualIP)]
-
-
-def _inert(resource: Resource) -> Resource:
-    if not isinstance(resource, Module):
-        return resource
-    spec = resource.spec.model_copy(update={"scripts": Scripts(), "processes": []})
-    return resource.model_copy(update={"spec": spec})
+    """The demo cannot do what was asked; the message says what to do."""
 
 
 def pid_alive(pid: int) -> bool:
@@ -90,189 +42,222 @@ def pid_alive(pid: int) -> bool:
     return True
 
 
-def _pids(root: Path) -> dict[str, int]:
-    pids = {}
-    for pidfile in sorted(root.glob("*/demo.pid")):
-        pids[pidfile.parent.name] = int(pidfile.read_text().strip())
-    return pids
-
-
-def _daemon_command(root: Path, node: DemoNode) -> list[str]:
-    return [
-        sys.executable,
-        "-m",
-        "controller.cli",
-        "node",
-        "run",
-        "--node",
-        node.name,
-        "--state-dir",
-        str(root / node.name),
-        "--listen",
-        f"{node.address}:{node.port}",
+def _manifests(lab: Lab, root: Path, vip: str) -> list[dict[str, Any]]:
+    nodes = [{"name": n.name, "addresses": {net: n.address(net) for net in ("lan", "backup")}} for n in lab.nodes]
+    app = f"{sys.executable} -m controller.demoapp --db {APP_DIR}/notes.db --port {APP_PORT}"
+    pidfile = f"{root}/$TANDEM_NODE.app.pid"
+    docs = [
+        {"kind": "Cluster", "metadata": {"name": "demo"}, "spec": {"networks": ["lan", "backup"], "nodes": nodes}},
+        {
+            "kind": "Module",
+            "metadata": {"name": "notes"},
+            "spec": {
+                "nodes": list(NODES),
+                "preferredPrimary": "node1",
+                "bootStart": True,
+                "heartbeat": {"pulse": "200ms", "timeout": "2s"},
+                "scripts": {
+                    "startPrim": f"nohup {app} > /dev/null 2>&1 & echo $! > {pidfile}",
+                    "stopPrim": f"kill $(cat {pidfile}) && rm -f {pidfile}",
+                },
+                "stopTimeouts": {"graceful": "10s", "force": "5s"},
+            },
+        },
+        {"kind": "VirtualIP", "metadata": {"name": "notes-vip"}, "spec": {"module": "notes", "address": f"{vip}/24"}},
     ]
+    return [{"apiVersion": "tandem.dev/v1alpha1", **d} for d in docs]
 
 
-def _restart_command(root: Path, node: DemoNode) -> str:
-    return " ".join(["tandem", *_daemon_command(root, node)[3:]]) + f" >> {root / node.name / 'daemon.out'} 2>&1 &"
+class Demo:
+    """A running demo: its lab, its root directory, its daemons."""
 
+    def __init__(self, root: Path, lab: Lab, record: dict[str, Any]) -> None:
+        self.root, self.lab, self.record = root, lab, record
 
-def _start_daemon(root: Path, node: DemoNode) -> int:
-    state = root / node.name
-    state.mkdir(parents=True, exist_ok=True)
-    shutil.copyfile(root / "cluster.key", state / "cluster.key")
-    (state / "cluster.key").chmod(0o600)
-    cmd = _daemon_command(root, node)
-    with open(state / "daemon.out", "ab") as out:
-        proc = subprocess.Popen(
-            cmd, stdout=out, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL, start_new_session=True
-        )
-    (state / "demo.pid").write_text(f"{proc.pid}\n")
-    return proc.pid
-
-
-def _wait_healthy(root: Path, node: DemoNode, pid: int) -> None:
-    deadline = time.monotonic() + START_DEADLINE
-    client = Client(node.url, timeout=1.0)
-    while time.monotonic() < deadline:
-        if not pid_alive(pid):
-            log = (root / node.name / "daemon.out").read_text(errors="replace").strip().splitlines()
-            raise DemoError(f"{node.name}'s daemon exited: {log[-1] if log else 'no output'}")
+    @classmethod
+    def load(cls, root: Path) -> Demo:
         try:
-            client.get("/healthz")
-            return
-        except ClientError:
-            time.sleep(0.1)
-    raise DemoError(f"{node.name}'s daemon did not answer on {node.url} within {START_DEADLINE:.0f}s")
+            record = json.loads((root / "demo.json").read_text())
+        except (OSError, ValueError):
+            raise DemoError(f"no demo in {root}: start one with `tandem demo`") from None
+        try:
+            lab = Lab.attach(record["lab"])
+        except LabError as exc:
+            raise DemoError(
+                f"the demo in {root} is not running ({exc}): `tandem demo --down` removes what is left"
+            ) from None
+        return cls(root, lab, record)
+
+    def save(self) -> None:
+        (self.root / "demo.json").write_text(json.dumps(self.record, indent=2))
+
+    def url(self, node: str) -> str:
+        return f"http://{self.lab[node].address('lan')}:{API_PORT}"
+
+    def cli(self, node: str, *args: str, check: bool = True) -> str:
+        cmd = [sys.executable, "-m", "controller.cli", *args, "--server", self.url(node)]
+        done = self.lab[node].run(cmd, check=False, timeout=60)
+        if check and done.returncode:
+            raise DemoError(f"tandem {' '.join(args)} on {node}: {done.stderr.strip()}")
+        return done.stdout
+
+    def start_daemon(self, node: str) -> None:
+        state = self.root / node
+        cmd = [
+            sys.executable,
+            "-m",
+            "controller.cli",
+            "node",
+            "run",
+            "--node",
+            node,
+            "--state-dir",
+            str(state),
+            "--listen",
+            f"{self.lab[node].address('lan')}:{API_PORT}",
+        ]
+        self.record["daemons"][node] = self.lab[node].spawn(cmd, state / "daemon.out").pid
+        self.save()
+        _wait(f"{node}'s daemon to answer", lambda: self.answers(node))
+
+    def answers(self, node: str) -> bool:
+        cmd = [sys.executable, "-m", "controller.cli", "get", "clusters", "--server", self.url(node)]
+        return self.lab[node].run(cmd, check=False, timeout=30).returncode == 0
+
+    def status(self) -> list[dict[str, Any]]:
+        for node in NODES:
+            if self.lab[node].run(["true"], check=False).returncode == 0 and pid_alive(self.record["daemons"][node]):
+                out = self.cli(node, "status", "-o", "json", check=False)
+                if out:
+                    rows: list[dict[str, Any]] = json.loads(out)
+                    return rows
+        return []
+
+    def client(self, note: str | None = None) -> str:
+        """One request through the VIP from the client host (a POST when ``note`` is given)."""
+        url = f"http://{self.record['vip']}:{APP_PORT}/" + ("notes" if note is not None else "")
+        data = "None" if note is None else repr(note.encode())
+        code = (
+            "import urllib.request\n"
+            f"req = urllib.request.Request({url!r}, data={data})\n"
+            "try:\n    print(urllib.request.urlopen(req, timeout=2).read().decode().strip())\n"
+            "except OSError as exc:\n    print(f'no answer through the VIP: {exc}')\n"
+        )
+        return self.lab["client"].run([sys.executable, "-c", code], check=False, timeout=15).stdout.strip()
 
 
-def _wait_synced(node: DemoNode, expected: dict[tuple[str, str], str]) -> None:
-    """Wait until ``node`` holds every expected object at the expected resourceVersion."""
-    client = Client(node.url, timeout=1.0)
-    deadline = time.monotonic() + START_DEADLINE
+def _wait(what: str, probe: Any, timeout: float = DEADLINE) -> Any:
+    deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
-        held = {}
-        for plural in ("clusters", "modules", "replicateddirs", "virtualips", "checkers"):
-            for item in client.get(f"/api/v1/{plural}")["items"]:
-                held[(item["kind"], item["metadata"]["name"])] = item["metadata"]["resourceVersion"]
-        if all(held.get(key) == version for key, version in expected.items()):
-            return
-        time.sleep(0.1)
-    raise DemoError(f"{node.name} did not receive the resources within {START_DEADLINE:.0f}s")
+        value = probe()
+        if value:
+            return value
+        time.sleep(0.2)
+    raise DemoError(f"timed out after {timeout:.0f}s waiting for {what}")
 
 
-def up(root: Path, *, manifests: Path, ports: tuple[int, int] = DEFAULT_PORTS) -> int:
-    """Start the demo, apply the examples on node1, show them as node2 sees them."""
-    nodes = demo_nodes(ports)
+def up(root: Path) -> int:
+    """Build the lab, start both daemons, apply the demo's resources, wait for PRIM and SECOND."""
     root = root.resolve()
-    running = {name: pid for name, pid in _pids(root).items() if pid_alive(pid)}
-    if running:
-        raise DemoError(f"the demo already runs in {root} (pids {running}): `tandem demo --down` first")
+    if (root / "demo.json").exists():
+        raise DemoError(f"a demo is recorded in {root}: `tandem demo --down` first")
     root.mkdir(parents=True, exist_ok=True)
-    (root / "ports").write_text(f"{ports[0]},{ports[1]}\n")
-    resources = _example_resources(root, manifests, nodes)
-    if not (root / "cluster.key").exists():
+    lab = Lab(PREFIX, nodes=NODES, networks=["lan", "backup"], client=True).up()
+    demo = Demo(root, lab, {"lab": lab.name, "vip": lab.network("lan").address(250), "daemons": {}})
+    try:
+        demo.save()
+        lab.private_path(APP_DIR)
         generate_key(root / "cluster.key")
-    print(f"Starting two tandemd daemons on loopback, state in {root} ...")
-    try:
-        for node in nodes:
-            _wait_healthy(root, node, _start_daemon(root, node))
-            print(f"  {node.name}: {node.url} (log: {root / node.name / 'tandemd.log'})")
-        first, second = nodes
-        result = Client(first.url).request("POST", "/api/v1/apply", {"items": [r.to_dict() for r in resources]})
-        print(f"\nApplied {len(resources)} resources on {first.name}:")
-        for item in result["results"]:
-            print(f"  {item['kind'].lower()}/{item['name']} {item['action']}")
-        _wait_synced(second, {(i["kind"], i["name"]): i["resourceVersion"] for i in result["results"]})
-    except (DemoError, ClientError) as exc:
-        _stop_daemons(root)
-        raise DemoError(f"{exc} (the daemons' logs are in {root})") from None
-    modules = Client(second.url).get("/api/v1/modules")["items"]
-    print(f"\n$ TANDEM_SERVER={second.url} tandem get modules")
-    print(table("Module", modules))
-    print("\n(On loopback the demo leaves out the examples' virtual IPs and scripts, which would act on this "
-          "host;\n modules still elect a primary over heartbeats: see `tandem status`.)")
-    tandem = _tandem_command()
+        for node in NODES:
+            (root / node).mkdir()
+            shutil.copyfile(root / "cluster.key", root / node / "cluster.key")
+            demo.start_daemon(node)
+        (root / "demo.yaml").write_text(yaml.safe_dump_all(_manifests(lab, root, demo.record["vip"]), sort_keys=False))
+        print(demo.cli("node1", "apply", "-f", str(root / "demo.yaml")), end="")
+        _wait("node1 PRIM and node2 SECOND", lambda: _states(demo) == {"node1": "PRIM", "node2": "SECOND"})
+    except BaseException:
+        if os.environ.get("TANDEM_DEMO_KEEP"):
+            raise
+        lab.down()
+        shutil.rmtree(root, ignore_errors=True)
+        raise
+    print(f"\nA two-node cluster runs in lab {lab.name} (state and logs in {root}):\n")
+    print(demo.cli("node1", "status"))
+    print(f"Through the VIP {demo.record['vip']}, from the client host: {demo.client('hello')}")
+    _instructions()
+    return 0
+
+
+def _states(demo: Demo) -> dict[str, str]:
+    return {r["node"]: r["state"] for r in demo.status() if r["module"] == "notes"}
+
+
+def _instructions() -> None:
+    t = "tandem demo"
     print(
-        "\nBoth daemons hold the same resources at the same resourceVersion. Try:\n"
-        f"  TANDEM_SERVER={first.url} {tandem} get all -o wide\n"
-        f"  TANDEM_SERVER={second.url} {tandem} describe module notes\n"
-        f"  TANDEM_SERVER={first.url} {tandem} status\n"
-        f"  {tandem} demo --stop node2                                  # node2 goes down\n"
-        f"  TANDEM_SERVER={first.url} {tandem} delete checker notes-http   # a change while it is away\n"
-        f"  {tandem} demo --start node2                                 # node2 returns and catches up\n"
-        f"  TANDEM_SERVER={second.url} {tandem} get checkers\n"
-        f"  {tandem} demo --down                                        # stop both, remove the demo's state"
+        "\nTry:\n"
+        f"  {t} --client [TEXT]     # one request through the VIP (TEXT: add a note)\n"
+        f"  {t} --status            # tandem status, from a node\n"
+        f"  {t} --crash node1       # SIGKILL node1's tandemd and app, pull its cables: node2 takes over\n"
+        f"  {t} --restore node1     # plug node1 back and start its daemon: it returns as SECOND\n"
+        f"  {t} --swap              # give the primary role back to the other node\n"
+        f"  {t} --down              # remove the lab and everything in it\n"
+        "Each node keeps its own copy of /var/lib/tandem-demo/notes for now: replication of that\n"
+        "directory joins the demo when the replicator is wired to the cluster (docs/status.md)."
     )
+
+
+def act(root: Path, verb: str, node: str | None = None, text: str | None = None) -> int:
+    """One of --client, --status, --crash, --restore, --swap on a running demo."""
+    demo = Demo.load(root.resolve())
+    if verb == "client":
+        print(demo.client(text))
+    elif verb == "status":
+        rows = demo.status()
+        print(
+            demo.cli(next(r["node"] for r in rows if r["node"]) if rows else "node2", "status")
+            if rows
+            else "no daemon answers"
+        )
+    elif verb == "crash":
+        node = _node(node)
+        os.kill(demo.record["daemons"][node], signal.SIGKILL)
+        app = root.resolve() / f"{node}.app.pid"
+        if app.exists():
+            demo.lab[node].run(["kill", "-9", app.read_text().strip()], check=False)
+        demo.lab.isolate(node)
+        print(f"{node}: tandemd and the app killed, cables pulled. Watch: tandem demo --status; tandem demo --client")
+    elif verb == "restore":
+        node = _node(node)
+        demo.lab.heal(node)
+        if pid_alive(demo.record["daemons"][node]):
+            raise DemoError(f"{node}'s daemon still runs")
+        demo.start_daemon(node)
+        print(f"{node}: cables back, tandemd started; it joins as SECOND. Watch: tandem demo --status")
+    elif verb == "swap":
+        print(demo.cli("node1", "swap", "notes"), end="")
     return 0
 
 
-def _tandem_command() -> str:
-    """How the user can call this CLI: plain `tandem` if that is on PATH, else its full path."""
-    here = Path(sys.executable).parent / "tandem"
-    found = shutil.which("tandem")
-    if found and (not here.exists() or Path(found).resolve() == here.resolve()):
-        return "tandem"
-    return str(here) if here.exists() else f"{sys.executable} -m controller.cli"
-
-
-def _saved_nodes(root: Path) -> tuple[DemoNode, DemoNode]:
-    try:
-        first, second = (int(p) for p in (root / "ports").read_text().split(","))
-    except (OSError, ValueError):
-        raise DemoError(f"no demo in {root}: start one with `tandem demo`") from None
-    return demo_nodes((first, second))
-
-
-def stop_node(root: Path, name: str) -> int:
-    """Stop one demo node's daemon, keeping its state, as a crash or maintenance would."""
-    root = root.resolve()
-    node = _demo_node(root, name)
-    _stop_daemons(root, only=node.name)
-    return 0
-
-
-def start_node(root: Path, name: str) -> int:
-    """Start a stopped demo node's daemon again; it catches up with what changed meanwhile."""
-    root = root.resolve()
-    node = _demo_node(root, name)
-    pid = _pids(root).get(node.name)
-    if pid is not None and pid_alive(pid):
-        raise DemoError(f"{node.name} already runs (pid {pid})")
-    _wait_healthy(root, node, _start_daemon(root, node))
-    print(f"started {node.name} on {node.url}")
-    return 0
-
-
-def _demo_node(root: Path, name: str) -> DemoNode:
-    nodes = {n.name: n for n in _saved_nodes(root)}
-    if name not in nodes:
-        raise DemoError(f"the demo has no node {name!r}: it has {', '.join(nodes)}")
-    return nodes[name]
-
-
-def _stop_daemons(root: Path, *, only: str | None = None) -> None:
-    for name, pid in _pids(root).items():
-        if only is not None and name != only:
-            continue
-        if pid_alive(pid):
-            os.kill(pid, signal.SIGTERM)
-            deadline = time.monotonic() + 10
-            while pid_alive(pid) and time.monotonic() < deadline:
-                time.sleep(0.05)
-            if pid_alive(pid):
-                os.kill(pid, signal.SIGKILL)
-            print(f"stopped {name} (pid {pid})")
-        (root / name / "demo.pid").unlink()
+def _node(node: str | None) -> str:
+    if node not in NODES:
+        raise DemoError(f"name a node of the demo: {', '.join(NODES)}")
+    return node
 
 
 def down(root: Path) -> int:
-    """Stop the demo's daemons by their recorded PIDs and remove its state."""
+    """Remove the demo's lab (its processes, namespaces, mounts) and its state."""
     root = root.resolve()
-    if not root.is_dir():
+    try:
+        name = json.loads((root / "demo.json").read_text())["lab"]
+    except (OSError, ValueError, KeyError):
+        name = None
+    if name is not None:
+        remove_lab(name)
+        print(f"removed lab {name}")
+    if root.exists():
+        shutil.rmtree(root)
+        print(f"removed {root}")
+    elif name is None:
         print(f"no demo in {root}")
-        return 0
-    _stop_daemons(root)
-    shutil.rmtree(root)
-    print(f"removed {root}")
     return 0

@@ -221,7 +221,11 @@ class Reconciler:
         if peer_name is not None and self.membership is not None:
             peer = self.membership.view(peer_name, module.name, timeout=timeout)
         listening = self.membership.listening_since if self.membership and self.membership.listening_since else now
-        waiting = (f"startPrim failed {rt.start_failures} times",) if rt.start_failures > spec.restart.max_loop else ()
+        waiting = ()
+        if rt.start_failures > spec.restart.max_loop:
+            waiting = (
+                f"startPrim failed {rt.start_failures} times in a row ({rt.last_error}); `tandem start` retries",
+            )
         last = rt.decision
         return Observed(
             node=self.node,
