@@ -10,8 +10,10 @@ from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from typing import Any
 
+import msgpack
+
+from agent.replication import blocks, listing, syscalls
 from agent.replication import messages as m
-from agent.replication import syscalls
 from agent.replication.beneath import Beneath
 from agent.replication.wire import Frame, ProtocolError
 
@@ -39,7 +41,7 @@ class Applier:
         self.stream: bytes | None = None
         self.applied_seq = 0
         self._errors: OrderedDict[int, m.Ack] = OrderedDict()
-        self._ops: dict[type[m.Message], Callable[[Any], None]] = {
+        self._ops: dict[type[m.Message], Callable[[Any], m.Message | None]] = {
             m.Write: self._write,
             m.Truncate: self._truncate,
             m.Fallocate: self._fallocate,
@@ -55,6 +57,13 @@ class Applier:
             m.Setxattr: self._setxattr,
             m.Removexattr: self._removexattr,
             m.Fsync: self._fsync,
+            m.SyncBegin: _nothing,
+            m.SyncEnd: _nothing,
+            m.SyncMark: _nothing,
+            m.SyncDir: self._sync_dir,
+            m.SyncSums: self._sync_sums,
+            m.SyncRemove: self._sync_remove,
+            m.SyncXattrs: self._sync_xattrs,
         }
 
     def applied_for(self, stream: bytes) -> int:
@@ -67,8 +76,8 @@ class Applier:
             self.stream, self.applied_seq = stream, 0
             self._errors.clear()
 
-    def apply(self, frame: Frame) -> m.Ack:
-        """Apply one operation frame and return its ack; PathEscape or ProtocolError means disconnect."""
+    def apply(self, frame: Frame) -> m.Message:
+        """Apply one frame; return its Ack or, for a request, its answer. PathEscape/ProtocolError: disconnect."""
         msg = frame.msg
         op = self._ops.get(type(msg))
         if op is None:
@@ -81,15 +90,15 @@ class Applier:
             raise ProtocolError(f"sequence gap: applied {self.applied_seq}, received {frame.seq}")
         ack = self._run(op, msg)
         self.applied_seq = frame.seq
-        if ack.status:
+        if isinstance(ack, m.Ack) and ack.status:
             self._errors[frame.seq] = ack
             if len(self._errors) > _REMEMBERED_ERRORS:
                 self._errors.popitem(last=False)
         return ack
 
-    def _run(self, op: Callable[[Any], None], msg: m.Message) -> m.Ack:
+    def _run(self, op: Callable[[Any], m.Message | None], msg: m.Message) -> m.Message:
         try:
-            op(msg)
+            answer = op(msg)
             for fix in getattr(msg, "times", ()):
                 self._fix_times(fix)
         except OSError as exc:
@@ -97,7 +106,7 @@ class Applier:
             return m.Ack(code, f"{type(msg).__name__} {exc.filename!r}: {os.strerror(code)}"[:1000])
         except ValueError as exc:
             raise ProtocolError(f"{type(msg).__name__} cannot be applied: {exc}") from exc
-        return m.Ack()
+        return answer if answer is not None else m.Ack()
 
     @contextmanager
     def _regular(self, path: bytes, flags: int) -> Iterator[int]:
@@ -223,3 +232,67 @@ class Applier:
             (os.fdatasync if msg.datasync else os.fsync)(fd)
         finally:
             os.close(fd)
+
+    # --- resync ----------------------------------------------------------------------------------
+
+    def _sync_dir(self, msg: m.SyncDir) -> m.Message:
+        with self.beneath.inode(msg.path) as (fd, st):
+            if not stat.S_ISDIR(st.st_mode):
+                raise OSError(errno.ENOTDIR, os.strerror(errno.ENOTDIR), msg.path)
+            return m.Listing(listing.encode(listing.list_dir(fd)))
+
+    def _sync_sums(self, msg: m.SyncSums) -> m.Message:
+        with self._regular(msg.path, os.O_RDONLY) as fd:
+            size, digests = blocks.file_digests(fd)
+        return m.Sums(size, blocks.pack(digests))
+
+    def _sync_remove(self, msg: m.SyncRemove) -> None:
+        with self.beneath.entry(msg.path) as (dir_fd, name):
+            _remove_tree(dir_fd, name, self.beneath.root_dev)
+
+    def _sync_xattrs(self, msg: m.SyncXattrs) -> None:
+        pairs = _xattr_pairs(msg.pairs)
+        with self.beneath.inode(msg.path) as (fd, _):
+            path = _proc(fd)
+            for name in set(os.listxattr(path)) - {os.fsdecode(n) for n, _ in pairs}:
+                os.removexattr(path, name)
+            for name, value in pairs:
+                os.setxattr(path, name, value)
+
+
+def _nothing(msg: m.Message) -> None:
+    """Markers of a resync: nothing to change in the tree."""
+
+
+def _xattr_pairs(data: bytes) -> list[tuple[bytes, bytes]]:
+    try:
+        rows = msgpack.unpackb(data, raw=False, use_list=True)
+    except (ValueError, TypeError, msgpack.UnpackException, RecursionError) as exc:
+        raise ProtocolError(f"SyncXattrs is not valid msgpack: {exc}") from exc
+    if type(rows) is not list or any(
+        type(r) is not list or len(r) != 2 or type(r[0]) is not bytes or type(r[1]) is not bytes for r in rows
+    ):
+        raise ProtocolError("SyncXattrs: expected a list of [name, value] bytes pairs")
+    if any(not r[0] or b"\0" in r[0] or len(r[0]) > 255 for r in rows):
+        raise ProtocolError("SyncXattrs: bad attribute name")
+    return [(r[0], r[1]) for r in rows]
+
+
+def _remove_tree(dir_fd: int, name: bytes, dev: int) -> None:
+    """Remove dir_fd/name and everything beneath it, never following a symlink or leaving the device."""
+    try:
+        st = os.stat(name, dir_fd=dir_fd, follow_symlinks=False)
+    except FileNotFoundError:
+        return
+    if not stat.S_ISDIR(st.st_mode):
+        os.unlink(name, dir_fd=dir_fd)
+        return
+    if st.st_dev != dev:
+        raise OSError(errno.EXDEV, "refusing to remove a mount point", name)
+    fd = os.open(name, os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW | os.O_CLOEXEC, dir_fd=dir_fd)
+    try:
+        for child in os.listdir(fd):
+            _remove_tree(fd, os.fsencode(child), dev)
+    finally:
+        os.close(fd)
+    os.rmdir(name, dir_fd=dir_fd)

@@ -1,4 +1,4 @@
-"""The messages of replication protocol version 1: handshake, acks and every mutating operation."""
+"""The messages of replication protocol version 2: handshake, acks, every mutating operation and resync."""
 
 from __future__ import annotations
 
@@ -25,6 +25,9 @@ class Message:
     FIELDS: ClassVar[tuple[tuple[str, str], ...]] = ()
     DATA: ClassVar[str | None] = None
     OPERATION: ClassVar[bool] = False
+    # Answered by the apply loop once applied (never acked on receipt); BLOCKING ones run in a thread.
+    AFTER_APPLY: ClassVar[bool] = False
+    BLOCKING: ClassVar[bool] = False
 
 
 @dataclass(frozen=True, slots=True)
@@ -319,6 +322,101 @@ class Fsync(Message):
     OP = 30
     FIELDS = (("path", "path"), ("datasync", "bool"))
     OPERATION = True
+    AFTER_APPLY = True
+    BLOCKING = True
+
+
+@dataclass(frozen=True, slots=True)
+class SyncBegin(Message):
+    """A resync starts: the secondary's tree is not a copy until the matching SyncEnd."""
+
+    OP = 40
+    OPERATION = True
+
+
+@dataclass(frozen=True, slots=True)
+class SyncEnd(Message):
+    """The resync is complete: every frame before it brought the tree equal to the primary's."""
+
+    OP = 41
+    OPERATION = True
+    AFTER_APPLY = True
+
+
+@dataclass(frozen=True, slots=True)
+class SyncMark(Message):
+    """A barrier: its ack follows the acks and faults of every earlier frame."""
+
+    OP = 42
+    OPERATION = True
+    AFTER_APPLY = True
+
+
+@dataclass(frozen=True, slots=True)
+class SyncDir(Message):
+    """Request: list a directory; answered by a Listing (or an error Ack) once earlier frames are applied."""
+
+    path: bytes
+    OP = 43
+    FIELDS = (("path", "path"),)
+    OPERATION = True
+    AFTER_APPLY = True
+    BLOCKING = True
+
+
+@dataclass(frozen=True, slots=True)
+class SyncSums(Message):
+    """Request: the block checksums of a regular file; answered by Sums (or an error Ack)."""
+
+    path: bytes
+    OP = 44
+    FIELDS = (("path", "entry"),)
+    OPERATION = True
+    AFTER_APPLY = True
+    BLOCKING = True
+
+
+@dataclass(frozen=True, slots=True)
+class SyncRemove(Message):
+    """Remove an entry and, for a directory, everything beneath it; an absent entry is not an error."""
+
+    path: bytes
+    OP = 45
+    FIELDS = (("path", "entry"),)
+    OPERATION = True
+    BLOCKING = True
+
+
+@dataclass(frozen=True, slots=True)
+class SyncXattrs(Message):
+    """Replace the whole set of extended attributes of an inode (data: msgpack list of [name, value])."""
+
+    path: bytes
+    pairs: bytes
+    OP = 46
+    FIELDS = (("path", "path"),)
+    DATA = "pairs"
+    OPERATION = True
+
+
+@dataclass(frozen=True, slots=True)
+class Listing(Message):
+    """Answer to SyncDir (data: msgpack list of entries, see resync docs)."""
+
+    entries: bytes
+    OP = 6
+    DATA = "entries"
+
+
+@dataclass(frozen=True, slots=True)
+class Sums(Message):
+    """Answer to SyncSums: the file's size and one 8-byte checksum per block (data)."""
+
+    size: int
+    digests: bytes
+    OP = 7
+    FIELDS = (("size", "off"),)
+    DATA = "digests"
 
 
 MESSAGES: dict[int, type[Message]] = {
@@ -344,5 +442,14 @@ MESSAGES: dict[int, type[Message]] = {
         Setxattr,
         Removexattr,
         Fsync,
+        SyncBegin,
+        SyncEnd,
+        SyncMark,
+        SyncDir,
+        SyncSums,
+        SyncRemove,
+        SyncXattrs,
+        Listing,
+        Sums,
     )
 }

@@ -10,6 +10,7 @@ import logging
 from agent.replication import messages as m
 from agent.replication.applier import Applier
 from agent.replication.beneath import PathEscape
+from agent.replication.events import Events, NoEvents
 from agent.replication.handshake import server_handshake
 from agent.replication.wire import Frame, FrameReader, FrameWriter, ProtocolError
 
@@ -27,11 +28,15 @@ class AckMode(enum.StrEnum):
 class Receiver:
     """Serves replication connections for one Applier, one at a time, in the ack mode the primary asks."""
 
-    def __init__(self, applier: Applier, *, node: str, secret: bytes | None) -> None:
+    def __init__(self, applier: Applier, *, node: str, secret: bytes | None, events: Events | None = None) -> None:
         self.applier = applier
         self.node = node
         self.secret = secret
+        self.events = events if events is not None else NoEvents()
         self.mode = AckMode.DURABLE
+        self.syncing = False
+        self.in_sync = False
+        self._connected = False
         self._lock = asyncio.Lock()
         self._writers: set[asyncio.StreamWriter] = set()
 
@@ -48,6 +53,9 @@ class Receiver:
             except* (ConnectionError, TimeoutError) as group:
                 log.warning("Replication connection from %s lost: %s", peername, group.exceptions[0])
             finally:
+                if self._connected:
+                    self.events.peer("disconnected", wasInSync=self.in_sync)
+                self._connected = self.syncing = self.in_sync = False
                 self._writers.discard(writer)
                 writer.close()
                 with contextlib.suppress(ConnectionError):
@@ -66,6 +74,8 @@ class Receiver:
             log.warning("Replication peer %s (node=%s) is unauthenticated: no shared secret", peername, peer.node)
         self.mode = AckMode(peer.ack)
         self.applier.begin(peer.stream)
+        self._connected = True
+        self.events.peer("connected")
         log.info("Replication stream open: peer=%s applied_seq=%d mode=%s", peer.node, peer.applied_seq, self.mode)
         queue: asyncio.Queue[Frame | None] = asyncio.Queue(QUEUE_FRAMES)
         async with asyncio.TaskGroup() as tg:
@@ -92,22 +102,43 @@ class Receiver:
             expected = frame.seq + 1
             # Queued before the ack, so an acknowledged frame is always applied, even if the link dies now.
             await queue.put(frame)
-            if self.mode is AckMode.RECEIVED and not isinstance(frame.msg, m.Fsync):
+            if self.mode is AckMode.RECEIVED and not frame.msg.AFTER_APPLY:
                 writer.send_nowait(Frame(frame.seq, m.Ack()))
                 await writer.writer.drain()
 
     async def _apply_loop(self, queue: asyncio.Queue[Frame | None], writer: FrameWriter) -> None:
         while (frame := await queue.get()) is not None:
-            if isinstance(frame.msg, m.Fsync):
-                ack = await asyncio.to_thread(self.applier.apply, frame)
+            if frame.msg.BLOCKING:
+                answer = await asyncio.to_thread(self.applier.apply, frame)
             else:
-                ack = self.applier.apply(frame)
-            if ack.status:
-                log.error("Replication error applying seq=%d: %s (errno %d)", frame.seq, ack.message, ack.status)
-            if self.mode is AckMode.DURABLE or isinstance(frame.msg, m.Fsync):
-                await self._answer(writer, Frame(frame.seq, ack))
-            elif ack.status:
-                await self._answer(writer, Frame(frame.seq, m.Fault(ack.status, ack.message)))
+                answer = self.applier.apply(frame)
+            failed = isinstance(answer, m.Ack) and bool(answer.status)
+            if failed and isinstance(answer, m.Ack):
+                self._failed(frame, answer)
+            if self.mode is AckMode.DURABLE or frame.msg.AFTER_APPLY:
+                await self._answer(writer, Frame(frame.seq, answer))
+            elif failed and isinstance(answer, m.Ack):
+                await self._answer(writer, Frame(frame.seq, m.Fault(answer.status, answer.message)))
+            if not failed:
+                self._track(frame.msg)
+
+    def _failed(self, frame: Frame, ack: m.Ack) -> None:
+        # During a resync a live operation may reach a part of the tree not copied yet; the primary
+        # repairs it. Outside a resync any failure means this copy diverged.
+        if self.syncing:
+            log.info("Resync: seq=%d failed before its part of the tree was copied: %s", frame.seq, ack.message)
+            return
+        log.error("Replication error applying seq=%d: %s (errno %d)", frame.seq, ack.message, ack.status)
+        self.in_sync = False
+
+    def _track(self, msg: m.Message) -> None:
+        if isinstance(msg, m.SyncBegin):
+            self.syncing, self.in_sync = True, False
+            self.events.peer("syncing")
+        elif isinstance(msg, m.SyncEnd):
+            self.syncing, self.in_sync = False, True
+            self.events.peer("in-sync")
+            log.info("Resync complete: this copy equals the primary's tree")
 
     @staticmethod
     async def _answer(writer: FrameWriter, frame: Frame) -> None:

@@ -1,4 +1,7 @@
-"""Entry point of one replicator process: the primary's FUSE mount or the secondary's applier server."""
+"""Entry point of one replicator process: the primary's FUSE mount or the secondary's applier server.
+
+Events (control channel v1) go to stdout as JSON lines; logs go to stderr.
+"""
 
 from __future__ import annotations
 
@@ -9,12 +12,15 @@ import logging
 import os
 import signal
 import socket
+import sys
 from pathlib import Path
 
 import pyfuse3
 import pyfuse3.asyncio
 
 from agent.replication.applier import Applier
+from agent.replication.events import Events
+from agent.replication.link import PeerLink
 from agent.replication.passthrough import mount
 from agent.replication.primary import ReplicatedFS
 from agent.replication.readonly import ReadOnlyFS
@@ -41,7 +47,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--ack", choices=["received", "durable"], default="received", help="primary: ack mode asked")
     p.add_argument("--node", default=socket.gethostname())
     p.add_argument("--secret-file", type=Path, help="shared secret; without it peers are unauthenticated")
-    p.add_argument("--connect-timeout", type=float, default=30.0)
+    p.add_argument("--connect-timeout", type=float, default=30.0, help="ignored: the primary retries forever")
     p.add_argument(
         "--mount",
         action=argparse.BooleanOptionalAction,
@@ -64,44 +70,39 @@ def _secret(path: Path | None) -> bytes | None:
     return path.read_bytes().strip()
 
 
-async def _connect(sender: Sender, host: str, port: int, timeout: float) -> None:
-    async with asyncio.timeout(timeout):
-        while True:
-            try:
-                await sender.connect(host, port)
-                return
-            except ConnectionRefusedError:
-                await asyncio.sleep(0.1)
-
-
-async def run_primary(args: argparse.Namespace) -> None:
-    """Connect to the secondary, then mount over the directory and serve until SIGTERM/SIGINT."""
+async def run_primary(args: argparse.Namespace, events: Events) -> None:
+    """Mount over the directory at once, (re)connect and resync in the background, serve until SIGTERM."""
     # Opened before mounting: afterwards the path leads into our own mount, the fd to the real tree.
     root_fd = os.open(args.dir, os.O_PATH | os.O_DIRECTORY | os.O_CLOEXEC)
     sender = Sender(node=args.node, secret=_secret(args.secret_file), ack=args.ack)
-    await _connect(sender, *args.peer, args.connect_timeout)
     mount(ReplicatedFS(root_fd, sender), str(args.dir), debug=args.debug_fuse)
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGTERM, signal.SIGINT):
         loop.add_signal_handler(sig, pyfuse3.terminate)
     log.info("Primary serving dir=%s peer=%s:%d ack=%s", args.dir, *args.peer, args.ack)
+    events.emit("mounted", dir=str(args.dir))
+    link = asyncio.create_task(PeerLink(sender, root_fd, events, args.peer).run())
     try:
         await pyfuse3.main()
     finally:
+        link.cancel()
+        with contextlib.suppress(asyncio.CancelledError):
+            await link
         pyfuse3.close(unmount=True)
         await sender.close()
         os.close(root_fd)
     log.info("Primary stopped and unmounted dir=%s", args.dir)
 
 
-async def run_secondary(args: argparse.Namespace) -> None:
+async def run_secondary(args: argparse.Namespace, events: Events) -> None:
     """Mount the directory read-only, accept the primary's stream and apply it beneath the directory fd."""
     # Opened before mounting: the applier writes the real tree, local processes see it through the mount.
     root_fd = os.open(args.dir, os.O_PATH | os.O_DIRECTORY | os.O_CLOEXEC)
     if args.mount:
         mount(ReadOnlyFS(root_fd), str(args.dir), read_only=True, debug=args.debug_fuse)
+        events.emit("mounted", dir=str(args.dir), readOnly=True)
     try:
-        await _serve_secondary(args, root_fd)
+        await _serve_secondary(args, root_fd, events)
     finally:
         if args.mount:
             pyfuse3.close(unmount=True)
@@ -110,8 +111,8 @@ async def run_secondary(args: argparse.Namespace) -> None:
     log.info("Secondary stopped dir=%s", args.dir)
 
 
-async def _serve_secondary(args: argparse.Namespace, root_fd: int) -> None:
-    receiver = Receiver(Applier(root_fd), node=args.node, secret=_secret(args.secret_file))
+async def _serve_secondary(args: argparse.Namespace, root_fd: int, events: Events) -> None:
+    receiver = Receiver(Applier(root_fd), node=args.node, secret=_secret(args.secret_file), events=events)
     server = await asyncio.start_server(receiver.serve, *args.listen, limit=STREAM_LIMIT)
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()
@@ -119,6 +120,7 @@ async def _serve_secondary(args: argparse.Namespace, root_fd: int) -> None:
         loop.add_signal_handler(sig, stop.set)
     fuse = asyncio.create_task(pyfuse3.main()) if args.mount else None
     log.info("Secondary listening on %s:%d dir=%s mounted=%s", *args.listen, args.dir, args.mount)
+    events.emit("listening", address=f"{args.listen[0]}:{args.listen[1]}")
     async with server:
         await stop.wait()
         server.close()
@@ -131,12 +133,14 @@ async def _serve_secondary(args: argparse.Namespace, root_fd: int) -> None:
 def main(argv: list[str] | None = None) -> None:
     """Run one replicator."""
     args = parse_args(argv)
-    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s", stream=sys.stderr)
     pyfuse3.asyncio.enable()
+    events = Events(sys.stdout)
     if args.role == "primary":
-        asyncio.run(run_primary(args))
+        asyncio.run(run_primary(args, events))
     else:
-        asyncio.run(run_secondary(args))
+        asyncio.run(run_secondary(args, events))
+    events.emit("stopped")
 
 
 if __name__ == "__main__":

@@ -6,6 +6,7 @@ import asyncio
 import contextlib
 import logging
 import os
+from collections.abc import Callable
 
 from agent.replication import messages as m
 from agent.replication.handshake import Peer, client_handshake
@@ -13,10 +14,14 @@ from agent.replication.wire import Frame, FrameReader, FrameWriter, ProtocolErro
 
 log = logging.getLogger(__name__)
 STREAM_LIMIT = 4 * 1024 * 1024
+_ANSWERS = (m.Ack, m.Listing, m.Sums)
+
+# (seq, errno, message) of an operation the secondary failed to apply.
+ErrorHandler = Callable[[int, int, str], None]
 
 
 class Sender:
-    """One ordered stream of operations to the secondary; each submit resolves when the peer acks."""
+    """One ordered stream of operations to the secondary at a time; each submit resolves when the peer acks."""
 
     def __init__(self, *, node: str, secret: bytes | None, ack: str) -> None:
         self.node = node
@@ -27,73 +32,103 @@ class Sender:
         self.connected = False
         self.diverged = False
         self.peer: Peer | None = None
+        self.lost_reason = ""
+        self.closed = asyncio.Event()
+        self.on_error: ErrorHandler | None = None
+        self.observer: Callable[[m.Message], None] | None = None
+        self.sent_bytes = 0
         self._writer: FrameWriter | None = None
-        self._pending: dict[int, asyncio.Future[m.Ack]] = {}
+        self._pending: dict[int, asyncio.Future[m.Message]] = {}
         self._acks: asyncio.Task[None] | None = None
 
     async def connect(self, host: str, port: int) -> Peer:
-        """Open the TCP stream and run the handshake; raise on refusal."""
+        """Open a new stream (fresh id, seq from 1) and run the handshake; raise on refusal."""
         reader, writer = await asyncio.open_connection(host, port, limit=STREAM_LIMIT)
+        stream = os.urandom(16)
         try:
             peer = await client_handshake(
-                FrameReader(reader), FrameWriter(writer), self.node, self.secret, self.stream, self.ack
+                FrameReader(reader), FrameWriter(writer), self.node, self.secret, stream, self.ack
             )
         except BaseException:
             writer.close()
             raise
         if not peer.authenticated:
             log.warning("Replication peer node=%s is unauthenticated: no shared secret configured", peer.node)
+        self.stream, self.seq, self.closed = stream, 0, asyncio.Event()
         self.peer, self._writer, self.connected = peer, FrameWriter(writer), True
         self._acks = asyncio.create_task(self._read_acks(FrameReader(reader)))
         log.info("Replication stream to node=%s open, ack=%s", peer.node, self.ack)
         return peer
 
-    def submit(self, msg: m.Message) -> asyncio.Future[m.Ack] | None:
-        """Send one operation now, in call order; None when no peer is connected (running alone)."""
+    def submit(self, msg: m.Message) -> asyncio.Future[m.Message] | None:
+        """Send one live operation now, in call order; None when no peer is connected (running alone)."""
+        if self.observer is not None:
+            self.observer(msg)
+        return self.send(msg)
+
+    def send(self, msg: m.Message) -> asyncio.Future[m.Message] | None:
+        """Send one frame without telling the observer (the resync's own frames)."""
         if not self.connected or self._writer is None:
             return None
         self.seq += 1
-        fut: asyncio.Future[m.Ack] = asyncio.get_running_loop().create_future()
+        fut: asyncio.Future[m.Message] = asyncio.get_running_loop().create_future()
+        fut.add_done_callback(_retrieved)
         self._pending[self.seq] = fut
-        self._writer.send_nowait(Frame(self.seq, msg))
+        self.sent_bytes += self._writer.send_nowait(Frame(self.seq, msg))
         return fut
+
+    async def drain(self) -> None:
+        """Wait until the transport's buffer is below its high-water mark (backpressure)."""
+        if self._writer is not None and self.connected:
+            with contextlib.suppress(ConnectionError):
+                await self._writer.writer.drain()
 
     async def replicate(self, msg: m.Message) -> None:
         """Send one operation and return once the peer acknowledged it (or the stream is lost)."""
         await self.wait(self.submit(msg))
 
-    async def wait(self, fut: asyncio.Future[m.Ack] | None) -> None:
-        """Wait for an ack; an error ack marks the secondary diverged and is logged, never ignored."""
+    async def wait(self, fut: asyncio.Future[m.Message] | None) -> None:
+        """Wait for an ack; errors were already routed to the error handler by the ack reader."""
         if fut is None:
             return
         with contextlib.suppress(ConnectionError):
-            ack = await fut
-            if ack.status:
-                self._diverge(f"secondary failed an operation: {ack.message} (errno {ack.status})")
+            await fut
 
-    def _diverge(self, reason: str) -> None:
+    def _failed(self, seq: int, status: int, message: str) -> None:
+        if self.on_error is not None:
+            self.on_error(seq, status, message)
+            return
         if not self.diverged:
-            log.error("Replication error, secondary diverged and needs a resync: %s", reason)
+            log.error("Replication error, secondary diverged and needs a resync: %s (errno %d)", message, status)
         self.diverged = True
 
     async def _read_acks(self, reader: FrameReader) -> None:
         reason = "peer closed the stream"
         try:
             while (frame := await reader.read()) is not None:
-                if isinstance(frame.msg, m.Fault):
-                    self._diverge(f"seq {frame.seq}: {frame.msg.message} (errno {frame.msg.status})")
+                msg = frame.msg
+                if isinstance(msg, m.Fault):
+                    self._failed(frame.seq, msg.status, msg.message)
                     continue
                 fut = self._pending.pop(frame.seq, None)
-                if not isinstance(frame.msg, m.Ack) or fut is None:
-                    raise ProtocolError(f"unexpected {type(frame.msg).__name__} for seq {frame.seq}")
-                fut.set_result(frame.msg)
+                if not isinstance(msg, _ANSWERS) or fut is None:
+                    raise ProtocolError(f"unexpected {type(msg).__name__} for seq {frame.seq}")
+                if isinstance(msg, m.Ack) and msg.status:
+                    self._failed(frame.seq, msg.status, msg.message)
+                if not fut.done():
+                    fut.set_result(msg)
         except (ProtocolError, ConnectionError) as exc:
             reason = str(exc)
         self._lose(reason)
 
+    def drop(self, reason: str) -> None:
+        """End the current stream now (the link reconnects and resyncs)."""
+        self._lose(reason)
+
     def _lose(self, reason: str) -> None:
         if self.connected:
-            log.error("Replication stream lost, running alone (full resync needed): %s", reason)
+            log.warning("Replication stream lost, running alone (full resync needed): %s", reason)
+            self.lost_reason = reason
         self.connected = False
         self.diverged = True
         for fut in self._pending.values():
@@ -102,6 +137,7 @@ class Sender:
         self._pending.clear()
         if self._writer is not None:
             self._writer.writer.close()
+        self.closed.set()
 
     async def close(self) -> None:
         """Close the stream after the acks of everything sent."""
@@ -117,3 +153,10 @@ class Sender:
             self._acks.cancel()
             with contextlib.suppress(asyncio.CancelledError):
                 await self._acks
+        self.closed.set()
+
+
+def _retrieved(fut: asyncio.Future[m.Message]) -> None:
+    """Mark a lost stream's exception as seen: nobody awaits the resync's own frames one by one."""
+    if not fut.cancelled():
+        fut.exception()

@@ -1,4 +1,4 @@
-"""Framing of replication protocol version 1: length prefix, msgpack header, raw data; pure codec + streams."""
+"""Framing of replication protocol version 2: length prefix, msgpack header, raw data; pure codec + streams."""
 
 from __future__ import annotations
 
@@ -14,7 +14,7 @@ from agent.replication import messages as m
 from agent.replication.beneath import PathEscape, split_relpath
 
 MAGIC = b"TNDM"
-VERSION = 1
+VERSION = 2
 MAX_DATA = 64 * 1024 * 1024
 MAX_HEADER = 256 * 1024
 MAX_PATH = 64 * 1024
@@ -293,13 +293,14 @@ class FrameWriter:
     def __init__(self, writer: asyncio.StreamWriter) -> None:
         self.writer = writer
 
-    def send_nowait(self, frame: Frame) -> None:
-        """Queue a frame on the transport (call drain() for backpressure)."""
+    def send_nowait(self, frame: Frame) -> int:
+        """Queue a frame on the transport (call drain() for backpressure); return its size in bytes."""
         head, data = encode_parts(frame)
         if data:
             self.writer.writelines((head, data))
         else:
             self.writer.write(head)
+        return len(head) + len(data)
 
     async def send(self, frame: Frame) -> None:
         """Write a frame and wait for the transport's buffer to drain."""

@@ -2,13 +2,16 @@
 
 from __future__ import annotations
 
+import json
 import signal
 import socket
 import subprocess
 import sys
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 REPO = Path(__file__).resolve().parents[3]
 
@@ -42,34 +45,68 @@ class Pair:
     logs: Path
     procs: dict[str, subprocess.Popen[bytes]] = field(default_factory=dict)
 
-    def start(self, ack: str, secret: Path | None = None, *, secondary_mount: bool = True) -> None:
-        """Start both replicators and wait until the primary (and the secondary, if asked) is mounted."""
-        port = free_port()
-        common = [sys.executable, "-m", "agent.replication.replicator"]
-        auth = ["--secret-file", str(secret)] if secret else []
-        mount = [] if secondary_mount else ["--no-mount"]
-        secondary = ["--role", "secondary", "--dir", str(self.secondary_dir), "--listen", f"127.0.0.1:{port}"]
-        primary = ["--role", "primary", "--dir", str(self.primary_dir), "--peer", f"127.0.0.1:{port}", "--ack", ack]
-        self._spawn("secondary", [*common, *secondary, "--node", "node2", *auth, *mount])
-        self._spawn("primary", [*common, *primary, "--node", "node1", *auth])
-        self._wait_mounted(self.primary_dir)
-        if secondary_mount:
-            self._wait_mounted(self.secondary_dir)
+    port: int = 0
+    ack: str = "received"
+    secret: Path | None = None
 
-    def _wait_mounted(self, path: Path) -> None:
-        deadline = time.monotonic() + 20
-        while not mounted(path):
-            for role, proc in self.procs.items():
-                if proc.poll() is not None:
-                    raise RuntimeError(f"{role} replicator exited with {proc.returncode}: {self.log(role)}")
+    def start(self, ack: str, secret: Path | None = None, *, secondary_mount: bool = True) -> None:
+        """Start both replicators and wait until the primary has resynced the secondary and is in sync."""
+        self.start_secondary(ack, secret, mount=secondary_mount)
+        self.start_primary()
+        self.wait_in_sync()
+
+    def start_secondary(self, ack: str = "received", secret: Path | None = None, *, mount: bool = True) -> None:
+        """Start (or restart, on the same port) the secondary and wait for it to listen."""
+        self.port, self.ack, self.secret = self.port or free_port(), ack, secret
+        cmd = ["--role", "secondary", "--dir", str(self.secondary_dir), "--listen", f"127.0.0.1:{self.port}"]
+        self._spawn("secondary", [*cmd, "--node", "node2", *self._auth(), *([] if mount else ["--no-mount"])])
+        self.wait_event("secondary", lambda e: e["event"] == "listening")
+
+    def start_primary(self) -> None:
+        """Start the primary (which mounts at once, whether the secondary runs or not) and wait for its mount."""
+        self.port = self.port or free_port()
+        cmd = ["--role", "primary", "--dir", str(self.primary_dir), "--peer", f"127.0.0.1:{self.port}"]
+        self._spawn("primary", [*cmd, "--ack", self.ack, "--node", "node1", *self._auth()])
+        self.wait_event("primary", lambda e: e["event"] == "mounted")
+        assert mounted(self.primary_dir)
+
+    def _auth(self) -> list[str]:
+        return ["--secret-file", str(self.secret)] if self.secret else []
+
+    def events(self, role: str) -> list[dict[str, Any]]:
+        """Every event the replicator wrote on stdout so far."""
+        path = self.logs / f"{role}.events"
+        lines = path.read_text().splitlines() if path.exists() else []
+        return [json.loads(line) for line in lines if line.endswith("}")]
+
+    def wait_event(
+        self, role: str, match: Callable[[dict[str, Any]], bool], timeout: float = 30, after: int = 0
+    ) -> dict[str, Any]:
+        """Wait for an event (from index `after` on) that matches; fail if the process exits first."""
+        deadline = time.monotonic() + timeout
+        while True:
+            for event in self.events(role)[after:]:
+                if match(event):
+                    return event
+            proc = self.procs[role]
+            if proc.poll() is not None and not any(match(e) for e in self.events(role)[after:]):
+                raise RuntimeError(f"{role} replicator exited with {proc.returncode}: {self.log(role)}")
             if time.monotonic() > deadline:
-                raise TimeoutError(f"{path} was not mounted: {self.log('primary')}{self.log('secondary')}")
+                raise TimeoutError(f"no matching {role} event: {self.events(role)} {self.log(role)}")
             time.sleep(0.05)
 
+    def wait_in_sync(self, after: int = 0, timeout: float = 60) -> dict[str, Any]:
+        """Wait until the primary reports the peer in sync (from event index `after` on)."""
+        return self.wait_event("primary", lambda e: e.get("state") == "in-sync", timeout, after)
+
     def _spawn(self, role: str, cmd: list[str]) -> None:
-        out = open(self.logs / f"{role}.log", "wb")  # noqa: SIM115 - closed with the process
-        self.procs[role] = subprocess.Popen(cmd, cwd=REPO, stdout=out, stderr=subprocess.STDOUT)
+        # Logs (stderr) and events (stdout) append, so a restarted replicator keeps the earlier ones.
+        err = open(self.logs / f"{role}.log", "ab")  # noqa: SIM115 - closed with the process
+        out = open(self.logs / f"{role}.events", "ab")  # noqa: SIM115
+        full = [sys.executable, "-m", "agent.replication.replicator", *cmd]
+        self.procs[role] = subprocess.Popen(full, cwd=REPO, stdout=out, stderr=err)
         out.close()
+        err.close()
 
     def pid(self, role: str) -> int:
         return self.procs[role].pid

@@ -82,8 +82,8 @@ async def test_operation_before_hello_is_a_protocol_error(ends: Ends) -> None:
 
 async def test_future_version_is_refused_with_both_numbers(ends: Ends) -> None:
     (_, cw), (sr, sw) = ends
-    # A v2 Hello may carry more fields; the answer must still name both versions.
-    packed = msgpack.packb([1, 0, wire.MAGIC, 2, "n", b"n" * 32, STREAM, "durable", "extra"], use_bin_type=True)
+    # A v3 Hello may carry more fields; the answer must still name both versions.
+    packed = msgpack.packb([1, 0, wire.MAGIC, 3, "n", b"n" * 32, STREAM, "durable", "extra"], use_bin_type=True)
     cw.writer.write(wire.PREFIX.pack(4 + len(packed), len(packed)) + packed)
-    with pytest.raises(wire.ProtocolError, match="version 2, this node speaks 1"):
+    with pytest.raises(wire.ProtocolError, match="version 3, this node speaks 2"):
         await handshake.server_handshake(sr, sw, "node2", None, lambda s: 0)

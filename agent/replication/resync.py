@@ -1,0 +1,351 @@
+"""The primary's online resync: makes the secondary's tree equal to its own while live writes flow."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import errno
+import logging
+import os
+import stat
+from dataclasses import dataclass, field
+
+import msgpack
+
+from agent.replication import blocks, listing, syscalls
+from agent.replication import messages as m
+from agent.replication.beneath import Beneath, PathEscape
+from agent.replication.events import Events
+from agent.replication.listing import Entry
+from agent.replication.sender import Sender
+
+log = logging.getLogger(__name__)
+# Errors that a second pass cannot repair: the secondary cannot hold the copy.
+FATAL = frozenset({errno.ENOSPC, errno.EDQUOT, errno.EIO, errno.EROFS, errno.EFBIG, errno.ENOMEM})
+ROUNDS = 20
+_PUNCH = syscalls.FALLOC_FL_PUNCH_HOLE | syscalls.FALLOC_FL_KEEP_SIZE
+_DESTINATIONS = (m.Rename, m.Link)
+
+
+class ResyncError(Exception):
+    """The resync cannot complete (the secondary failed a change, or the tree never settles)."""
+
+
+@dataclass
+class Touch:
+    """Live writes to a file while its blocks are being compared."""
+
+    whole: bool = False
+    blocks: set[int] = field(default_factory=set)
+
+
+@dataclass
+class Stats:
+    """What one resync did."""
+
+    files: int = 0
+    data_bytes: int = 0
+    wire_bytes: int = 0
+    rounds: int = 0
+
+
+def join(parent: bytes, name: bytes) -> bytes:
+    """A root-relative child path."""
+    return name if parent == b"" else parent + b"/" + name
+
+
+def parent_of(path: bytes) -> bytes:
+    """The root-relative parent path (the root's parent is the root)."""
+    return path.rpartition(b"/")[0]
+
+
+def paths_of(msg: m.Message) -> tuple[bytes, ...]:
+    """Every path an operation names."""
+    return tuple(getattr(msg, f) for f in ("path", "old", "new", "target") if isinstance(getattr(msg, f, None), bytes))
+
+
+def _same_kind(local: Entry, remote: Entry) -> bool:
+    if local.kind != remote.kind:
+        return False
+    if local.kind == stat.S_IFLNK:
+        return local.target == remote.target
+    if local.kind in (stat.S_IFCHR, stat.S_IFBLK):
+        return local.rdev == remote.rdev
+    return True
+
+
+class Resync:
+    """One resync over the current stream; run() returns when the secondary's tree equals ours."""
+
+    def __init__(self, root_fd: int, sender: Sender, events: Events) -> None:
+        self.beneath = Beneath(root_fd)
+        self.root_fd = root_fd
+        self.sender = sender
+        self.events = events
+        self.stats = Stats()
+        self.recheck: set[bytes] = set()
+        self.touched: dict[bytes, Touch] = {}
+        self.paths: dict[int, tuple[bytes, ...]] = {}
+        self.links: dict[int, tuple[bytes, int | None]] = {}
+        self.fatal: str | None = None
+        self.remaining_files = 0
+        self.remaining_bytes = 0
+
+    async def run(self) -> Stats:
+        """Compare and repair the whole tree, then repair what live changes raced with, until settled."""
+        self.sender.observer, self.sender.on_error = self._observe, self._error
+        start_bytes = self.sender.sent_bytes
+        try:
+            self.remaining_files, self.remaining_bytes = await asyncio.to_thread(self._count)
+            self.events.progress(self.remaining_bytes, self.remaining_files, force=True)
+            self._send(m.SyncBegin())
+            roots = [b""]
+            for self.stats.rounds in range(1, ROUNDS + 1):
+                for root in roots:
+                    await self._sync_tree(root)
+                await self._barrier(m.SyncMark())
+                if not self.recheck:
+                    await self._barrier(m.SyncEnd())
+                    if not self.recheck:
+                        break
+                    self._send(m.SyncBegin())
+                roots, self.recheck = self._roots(), set()
+            else:
+                raise ResyncError(f"the tree kept changing for {ROUNDS} rounds")
+        finally:
+            self.sender.observer = self.sender.on_error = None
+        self.stats.wire_bytes = self.sender.sent_bytes - start_bytes
+        return self.stats
+
+    # --- bookkeeping -----------------------------------------------------------------------------
+
+    def _count(self) -> tuple[int, int]:
+        files = size = 0
+        for _, _, names, dir_fd in os.fwalk(".", dir_fd=self.root_fd):
+            for name in names:
+                with contextlib.suppress(OSError):
+                    st = os.stat(name, dir_fd=dir_fd, follow_symlinks=False)
+                    if stat.S_ISREG(st.st_mode):
+                        files, size = files + 1, size + st.st_size
+        return files, size
+
+    def _observe(self, msg: m.Message) -> None:
+        """A live operation is about to be sent: note what it may have raced with."""
+        if self.sender.connected:
+            self.paths[self.sender.seq + 1] = paths_of(msg)
+        if isinstance(msg, _DESTINATIONS):
+            self.recheck.add(parent_of(msg.path if isinstance(msg, m.Link) else msg.new))
+        for path in paths_of(msg):
+            touch = self.touched.get(path)
+            if touch is None:
+                continue
+            if isinstance(msg, m.Write) and msg.data:
+                first, last = msg.offset // blocks.BLOCK, (msg.offset + len(msg.data) - 1) // blocks.BLOCK
+                touch.blocks.update(range(first, last + 1))
+            elif not isinstance(msg, (m.Write, m.Fsync, m.Setxattr, m.Removexattr)):
+                touch.whole = True
+
+    def _error(self, seq: int, status: int, message: str) -> None:
+        """The secondary failed a frame sent during the resync."""
+        if status in FATAL:
+            self.fatal = self.fatal or f"{message} (errno {status})"
+            return
+        paths = self.paths.get(seq, ())
+        log.info("Resync: seq=%d raced with a live change (%s); rechecking %r", seq, message, paths)
+        self.recheck.update(parent_of(p) for p in paths)
+        if not paths:
+            self.recheck.add(b"")
+
+    def _send(self, msg: m.Message) -> asyncio.Future[m.Message]:
+        fut = self.sender.send(msg)
+        if fut is None:
+            raise ConnectionError(self.sender.lost_reason or "replication stream lost")
+        self.paths[self.sender.seq] = paths_of(msg)
+        return fut
+
+    async def _barrier(self, msg: m.Message) -> None:
+        fut = self._send(msg)
+        seq = self.sender.seq
+        await fut
+        self._check()
+        for done in [s for s in self.paths if s <= seq]:
+            del self.paths[done]
+
+    def _check(self) -> None:
+        if self.fatal is not None:
+            raise ResyncError(f"the secondary failed a change: {self.fatal}")
+        if not self.sender.connected:
+            raise ConnectionError(self.sender.lost_reason or "replication stream lost")
+
+    def _roots(self) -> list[bytes]:
+        found: set[bytes] = set()
+        for path in self.recheck:
+            while path and not self._is_dir(path):
+                path = parent_of(path)
+            found.add(path)
+        roots: list[bytes] = []
+        for path in sorted(found, key=len):
+            if not any(r == b"" or path == r or path.startswith(r + b"/") for r in roots):
+                roots.append(path)
+        return roots
+
+    def _is_dir(self, path: bytes) -> bool:
+        try:
+            with self.beneath.inode(path) as (_, st):
+                return stat.S_ISDIR(st.st_mode)
+        except (OSError, PathEscape):
+            return False
+
+    # --- namespace -------------------------------------------------------------------------------
+
+    async def _sync_tree(self, path: bytes) -> None:
+        try:
+            with self.beneath.inode(path) as (fd, st):
+                if not stat.S_ISDIR(st.st_mode):
+                    self.recheck.add(parent_of(path))
+                    return
+                await self._sync_dir(path, fd)
+                self._send_attrs(path, fd, None, force=True)
+        except (FileNotFoundError, NotADirectoryError, PathEscape):
+            if path:
+                self.recheck.add(parent_of(path))
+
+    async def _sync_dir(self, path: bytes, fd: int) -> None:
+        answer = await self._send(m.SyncDir(path))
+        if not isinstance(answer, m.Listing):
+            return  # the error handler queued a recheck of the parent
+        remote = listing.decode(answer.entries)
+        names = listing.names_in(fd)
+        present = set(names)
+        for name in sorted(remote.keys() - present):
+            with contextlib.suppress(FileNotFoundError):
+                os.stat(name, dir_fd=fd, follow_symlinks=False)
+                continue  # created meanwhile: the live Create already reached the secondary
+            self._send(m.SyncRemove(join(path, name)))
+        for name in names:
+            await self._sync_entry(fd, path, name, remote.get(name))
+            self._check()
+
+    async def _sync_entry(self, dir_fd: int, parent: bytes, name: bytes, remote: Entry | None) -> None:
+        path = join(parent, name)
+        try:
+            fd = os.open(name, os.O_PATH | os.O_NOFOLLOW | os.O_CLOEXEC, dir_fd=dir_fd)
+        except FileNotFoundError:
+            return  # removed meanwhile; the live Unlink or Rename went out in order
+        try:
+            await self._sync_inode(fd, path, remote)
+        except (FileNotFoundError, NotADirectoryError, PathEscape):
+            self.recheck.add(parent)  # a live change moved it under us
+        finally:
+            os.close(fd)
+
+    async def _sync_inode(self, fd: int, path: bytes, remote: Entry | None) -> None:
+        local = listing.describe(fd, b"-")
+        if remote is not None and (not _same_kind(local, remote) or self._shares_wrongly(local, remote)):
+            self._send(m.SyncRemove(path))
+            remote = None
+        if self._linked(local, path, remote):
+            return
+        if remote is None:
+            self._create(path, local)
+        if local.kind == stat.S_IFREG:
+            await self._sync_content(fd, path, fresh=remote is None)
+            self.remaining_files -= 1
+            self.remaining_bytes -= local.size
+            self.stats.files += 1
+            self.events.progress(self.remaining_bytes, self.remaining_files)
+        elif local.kind == stat.S_IFDIR:
+            await self._sync_dir(path, fd)
+        # Our writes (or the directory's children) moved the secondary's mtime: times always go.
+        self._send_attrs(path, fd, remote, force=local.kind in (stat.S_IFREG, stat.S_IFDIR))
+
+    @staticmethod
+    def _shares_wrongly(local: Entry, remote: Entry) -> bool:
+        # The secondary's inode has other names while ours has one: writing it would change them too.
+        return local.kind != stat.S_IFDIR and local.nlink == 1 and remote.nlink > 1
+
+    def _linked(self, local: Entry, path: bytes, remote: Entry | None) -> bool:
+        """Hard links: the first name of an inode is synced, every later name is linked to it."""
+        if local.kind == stat.S_IFDIR or local.nlink < 2:
+            return False
+        first = self.links.get(local.ino)
+        if first is None or first[0] == path:
+            self.links[local.ino] = (path, remote.ino if remote is not None else None)
+            return False
+        if remote is None or first[1] is None or remote.ino != first[1]:
+            if remote is not None:
+                self._send(m.SyncRemove(path))
+            self._send(m.Link(first[0], path))
+        return True
+
+    def _create(self, path: bytes, e: Entry) -> None:
+        perm = stat.S_IMODE(e.mode)
+        if e.kind == stat.S_IFREG:
+            self._send(m.Create(path, perm, e.uid, e.gid, 0))
+        elif e.kind == stat.S_IFDIR:
+            self._send(m.Mkdir(path, perm, e.uid, e.gid))
+        elif e.kind == stat.S_IFLNK:
+            self._send(m.Symlink(path, e.target, e.uid, e.gid))
+        else:
+            self._send(m.Mknod(path, e.mode, e.rdev, e.uid, e.gid))
+
+    def _send_attrs(self, path: bytes, fd: int, remote: Entry | None, *, force: bool) -> None:
+        """Owner, mode, times and xattrs as ours are now; skipped when the secondary's already match."""
+        local = listing.describe(fd, b"-")
+        if local.kind in (stat.S_IFREG, stat.S_IFDIR) and local.xattrs != (remote.xattrs if remote else 0):
+            pairs = [list(p) for p in listing.xattrs_of(fd)]
+            self._send(m.SyncXattrs(path, msgpack.packb(pairs, use_bin_type=True)))
+        same = not force and remote is not None and (remote.mode, remote.uid, remote.gid, remote.mtime_ns) == (
+            local.mode, local.uid, local.gid, local.mtime_ns,
+        )  # fmt: skip
+        if not same:
+            mode = None if local.kind == stat.S_IFLNK else stat.S_IMODE(local.mode)
+            self._send(m.Setattr(path, mode, local.uid, local.gid, None, local.atime_ns, local.mtime_ns))
+
+    # --- content ---------------------------------------------------------------------------------
+
+    async def _sync_content(self, pfd: int, path: bytes, *, fresh: bool) -> None:
+        fd = os.open(listing.proc(pfd), os.O_RDONLY | os.O_CLOEXEC)
+        touch = self.touched[path] = Touch()
+        try:
+            if fresh:
+                remote_size, remote = 0, []
+                _, local = await asyncio.to_thread(blocks.file_digests, fd)
+            else:
+                asked = self._send(m.SyncSums(path))
+                _, local = await asyncio.to_thread(blocks.file_digests, fd)
+                answer = await asked
+                if not isinstance(answer, m.Sums):
+                    return  # the error handler queued a recheck
+                remote_size, remote = answer.size, blocks.unpack(answer.digests)
+            await self._send_blocks(fd, path, touch, local, remote, remote_size)
+        finally:
+            del self.touched[path]
+            os.close(fd)
+
+    async def _send_blocks(
+        self, fd: int, path: bytes, touch: Touch, local: list[int], remote: list[int], remote_size: int
+    ) -> None:
+        size = os.fstat(fd).st_size
+        if size != remote_size:
+            self._send(m.Truncate(path, size))
+        for k in range((size + blocks.BLOCK - 1) // blocks.BLOCK):
+            theirs = remote[k] if k < len(remote) else blocks.HOLE
+            if touch.whole or k in touch.blocks or k >= len(local) or local[k] != theirs:
+                # Read and queued without yielding: no live write to this file can slip in between.
+                self._send_block(fd, path, k)
+                await self.sender.drain()
+                self._check()
+
+    def _send_block(self, fd: int, path: bytes, k: int) -> None:
+        start, size = k * blocks.BLOCK, os.fstat(fd).st_size
+        if start >= size:
+            return
+        end = min(start + blocks.BLOCK, size)
+        segs = blocks.data_ranges(fd, end, start)
+        if segs != [(start, end)]:
+            self._send(m.Fallocate(path, _PUNCH, start, end - start))
+        for a, b in segs:
+            data = os.pread(fd, b - a, a)
+            self._send(m.Write(path, a, data))
+            self.stats.data_bytes += len(data)
