@@ -6,13 +6,15 @@ becomes the command, timeout and address that agent/scripts.py and agent/vip.py 
 
 from __future__ import annotations
 
+import asyncio
 import logging
 from dataclasses import dataclass, field
 from pathlib import Path
 
 from agent import vip
+from agent.replication.supervisor import Replicator, ReplicatorError
 from agent.scripts import ScriptRunner
-from controller.resources import Module, VirtualIP
+from controller.resources import Module, ReplicatedDir, VirtualIP
 from controller.resources.durations import parse_duration
 from controller.transitions import Step
 
@@ -20,8 +22,27 @@ log = logging.getLogger("tandem.actuators")
 START_TIMEOUT = 300.0
 
 
+REPLICATION_PORT_BASE = 9100
+
+
 class StepFailed(Exception):
     """A step did not do what it must; the message says which and why."""
+
+
+@dataclass(frozen=True)
+class ModuleContext:
+    """One module as the actuators need it this tick: its spec, addresses, directories and peer."""
+
+    module: Module
+    vips: list[VirtualIP]
+    dirs: list[tuple[ReplicatedDir, int]]  # each directory with its replication port
+    address: str | None = None  # this node's address for the replication stream
+    peer_address: str | None = None
+
+
+def replication_ports(dirs: list[ReplicatedDir]) -> dict[str, int]:
+    """The same port for each directory on every node: its rank among all directories, by name."""
+    return {d.name: REPLICATION_PORT_BASE + i for i, d in enumerate(sorted(dirs, key=lambda d: d.name))}
 
 
 @dataclass
@@ -32,6 +53,8 @@ class Actuators:
     state_dir: Path
     ledger: vip.Ledger = field(init=False)
     _runners: dict[str, ScriptRunner] = field(default_factory=dict)
+    replicators: dict[str, list[Replicator]] = field(default_factory=dict)  # by module
+    _background: set[asyncio.Task[None]] = field(default_factory=set)
 
     def __post_init__(self) -> None:
         self.ledger = vip.Ledger(self.state_dir / "addresses.json")
@@ -45,14 +68,17 @@ class Actuators:
             self._runners[module] = ScriptRunner(module=module, node=self.node, app_log=self.app_log(module))
         return self._runners[module]
 
-    async def run(self, step: Step, module: Module, vips: list[VirtualIP], *, role: str) -> None:
+    async def run(self, step: Step, ctx: ModuleContext, *, role: str) -> None:
         """Carry out one step; raise ``StepFailed`` if a start script fails or an address cannot be set."""
+        module = ctx.module
         if step == Step.VIP_UP:
-            for address in vips:
+            for address in ctx.vips:
                 await self._vip_up(address)
         elif step == Step.VIP_DOWN:
-            for address in vips:
+            for address in ctx.vips:
                 await vip.ensure_absent(address.spec.address, address.spec.interface, ledger=self.ledger)
+        elif step == Step.REPLICATION:
+            await self.replicate(ctx, role)
         elif step == Step.RESTART_PRIM:
             await self._stop(module, "stopPrim", role)
             await self._start(module, "startPrim", role)
@@ -61,20 +87,78 @@ class Actuators:
         else:
             await self._start(module, str(step), role)
 
+    async def replicate(self, ctx: ModuleContext, role: str) -> None:
+        """Stop the module's replicators, then start them in ``role`` (primary, secondary or none)."""
+        for replicator in self.replicators.pop(ctx.module.name, []):
+            await replicator.stop()
+        if role == "none" or not ctx.dirs:
+            return
+        if ctx.address is None or ctx.peer_address is None:
+            raise StepFailed(
+                f"module {ctx.module.name} replicates but no Cluster gives this node and its peer addresses"
+            )
+        secret = self.state_dir / "cluster.key"
+        started: list[Replicator] = []
+        self.replicators[ctx.module.name] = started
+        for rdir, port in ctx.dirs:
+            replicator = Replicator(
+                directory=Path(rdir.spec.path),
+                role="primary" if role == "prim" else "secondary",
+                node=self.node,
+                peer=(ctx.peer_address, port) if role == "prim" else None,
+                listen=(ctx.address, port) if role != "prim" else None,
+                ack="durable" if rdir.spec.ack == "durable" else "received",
+                secret_file=secret if secret.exists() else None,
+                log_path=self.state_dir / "logs" / f"{rdir.name}.replicator.log",
+            )
+            try:
+                await replicator.start()
+            except ReplicatorError as exc:
+                raise StepFailed(f"ReplicatedDir {rdir.name}: {exc}") from None
+            started.append(replicator)
+
+    def replication_state(self, module: str, *, replicated: bool) -> tuple[str, int, bool | None]:
+        """(state for decide, bytes left to sync, whether the secondary was in sync when it lost its peer)."""
+        replicators = self.replicators.get(module, [])
+        if not replicators:
+            return ("disconnected" if replicated else "none"), 0, None
+        states = [r.status.state for r in replicators]
+        remaining = sum(r.status.remaining_bytes for r in replicators)
+        was = [r.status.was_in_sync for r in replicators if r.status.was_in_sync is not None]
+        was_in_sync = all(was) if was else None
+        if all(s == "in-sync" for s in states):
+            return "in-sync", 0, was_in_sync
+        if any(s in ("syncing", "connected", "connecting") for s in states):
+            return "syncing", remaining, was_in_sync
+        return "disconnected", remaining, was_in_sync
+
     async def _vip_up(self, address: VirtualIP) -> None:
         spec = address.spec
         try:
             await vip.ensure_present(spec.address, spec.interface, ledger=self.ledger)
         except vip.VipError as exc:
             raise StepFailed(f"VirtualIP {address.name}: {exc}") from None
-        await self.announce(address)
+        # The first announcement moves the clients; the repeats (for lost frames) must not delay startPrim.
+        await self.announce(address, count=min(1, address.spec.gratuitous_arp.count))
+        if address.spec.gratuitous_arp.count > 1:
+            repeats = asyncio.create_task(self._announce_repeats(address), name=f"garp-{address.name}")
+            self._background.add(repeats)
+            repeats.add_done_callback(self._background.discard)
 
-    async def announce(self, address: VirtualIP) -> None:
+    async def _announce_repeats(self, address: VirtualIP) -> None:
+        garp = address.spec.gratuitous_arp
+        await asyncio.sleep(parse_duration(garp.interval))
+        await self.announce(address, count=garp.count - 1)
+
+    async def announce(self, address: VirtualIP, *, count: int | None = None) -> None:
         """Gratuitous ARP (or neighbour advertisement) for an address this node holds."""
         garp = address.spec.gratuitous_arp
         try:
             await vip.announce(
-                address.spec.address, address.spec.interface, count=garp.count, interval=parse_duration(garp.interval)
+                address.spec.address,
+                address.spec.interface,
+                count=garp.count if count is None else count,
+                interval=parse_duration(garp.interval),
             )
         except (vip.VipError, OSError) as exc:
             log.warning("Could not announce the virtual IP. vip=%s reason=%s", address.name, exc)
@@ -112,6 +196,13 @@ class Actuators:
         await vip.cleanup_stale(self.ledger, set())
 
     async def aclose(self) -> None:
+        """At daemon stop: the replicators unmount; the scripts' output copiers end."""
+        for task in self._background:
+            task.cancel()
+        for replicators in self.replicators.values():
+            for replicator in replicators:
+                await replicator.stop()
+        self.replicators.clear()
         for runner in self._runners.values():
             await runner.aclose()
 

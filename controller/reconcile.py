@@ -17,11 +17,11 @@ from collections.abc import Mapping
 from dataclasses import dataclass, field
 from typing import Any, Literal, Protocol
 
-from controller.actuators import Actuators, StepFailed
+from controller.actuators import Actuators, ModuleContext, StepFailed, replication_ports
 from controller.api.health import Verdicts
-from controller.decide import Decision, Observed, PeerView, State, decide
+from controller.decide import DataRelation, Decision, Observed, PeerView, State, decide
 from controller.membership.heartbeat import ModuleBeat
-from controller.resources import Module, VirtualIP
+from controller.resources import Cluster, Module, ReplicatedDir, VirtualIP
 from controller.resources.durations import parse_duration
 from controller.store import Store, StoreUnavailable
 from controller.transitions import Step, plan
@@ -45,8 +45,7 @@ class ModuleRuntime:
 
     name: str
     enabled: bool
-    module: Module | None = None  # the spec of the last tick, to stop the module if it is deleted
-    vips: list[VirtualIP] = field(default_factory=list)
+    ctx: ModuleContext | None = None  # the module as of the last tick, to stop it if it is deleted
     state: State = State.STOP
     decision: Decision | None = None
     since: float = field(default_factory=time.time)
@@ -118,10 +117,14 @@ class Reconciler:
                 "transition": {"to": rt.target.value, "step": rt.step} if rt.busy and rt.target else None,
                 "lastError": rt.last_error,
                 "since": rt.since,
-                "replication": {"state": "none", "remainingBytes": 0},
+                "replication": self._replication(rt),
             }
             for rt in sorted(self.modules.values(), key=lambda r: r.name)
         ]
+
+    def _replication(self, rt: ModuleRuntime) -> dict[str, Any]:
+        state, remaining, _ = self.actuators.replication_state(rt.name, replicated=bool(rt.ctx and rt.ctx.dirs))
+        return {"state": state, "remainingBytes": remaining}
 
     def command(self, module: str, command: Command) -> str:
         """An operator's command for this node; the next tick acts on it."""
@@ -169,12 +172,11 @@ class Reconciler:
             log.warning("Store unavailable; modules keep their state this tick. reason=%s", exc)
             return
         modules = {r.name: r for r in resources if isinstance(r, Module) and self.node in r.spec.nodes}
-        vips = [r for r in resources if isinstance(r, VirtualIP)]
         for name, module in modules.items():
             rt = self.modules.setdefault(name, ModuleRuntime(name, enabled=module.spec.boot_start))
-            rt.module, rt.vips = module, [v for v in vips if v.spec.module == name]
+            rt.ctx = self._context(module, resources)
             try:
-                self._reconcile(module, rt, rt.vips)
+                self._reconcile(rt.ctx, rt)
             except Exception:  # a bug in one module's tick must not stop the others
                 log.exception("Reconciling a module failed; it keeps its state. module=%s node=%s", name, self.node)
         for name in set(self.modules) - set(modules):
@@ -183,16 +185,36 @@ class Reconciler:
             self._announce = False
             self._announce_held()
 
+    def _context(self, module: Module, resources: list[Any]) -> ModuleContext:
+        dirs = [r for r in resources if isinstance(r, ReplicatedDir)]
+        ports = replication_ports(dirs)
+        cluster = next((r for r in resources if isinstance(r, Cluster)), None)
+        address = peer_address = None
+        peer = next((n for n in module.spec.nodes if n != self.node), None)
+        if cluster is not None:
+            network = cluster.spec.networks[0]
+            by_name = {n.name: n.addresses for n in cluster.spec.nodes}
+            address = by_name.get(self.node, {}).get(network)
+            peer_address = by_name.get(peer, {}).get(network) if peer else None
+        return ModuleContext(
+            module=module,
+            vips=[r for r in resources if isinstance(r, VirtualIP) and r.spec.module == module.name],
+            dirs=[(d, ports[d.name]) for d in dirs if d.spec.module == module.name],
+            address=address,
+            peer_address=peer_address,
+        )
+
     def _announce_held(self) -> None:
         """Gratuitous ARP for every address of a serving module: clients may hold the other node's MAC."""
         for rt in self.modules.values():
             if rt.state.serving and not rt.busy:
-                for address in rt.vips:
+                for address in rt.ctx.vips if rt.ctx else []:
                     task = asyncio.create_task(self.actuators.announce(address), name=f"announce-{address.name}")
                     self._background.add(task)
                     task.add_done_callback(self._background.discard)
 
-    def _reconcile(self, module: Module, rt: ModuleRuntime, vips: list[VirtualIP]) -> None:
+    def _reconcile(self, ctx: ModuleContext, rt: ModuleRuntime) -> None:
+        module = ctx.module
         if rt.busy:
             self._record(module, rt)
             return
@@ -200,13 +222,13 @@ class Reconciler:
         decision = decide(observed)
         self._log(module, rt, decision)
         rt.decision = decision
-        steps = plan(rt.state, decision.state, restart=decision.restart)
+        steps = plan(rt.state, decision.state, restart=decision.restart, replicated=bool(ctx.dirs))
         if decision.restart:
             rt.restarts.append(observed.now)
         rt.swap = rt.restart = False
         if decision.state != rt.state or steps:
             rt.target = decision.state
-            rt.task = asyncio.create_task(self._transition(module, rt, vips, steps), name=f"{module.name}-transition")
+            rt.task = asyncio.create_task(self._transition(ctx, rt, steps), name=f"{module.name}-transition")
         self._record(module, rt)
 
     def _observe(self, module: Module, rt: ModuleRuntime) -> Observed:
@@ -221,6 +243,11 @@ class Reconciler:
         if peer_name is not None and self.membership is not None:
             peer = self.membership.view(peer_name, module.name, timeout=timeout)
         listening = self.membership.listening_since if self.membership and self.membership.listening_since else now
+        replicated = bool(rt.ctx and rt.ctx.dirs)
+        replication, _, was_in_sync = self.actuators.replication_state(module.name, replicated=replicated)
+        data: DataRelation = "unknown"
+        if rt.state == State.SECOND and was_in_sync is not None:
+            data = "same" if was_in_sync else "older"
         waiting = ()
         if rt.start_failures > spec.restart.max_loop:
             waiting = (
@@ -239,6 +266,8 @@ class Reconciler:
             failover=spec.failover,
             peer=peer,
             listening_since=listening,
+            replication=replication,
+            data=data,
             timeout=timeout,
             waiting_on=waiting,
             failure="restart" if rt.restart else None,
@@ -251,17 +280,25 @@ class Reconciler:
             handing_over=bool(last and last.handover and rt.state == State.SECOND),
         )
 
-    async def _transition(self, module: Module, rt: ModuleRuntime, vips: list[VirtualIP], steps: list[Step]) -> None:
+    async def _transition(self, ctx: ModuleContext, rt: ModuleRuntime, steps: list[Step]) -> None:
+        module = ctx.module
         target = rt.target or rt.state
         role = "prim" if target.serving else ("second" if target == State.SECOND else "none")
         done: list[Step] = []
         try:
             for step in steps:
                 rt.step = str(step)
-                await self.actuators.run(step, module, vips, role=role)
+                await self.actuators.run(step, ctx, role=role)
                 done.append(step)
-        except StepFailed as exc:
-            rt.last_error = str(exc)
+        except Exception as exc:  # StepFailed, or a bug: either way the module must not be left half-started
+            if not isinstance(exc, StepFailed):
+                log.exception(
+                    "A transition step raised; treating it as failed. module=%s node=%s step=%s",
+                    module.name,
+                    self.node,
+                    rt.step,
+                )
+            rt.last_error = str(exc) or type(exc).__name__
             rt.start_failures += 1
             log.error(
                 "A transition failed; the module does not serve. module=%s node=%s to=%s error=%s",
@@ -270,9 +307,14 @@ class Reconciler:
                 target,
                 exc,
             )
-            undo = plan(target, State.WAIT) if Step.VIP_UP in done else []
+            undo = (
+                plan(target, State.WAIT, replicated=bool(ctx.dirs))
+                if Step.REPLICATION in done or Step.VIP_UP in done
+                else []
+            )
             for step in undo:
-                await self.actuators.run(step, module, vips, role="none")
+                with contextlib.suppress(StepFailed):
+                    await self.actuators.run(step, ctx, role="none")
             self._set_state(module, rt, State.WAIT if rt.state != State.SECOND else State.SECOND)
             return
         finally:
@@ -316,11 +358,11 @@ class Reconciler:
         """A module deleted, or no longer naming this node: stop it here, then forget it."""
         if rt.busy:
             return
-        if rt.state == State.STOP or rt.module is None:
+        if rt.state == State.STOP or rt.ctx is None:
             del self.modules[rt.name]
             self.verdicts.forget(rt.name)
             log.info("Module no longer runs on this node. module=%s node=%s", rt.name, self.node)
             return
         rt.enabled, rt.target = False, State.STOP
-        steps = plan(rt.state, State.STOP)
-        rt.task = asyncio.create_task(self._transition(rt.module, rt, rt.vips, steps), name=f"{rt.name}-retire")
+        steps = plan(rt.state, State.STOP, replicated=bool(rt.ctx.dirs))
+        rt.task = asyncio.create_task(self._transition(rt.ctx, rt, steps), name=f"{rt.name}-retire")

@@ -23,13 +23,25 @@ class Step(StrEnum):
     STOP_BOTH = "stopBoth"
     POSTSTOP = "poststop"
     RESTART_PRIM = "restartPrim"  # stopPrim then startPrim, the address kept
+    REPLICATION = "replication"  # the replicated directories take the role of the target state
 
 
 RUNNING = frozenset({State.WAIT, State.ALONE, State.PRIM, State.SECOND, State.UP})
 
 
-def plan(current: State, target: State, *, restart: bool = False) -> list[Step]:
-    """The steps from ``current`` to ``target``; none between ALONE and PRIM, or WAIT and SECOND."""
+def replication_role(state: State) -> str:
+    """What the replicated directories are in a state: primary (serving), secondary, or not replicated."""
+    if state.serving:
+        return "primary"
+    return "secondary" if state == State.SECOND else "none"
+
+
+def plan(current: State, target: State, *, restart: bool = False, replicated: bool = False) -> list[Step]:
+    """The steps from ``current`` to ``target``; none between ALONE and PRIM.
+
+    With ``replicated`` directories, the replica role changes after the application stopped
+    serving and before it starts: the primary's mount must be in place when startPrim runs.
+    """
     steps: list[Step] = []
     if restart and current.serving and target.serving:
         return [Step.RESTART_PRIM]
@@ -37,6 +49,8 @@ def plan(current: State, target: State, *, restart: bool = False) -> list[Step]:
         steps += [Step.PRESTART, Step.START_BOTH]
     if current.serving and not target.serving:
         steps += [Step.STOP_PRIM, Step.VIP_DOWN]
+    if replicated and replication_role(current) != replication_role(target):
+        steps.append(Step.REPLICATION)
     if target == State.STOP and current in RUNNING:
         steps += [Step.STOP_BOTH, Step.POSTSTOP]
     if target.serving and not current.serving:

@@ -44,3 +44,23 @@ def test_plan(current: S, target: S, steps: list[Step]) -> None:
 def test_a_restart_keeps_the_address_and_restarts_the_application() -> None:
     assert plan(S.PRIM, S.PRIM, restart=True) == [Step.RESTART_PRIM]
     assert plan(S.SECOND, S.SECOND, restart=True) == []
+
+
+R = Step.REPLICATION
+
+
+@pytest.mark.parametrize(
+    ("current", "target", "steps"),
+    [
+        (S.STOP, S.SECOND, [P, B, R]),
+        (S.SECOND, S.ALONE, [R, UP, SP]),  # the primary's mount is ready before the application starts
+        (S.PRIM, S.SECOND, [XP, DOWN, R]),  # the application is stopped before the mount changes hands
+        (S.PRIM, S.STOP, [XP, DOWN, R, XB, PS]),
+        (S.SECOND, S.WAIT, [R]),
+        (S.WAIT, S.SECOND, [R]),
+        (S.ALONE, S.PRIM, []),
+        (S.STOP, S.WAIT, [P, B]),
+    ],
+)
+def test_plan_with_replicated_directories(current: S, target: S, steps: list[Step]) -> None:
+    assert plan(current, target, replicated=True) == steps
