@@ -3,7 +3,8 @@
 The lab (agent/lab.py) gives each node its own network and mount namespace on two networks, plus a
 client host; nothing touches this machine's own interfaces. Each node runs a real tandemd on the
 embedded store; the module `notes` runs the sample app (controller/demoapp.py, SQLite under
-/var/lib/tandem-demo/notes, a path each node has its own copy of) and follows the VIP. The demo
+/var/lib/tandem-demo/notes, a path each node has its own copy of, kept equal by replication) and
+follows the VIP. The demo
 leaves the lab running and records it in ``<root>/demo.json``; the other verbs drive it from there.
 """
 
@@ -64,6 +65,7 @@ def _manifests(lab: Lab, root: Path, vip: str) -> list[dict[str, Any]]:
             },
         },
         {"kind": "VirtualIP", "metadata": {"name": "notes-vip"}, "spec": {"module": "notes", "address": f"{vip}/24"}},
+        {"kind": "ReplicatedDir", "metadata": {"name": "notes-data"}, "spec": {"module": "notes", "path": APP_DIR}},
     ]
     return [{"apiVersion": "tandem.dev/v1alpha1", **d} for d in docs]
 
@@ -202,8 +204,7 @@ def _instructions() -> None:
         f"  {t} --restore node1     # plug node1 back and start its daemon: it returns as SECOND\n"
         f"  {t} --swap              # give the primary role back to the other node\n"
         f"  {t} --down              # remove the lab and everything in it\n"
-        "Each node keeps its own copy of /var/lib/tandem-demo/notes for now: replication of that\n"
-        "directory joins the demo when the replicator is wired to the cluster (docs/status.md)."
+        "Every note a client got an OK for is on both nodes: after --crash node1, node2 answers with them all."
     )
 
 

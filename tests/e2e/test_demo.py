@@ -33,6 +33,7 @@ def test_the_demo_serves_through_the_vip_fails_over_returns_and_goes_away(tmp_pa
         assert demo(root, "--client") == "node1: 1 notes\n"
         demo(root, "--crash", "node1")
         wait_for("node2 to serve through the VIP", lambda: demo(root, "--client").startswith("node2:"), timeout=30)
+        assert demo(root, "--client") == "node2: 1 notes\n"  # the note node1 acknowledged is on node2
         demo(root, "--restore", "node1")
         wait_for("node1 back as SECOND", lambda: states(root) == {"node1": "SECOND", "node2": "PRIM"}, timeout=30)
         demo(root, "--swap")
