@@ -138,15 +138,22 @@ def cmd_module(args: argparse.Namespace) -> int:
     module = client.get(f"/api/v1/modules/{args.module}")
     urls = _node_urls(client)
     nodes = [args.node] if args.node else list(module["spec"]["nodes"])
-    commands = [(n, args.command) for n in nodes]
+    command = f"failover-{args.switch}" if args.command == "failover" else args.command
+    commands = [(n, command) for n in nodes]
     if args.command == "prim" and args.node:
         commands += [(n, "second") for n in module["spec"]["nodes"] if n != args.node]
+    failed = []
     for node, command in commands:
-        answer = _node_client(client, urls, node).request(
-            "POST", f"/api/v1/modules/{args.module}/commands", {"command": command}
-        )
+        try:
+            answer = _node_client(client, urls, node).request(
+                "POST", f"/api/v1/modules/{args.module}/commands", {"command": command}
+            )
+        except ClientError as exc:
+            failed.append(node)
+            print(f"error: {command} {args.module} on {node}: {exc}", file=sys.stderr)
+            continue
         print(answer["message"])
-    return 0
+    return 1 if failed and (args.node or len(failed) == len(commands)) else 0
 
 
 # --- commands that work locally ----------------------------------------------------------------------------
@@ -278,6 +285,11 @@ def build_parser() -> argparse.ArgumentParser:
         p.add_argument("module")
         p.add_argument("--node", required=command in ("prim", "second"), help="the node that acts")
         p.set_defaults(func=cmd_module, command=command)
+    p = sub.add_parser("failover", parents=[remote], help="off: a lone secondary waits instead of taking over")
+    p.add_argument("module")
+    p.add_argument("switch", choices=["on", "off"])
+    p.add_argument("--node", help="the node that acts (default: every node of the module)")
+    p.set_defaults(func=cmd_module, command="failover")
 
     p = sub.add_parser("validate", help="check manifests offline, reporting every problem")
     p.add_argument("-f", "--filename", action="append", required=True, help="a manifest file or directory")

@@ -166,7 +166,7 @@ def _peer_lost(o: Observed) -> Decision:
         return Decision(State.WAIT, "ForcedSecondary", f"{o.node} is forced secondary and its peer is silent")
     if o.data == "older" or (o.state == State.SECOND and o.replication == "syncing"):
         return Decision(State.WAIT, "NotInSync", f"{o.node} may not take over: its copy of the data is incomplete")
-    if not o.failover and o.state == State.SECOND:
+    if not o.failover and o.state in (State.SECOND, State.WAIT):
         return Decision(State.WAIT, "FailoverDisabled", f"{o.node} keeps waiting: failover is off")
     reason = "FailedOver" if o.state == State.SECOND else "StartedAlone"
     return Decision(State.ALONE, reason, f"{o.node} serves alone: its peer is silent for {o.timeout:g}s")

@@ -27,7 +27,7 @@ from controller.store import Store, StoreUnavailable
 from controller.transitions import Step, plan
 
 log = logging.getLogger("tandem.reconcile")
-Command = Literal["start", "stop", "restart", "swap", "prim", "second"]
+Command = Literal["start", "stop", "restart", "swap", "prim", "second", "failover-on", "failover-off"]
 
 
 class Membership(Protocol):
@@ -58,6 +58,7 @@ class ModuleRuntime:
     swap: bool = False
     forced: Literal["prim", "second"] | None = None
     restart: bool = False
+    failover: bool | None = None  # `tandem failover MODULE on|off`: overrides spec.failover on this node
 
     @property
     def busy(self) -> bool:
@@ -139,6 +140,8 @@ class Reconciler:
             rt.restart = True
         elif command == "swap":
             rt.swap = True
+        elif command in ("failover-on", "failover-off"):
+            rt.failover = command == "failover-on"
         else:
             rt.forced = command
         self._wake.set()
@@ -263,7 +266,7 @@ class Reconciler:
             mode=spec.mode,
             preferred=spec.preferred_primary,
             auto_swap=spec.auto_swap,
-            failover=spec.failover,
+            failover=spec.failover if rt.failover is None else rt.failover,
             peer=peer,
             listening_since=listening,
             replication=replication,

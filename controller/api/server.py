@@ -17,7 +17,7 @@ from controller.store import NotFound, Store, StoreError
 
 log = logging.getLogger("tandem.api")
 PLURALS = {cls.PLURAL: cls for cls in KINDS.values()}
-COMMANDS = ("start", "stop", "restart", "swap", "prim", "second")
+COMMANDS = ("start", "stop", "restart", "swap", "prim", "second", "failover-on", "failover-off")
 Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
 
 

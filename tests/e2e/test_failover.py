@@ -114,3 +114,14 @@ def test_a_stop_script_that_hangs_is_killed_and_the_module_still_stops(tmp_path:
             pid = int((tmp_path / f"{mode}.pid").read_text())
             assert not Path(f"/proc/{pid}").exists() or "zombie" in Path(f"/proc/{pid}/status").read_text().lower()
         wait_for("node2 to take over", lambda: c.status("node2").get("node2") in ("ALONE", "PRIM"), timeout=30)
+
+
+def test_with_failover_off_a_lone_secondary_waits(cluster: LabCluster) -> None:
+    wait_for("the app on node1", lambda: cluster.app_answer() == "200 node1")
+    cluster.cli("node2", "failover", "app", "off")
+    cluster.kill("node1")
+    cluster.lab.isolate("node1")
+    wait_for("node2 to wait", lambda: cluster.status("node2").get("node2") == "WAIT", timeout=30)
+    assert cluster.app_answer() is None
+    cluster.cli("node2", "failover", "app", "on")
+    wait_for("node2 to take over once failover is on", lambda: cluster.app_answer() == "200 node2", timeout=30)

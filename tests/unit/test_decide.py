@@ -75,6 +75,7 @@ CASES = [
     (obs(S.SECOND, None, now=200.0, replication="syncing", data="unknown"), S.WAIT, "NotInSync"),
     (obs(S.SECOND, None, now=200.0, data="older"), S.WAIT, "NotInSync"),
     (obs(S.SECOND, None, now=200.0, failover=False), S.WAIT, "FailoverDisabled"),
+    (obs(S.WAIT, None, now=200.0, failover=False), S.WAIT, "FailoverDisabled"),  # it stays waiting
     (obs(S.SECOND, None, now=200.0, witness=False), S.WAIT, "WitnessUnreachable"),
     (obs(S.PRIM, None, now=200.0, witness=False), S.WAIT, "WitnessUnreachable"),
     (obs(S.SECOND, None, now=200.0, witness=True), S.ALONE, "FailedOver"),
