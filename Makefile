@@ -11,13 +11,13 @@ demo-down: setup
 	.venv/bin/tandem demo --down
 
 test: setup
-	.venv/bin/ruff check controller agent tests
+	.venv/bin/ruff check controller agent tests bench
 	.venv/bin/lint-imports
 	.venv/bin/pytest
 
 lint: setup
-	.venv/bin/ruff check controller agent tests
-	.venv/bin/ruff format --check controller agent tests
+	.venv/bin/ruff check controller agent tests bench
+	.venv/bin/ruff format --check controller agent tests bench
 	.venv/bin/lint-imports
 
 crds: setup

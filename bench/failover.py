@@ -1,0 +1,617 @@
+"""Failover benchmark: Tandem vs keepalived, side by side in one run, in the network-namespace lab.
+
+Run as root from the repository: `.venv/bin/python -m bench.failover [--runs N | --quick]`.
+
+What is measured, the same way for every system:
+
+- a client host opens a new HTTP connection to the VIP every 20 ms (a small poller inside the client
+  namespace, one thread per attempt, 1 s timeout) and logs start/end time, the answering node or the error;
+- once node1 has served steadily, after a random delay (uniform 0-1 s: a random phase of the heartbeat,
+  advert and reconcile cycles) node1's daemon (tandemd / keepalived) and its app get SIGKILL and all of
+  node1's cables are cut (`Lab.isolate`);
+- failover = first reply from node2 through the VIP (end of that request) minus the moment of the failure.
+
+Tandem: two nodes, pulse 100 ms, timeout 1 s (tests/e2e/lab_cluster.py). keepalived: VRRPv3 on `lan` only,
+unicast peers inside the lab, the same app running on both nodes, once with `advert_int` 0.1 (the same
+pulse as Tandem) and once with the advert that gives the same ~1 s detection as Tandem's timeout.
+Partition heal (Tandem): isolate node1 without killing it, wait until node2 serves, heal, and measure
+until the client gets answers steadily again.
+
+Every run gets a fresh lab; runs of the systems are interleaved; every lab and process is removed on
+exit, Ctrl-C or failure. All traffic stays inside the lab's namespaces.
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import datetime
+import json
+import os
+import platform
+import random
+import re
+import shutil
+import signal
+import statistics
+import subprocess
+import sys
+import tempfile
+import textwrap
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+REPO = Path(__file__).resolve().parents[1]
+if str(REPO) not in sys.path:  # tests/ is a namespace package found from the repository root
+    sys.path.insert(0, str(REPO))
+
+from agent.lab import Lab, LabProcess, cleanup_stale  # noqa: E402
+from tests.e2e.lab_cluster import APP_PORT, LabCluster  # noqa: E402
+
+PREFIX = "tbfo-"
+KEEPALIVED = "/usr/sbin/keepalived"
+POLL_INTERVAL = 0.02
+POLL_TIMEOUT = 1.0
+STEADY = 25  # consecutive answers from one node (0.5 s) count as "serving steadily"
+TANDEM_TIMEOUT = 1.0
+
+# The client: a new TCP connection to the VIP every INTERVAL, one thread per attempt, bounded in count
+# and time. One line per attempt: index, start, end (CLOCK_MONOTONIC, shared by every namespace), result.
+POLLER = textwrap.dedent(
+    """\
+    import socket, sys, threading, time
+    host, port = sys.argv[1], int(sys.argv[2])
+    interval, timeout, duration, limit = map(float, sys.argv[3:7])
+    lock = threading.Lock()
+    def attempt(i, start):
+        try:
+            with socket.create_connection((host, port), timeout=timeout) as s:
+                s.settimeout(max(0.05, start + timeout - time.monotonic()))
+                s.sendall(b"GET / HTTP/1.0\\r\\nHost: vip\\r\\n\\r\\n")
+                data = b""
+                while True:
+                    chunk = s.recv(4096)
+                    if not chunk:
+                        break
+                    data += chunk
+            head, _, body = data.partition(b"\\r\\n\\r\\n")
+            status = head.split(b" ", 2)[1].decode() if head else "?"
+            result = body.decode().strip() if status == "200" else "!http" + status
+        except OSError as exc:
+            result = "!" + type(exc).__name__
+        end = time.monotonic()
+        with lock:
+            sys.stdout.write("%d %.6f %.6f %s\\n" % (i, start, end, result or "!empty"))
+            sys.stdout.flush()
+    t0 = time.monotonic()
+    i = 0
+    while i < limit and time.monotonic() < t0 + duration:
+        start = time.monotonic()
+        threading.Thread(target=attempt, args=(i, start), daemon=True).start()
+        i += 1
+        time.sleep(max(0.0, t0 + i * interval - time.monotonic()))
+    time.sleep(timeout + 0.2)
+    """
+)
+
+APP = (
+    "mkdir -p {www}/{node} && echo {node} > {www}/{node}/index.html"
+    " && exec {python} -m http.server {port} --bind 0.0.0.0 --directory {www}/{node}"
+)
+
+KEEPALIVED_CONF = textwrap.dedent(
+    """\
+    global_defs {{
+        router_id {node}
+        vrrp_version 3
+        script_user root
+    }}
+    vrrp_instance app {{
+        state {state}
+        interface lan
+        virtual_router_id 51
+        priority {priority}
+        advert_int {advert}
+        unicast_src_ip {src}
+        unicast_peer {{
+            {peer}
+        }}
+        virtual_ipaddress {{
+            {vip}/24 dev lan
+        }}
+    }}
+    """
+)
+
+
+class BenchError(Exception):
+    pass
+
+
+@dataclass(frozen=True)
+class Attempt:
+    index: int
+    start: float
+    end: float
+    result: str  # the node's name, or "!Error"
+
+    @property
+    def ok(self) -> bool:
+        return not self.result.startswith("!")
+
+
+@dataclass
+class Poller:
+    proc: LabProcess
+    path: Path
+
+    def attempts(self) -> list[Attempt]:
+        out = []
+        for line in self.path.read_text().splitlines():
+            parts = line.split(" ", 3)
+            if len(parts) == 4 and parts[0].isdigit():
+                out.append(Attempt(int(parts[0]), float(parts[1]), float(parts[2]), parts[3]))
+        return sorted(out, key=lambda a: a.start)
+
+
+@dataclass
+class Result:
+    system: str
+    failover: list[float] = field(default_factory=list)
+    details: list[dict[str, Any]] = field(default_factory=list)
+
+
+def wait_until(what: str, probe: Callable[[], Any], timeout: float, interval: float = 0.02) -> Any:
+    deadline = time.monotonic() + timeout
+    last: Exception | None = None
+    while time.monotonic() < deadline:
+        try:
+            value = probe()
+            if value:
+                return value
+        except Exception as exc:  # the probe may fail until the condition holds
+            last = exc
+        time.sleep(interval)
+    raise BenchError(f"timed out after {timeout:.0f}s waiting for {what}" + (f" ({last})" if last else ""))
+
+
+def start_poller(lab: Lab, vip: str, work: Path, name: str, duration: float) -> Poller:
+    script = work / "poller.py"
+    script.write_text(POLLER)
+    path = work / f"{name}.log"
+    limit = int(duration / POLL_INTERVAL) + 1
+    cmd = [
+        sys.executable,
+        str(script),
+        vip,
+        str(APP_PORT),
+        str(POLL_INTERVAL),
+        str(POLL_TIMEOUT),
+        str(duration),
+        str(limit),
+    ]
+    return Poller(lab["client"].spawn(cmd, path), path)
+
+
+def steady(attempts: list[Attempt], node: str, after: float = 0.0, n: int = STEADY) -> float | None:
+    """End time of the n-th consecutive answer from `node` among attempts started after `after`."""
+    run = 0
+    for a in attempts:
+        if a.start < after:
+            continue
+        run = run + 1 if a.result == node else 0
+        if run >= n:
+            return a.end
+    return None
+
+
+def first_answer(attempts: list[Attempt], node: str, after: float) -> Attempt | None:
+    hits = [a for a in attempts if a.result == node and a.end > after]
+    return min(hits, key=lambda a: a.end) if hits else None
+
+
+def kill_group_and_pid(proc: LabProcess, pidfile: Path | None, app: LabProcess | None) -> None:
+    proc.signal(signal.SIGKILL)
+    if app is not None:
+        app.signal(signal.SIGKILL)
+    if pidfile is not None and pidfile.exists():
+        with contextlib.suppress(ProcessLookupError, ValueError):
+            os.kill(int(pidfile.read_text().strip()), signal.SIGKILL)
+
+
+def measure_failover(lab: Lab, poller: Poller, kill: Callable[[], None]) -> dict[str, Any]:
+    """Random phase, kill + isolate node1, wait for node2's first answer; returns the run's figures."""
+    wait_until("node1 to serve steadily through the VIP", lambda: steady(poller.attempts(), "node1"), 20)
+    time.sleep(random.uniform(0.0, 1.0))
+    t0, wall0 = time.monotonic(), time.time()
+    kill()
+    lab.isolate("node1")
+    t_cut = time.monotonic()
+    hit = wait_until("node2 to answer through the VIP", lambda: first_answer(poller.attempts(), "node2", t0), 30)
+    time.sleep(0.3)
+    attempts = poller.attempts()
+    last1 = max((a.end for a in attempts if a.result == "node1"), default=t0)
+    failed = [a for a in attempts if not a.ok and a.start >= t0 - POLL_TIMEOUT and a.end <= hit.end + 0.3]
+    # Once node1 is cut off, any answer, even a refused connection (RST), comes from node2: the VIP has
+    # moved, whether or not the app listens yet. (Before the cut, node1's kernel refuses for its dead app.)
+    moved = [a.end for a in attempts if a.start >= t_cut and a.result in ("node2", "!ConnectionRefusedError")]
+    return {
+        "failover": hit.end - t0,
+        "vip_moved": min(moved) - t0,
+        "first_node2_started": hit.start - t0,
+        "kill_and_cut": t_cut - t0,
+        "last_node1_answer": last1 - t0,
+        "failed_attempts": len(failed),
+        "errors": sorted({a.result for a in failed}),
+        "wall0": wall0,
+    }
+
+
+# --- Tandem ---------------------------------------------------------------------------------------------
+
+
+def tandem_cluster(lab: Lab, work: Path, garp_count: int | None = None) -> LabCluster:
+    cluster = LabCluster(lab, work, pulse="100ms", timeout="1s")
+    manifests = cluster.manifests()
+    if garp_count is not None:  # a variant: fewer gratuitous ARPs, so no repeats are awaited before startPrim
+        docs = list(yaml.safe_load_all(manifests.read_text()))
+        for doc in docs:
+            if doc["kind"] == "VirtualIP":
+                doc["spec"]["gratuitousArp"] = {"count": garp_count, "interval": "200ms"}
+        manifests.write_text(yaml.safe_dump_all(docs))
+    cluster.start("node1")
+    cluster.start("node2")
+    cluster.cli("node1", "apply", "-f", str(manifests))
+    wait_until(
+        "node1 PRIM and node2 SECOND", lambda: cluster.status("node1") == {"node1": "PRIM", "node2": "SECOND"}, 60, 0.2
+    )
+    return cluster
+
+
+LOG_TS = re.compile(r"^(\d{4}-\d\d-\d\d[ T]\d\d:\d\d:\d\d[.,]\d+Z?)")
+
+
+def tandem_timeline(log_path: Path, wall0: float, until: float = 10.0) -> list[str]:
+    """node2's daemon log lines in [failure, failure + until], prefixed with the time since the failure."""
+    out = []
+    if not log_path.exists():
+        return out
+    for line in log_path.read_text(errors="replace").splitlines():
+        m = LOG_TS.match(line)
+        if not m:
+            continue
+        try:
+            ts = datetime.datetime.fromisoformat(m.group(1).replace(",", ".")).timestamp()
+        except ValueError:
+            continue
+        if wall0 - 0.05 <= ts <= wall0 + until:
+            out.append(f"+{ts - wall0:6.3f}s {line[m.end() :].strip()[:200]}")
+    return out
+
+
+def run_tandem(work: Path, garp_count: int | None = None) -> dict[str, Any]:
+    with Lab(PREFIX, nodes=["node1", "node2"], networks=["lan", "backup"], client=True) as lab:
+        cluster = tandem_cluster(lab, work, garp_count)
+        poller = start_poller(lab, cluster.vip, work, "poller", 60)
+
+        def kill() -> None:
+            kill_group_and_pid(cluster.daemons["node1"], cluster.www / "node1.pid", None)
+
+        figures = measure_failover(lab, poller, kill)
+        figures["timeline"] = tandem_timeline(work / "node2" / "tandemd.log", figures["wall0"])
+        figures.update(tandem_breakdown(figures["timeline"]))
+        return figures
+
+
+MARKS = {
+    "lost": "lost, no heartbeat on any network",
+    "vip_added": "Added virtual IP",
+    "garp_done": "Announced virtual IP",
+    "start_done": "Script startPrim succeeded",
+}
+
+
+def tandem_breakdown(timeline: list[str]) -> dict[str, float]:
+    """Times since the failure of the milestones in node2's log (first occurrence of each)."""
+    out: dict[str, float] = {}
+    for line in timeline:
+        t = float(line.split("s ", 1)[0].lstrip("+"))
+        for key, text in MARKS.items():
+            if key not in out and text in line:
+                out[key] = t
+    return out
+
+
+def run_tandem_heal(work: Path) -> dict[str, Any]:
+    """Isolate node1 (alive), wait until node2 serves, heal, measure until the client is served steadily."""
+    with Lab(PREFIX, nodes=["node1", "node2"], networks=["lan", "backup"], client=True) as lab:
+        cluster = tandem_cluster(lab, work)
+        poller = start_poller(lab, cluster.vip, work, "poller", 60)
+        wait_until("node1 to serve steadily", lambda: steady(poller.attempts(), "node1"), 20)
+        time.sleep(random.uniform(0.0, 1.0))
+        t_iso = time.monotonic()
+        lab.isolate("node1")
+        wait_until("node2 to serve steadily", lambda: steady(poller.attempts(), "node2", t_iso), 30)
+        time.sleep(random.uniform(1.0, 2.0))  # the partition lasts a while: both sides settle
+        split = cluster.status("node2")
+        t_heal, wall_heal = time.monotonic(), time.time()
+        lab.heal("node1")
+        # Settled: one PRIM and one SECOND seen from both nodes, then 3 s of observation.
+        wait_until(
+            "the partition to resolve",
+            lambda: (
+                sorted(cluster.status("node1").values())
+                == ["PRIM", "SECOND"]
+                == sorted(cluster.status("node2").values())
+            ),
+            30,
+            0.2,
+        )
+        t_settled = time.monotonic()
+        time.sleep(3.0)
+        attempts = [a for a in poller.attempts() if a.start >= t_heal]
+        end = t_settled + 3.0
+        attempts = [a for a in attempts if a.start <= end - POLL_TIMEOUT]
+        failed = [a for a in attempts if not a.ok]
+        if failed:
+            last_fail = max(failed, key=lambda a: a.start)
+            after = [a for a in attempts if a.ok and a.start > last_fail.start]
+            steady_at = min((a.end for a in after), default=None)
+            reachable = (steady_at - t_heal) if steady_at is not None else None
+            first_fail = min(failed, key=lambda a: a.start).start - t_heal
+        else:
+            reachable, first_fail = 0.0, None
+        serving = [a.result for a in attempts if a.ok]
+        before = [a.result for a in poller.attempts() if a.ok and a.end < t_heal]
+        other = [a.end for a in attempts if a.ok and before and a.result != before[-1]]
+        return {
+            "reachable": reachable,
+            "failed_attempts": len(failed),
+            "first_failure": first_fail,
+            "errors": sorted({a.result for a in failed}),
+            "served_by": serving[-1] if serving else None,
+            "switched": len(set(serving)) > 1,
+            "switch_at": (min(other) - t_heal) if other else None,
+            "settled": t_settled - t_heal,
+            "split": split,
+            "timeline1": tandem_timeline(work / "node1" / "tandemd.log", wall_heal),
+            "timeline2": tandem_timeline(work / "node2" / "tandemd.log", wall_heal),
+        }
+
+
+# --- keepalived -----------------------------------------------------------------------------------------
+
+
+def detection(advert: float, priority: int) -> float:
+    """VRRPv3 master down interval for the backup: 3 x advert + skew, skew = (256 - priority) x advert / 256."""
+    return 3 * advert + (256 - priority) * advert / 256
+
+
+def run_keepalived(work: Path, advert: float) -> dict[str, Any]:
+    with Lab(PREFIX, nodes=["node1", "node2"], networks=["lan", "backup"], client=True) as lab:
+        vip = lab.network("lan").address(250)
+        www = work / "www"
+        apps: dict[str, LabProcess] = {}
+        daemons: dict[str, LabProcess] = {}
+        for node, peer, state, prio in (("node1", "node2", "MASTER", 200), ("node2", "node1", "BACKUP", 100)):
+            d = work / node
+            d.mkdir(parents=True, exist_ok=True)
+            conf = d / "keepalived.conf"
+            conf.write_text(
+                KEEPALIVED_CONF.format(
+                    node=node,
+                    state=state,
+                    priority=prio,
+                    advert=advert,
+                    src=lab[node].address("lan"),
+                    peer=lab[peer].address("lan"),
+                    vip=vip,
+                )
+            )
+            app = APP.format(www=www, node=node, python=sys.executable, port=APP_PORT)
+            apps[node] = lab[node].spawn(app, d / "app.log")
+            cmd = [
+                KEEPALIVED,
+                "-n",
+                "-l",
+                "-G",
+                "-D",
+                "-P",
+                "-f",
+                str(conf),
+                "-p",
+                str(d / "keepalived.pid"),
+                "-r",
+                str(d / "vrrp.pid"),
+            ]
+            daemons[node] = lab[node].spawn(cmd, d / "keepalived.log")
+        wait_until(
+            "the VIP on node1", lambda: vip in lab["node1"].run(["ip", "-o", "addr", "show", "lan"]).stdout, 20, 0.1
+        )
+        poller = start_poller(lab, vip, work, "poller", 60)
+
+        def kill() -> None:
+            kill_group_and_pid(daemons["node1"], None, apps["node1"])
+
+        figures = measure_failover(lab, poller, kill)
+        for node in daemons:
+            if not daemons[node].alive() and node == "node2":
+                raise BenchError(f"keepalived on node2 exited: {(work / node / 'keepalived.log').read_text()[-2000:]}")
+        return figures
+
+
+# --- main -----------------------------------------------------------------------------------------------
+
+
+def fmt_stats(values: list[float]) -> str:
+    if not values:
+        return "n/a"
+    return f"{min(values):.2f} / {statistics.median(values):.2f} / {max(values):.2f}"
+
+
+def machine() -> str:
+    kernel = platform.release()
+    cpu = ""
+    with contextlib.suppress(OSError):
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                cpu = line.split(":", 1)[1].strip()
+                break
+    ka = subprocess.run([KEEPALIVED, "--version"], capture_output=True, text=True).stderr.splitlines()
+    version = ka[0] if ka else "keepalived ?"
+    return f"nproc {os.cpu_count()}, kernel {kernel}, {cpu}; {version}; Python {platform.python_version()}"
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--runs", type=int, default=5, help="runs per system (default 5)")
+    parser.add_argument("--quick", action="store_true", help="2 runs per system")
+    parser.add_argument("--adverts", default="0.1,auto", help="keepalived advert_int values; auto = ~1 s detection")
+    parser.add_argument(
+        "--garp-count", type=int, help="also run Tandem with VirtualIP gratuitousArp.count=N (default: not run)"
+    )
+    parser.add_argument("--no-heal", action="store_true", help="skip the Tandem partition-heal measure")
+    parser.add_argument("--timelines", action="store_true", help="print node2's daemon log after each Tandem failure")
+    parser.add_argument("--keep", type=Path, help="keep every run's work dir (logs) under this directory")
+    parser.add_argument("--json", type=Path, help="also write all figures as JSON to this file")
+    args = parser.parse_args(argv)
+    runs = 2 if args.quick else args.runs
+    if os.geteuid() != 0:
+        print("needs root (network namespaces)", file=sys.stderr)
+        return 2
+    if not Path(KEEPALIVED).exists():
+        print(f"{KEEPALIVED} is missing: apt-get install -y keepalived", file=sys.stderr)
+        return 2
+    adverts = []
+    for a in args.adverts.split(","):
+        # auto: the centisecond advert whose master-down interval (backup priority 100) is closest to 1 s
+        adverts.append(
+            min((c / 100 for c in range(5, 100)), key=lambda x: abs(detection(x, 100) - TANDEM_TIMEOUT))
+            if a == "auto"
+            else float(a)
+        )
+
+    def on_signal(signum: int, frame: object) -> None:
+        # The first Ctrl-C or SIGTERM unwinds every `with Lab` (Lab.down); later ones must not interrupt that.
+        signal.signal(signal.SIGINT, signal.SIG_IGN)
+        signal.signal(signal.SIGTERM, signal.SIG_IGN)
+        raise KeyboardInterrupt
+
+    # Explicitly: a background job started by a non-interactive shell inherits SIGINT ignored.
+    signal.signal(signal.SIGINT, on_signal)
+    signal.signal(signal.SIGTERM, on_signal)
+    cleanup_stale(PREFIX)
+    base = args.keep or Path(tempfile.mkdtemp(prefix="tandem-bench-failover-"))
+    base.mkdir(parents=True, exist_ok=True)
+    tandem = Result("tandem")
+    variant = Result(f"tandem garp count {args.garp_count}") if args.garp_count is not None else None
+    kas = {a: Result(f"keepalived advert_int {a}") for a in adverts}
+    heals: list[dict[str, Any]] = []
+    started = datetime.datetime.now().astimezone()
+    cmd = " ".join([".venv/bin/python -m bench.failover", *(argv if argv is not None else sys.argv[1:])])
+    try:
+        for i in range(runs):
+            jobs: list[tuple[Result, Callable[[Path], dict[str, Any]]]] = [(tandem, run_tandem)]
+            if variant is not None:
+                jobs.append((variant, lambda w: run_tandem(w, args.garp_count)))
+            jobs += [(kas[a], lambda w, a=a: run_keepalived(w, a)) for a in adverts]
+            random.shuffle(jobs)
+            for res, job in jobs:
+                work = base / f"{res.system.replace(' ', '-')}-{i + 1}"
+                work.mkdir(parents=True, exist_ok=True)
+                fig = job(work)
+                res.failover.append(fig["failover"])
+                res.details.append(fig)
+                marks = " ".join(f"{k}=+{fig[k]:.3f}" for k in MARKS if k in fig)
+                marks = f" node2 log: {marks}" if marks else ""
+                print(
+                    f"run {i + 1}/{runs} {res.system:<28} failover {fig['failover']:.3f} s"
+                    f" (VIP moved +{fig['vip_moved']:.3f} s, last node1 answer +{fig['last_node1_answer']:.3f} s,"
+                    f" {fig['failed_attempts']} failed attempts {','.join(fig['errors'])}){marks}",
+                    flush=True,
+                )
+                if args.timelines and "timeline" in fig:
+                    print("\n".join("      " + ln for ln in fig["timeline"]), flush=True)
+            if not args.no_heal:
+                work = base / f"tandem-heal-{i + 1}"
+                work.mkdir(parents=True, exist_ok=True)
+                h = run_tandem_heal(work)
+                heals.append(h)
+                r = "never" if h["reachable"] is None else f"{h['reachable']:.3f} s"
+                sw = f"+{h['switch_at']:.3f} s" if h["switch_at"] is not None else "no"
+                print(
+                    f"run {i + 1}/{runs} tandem partition heal        reachable steadily after {r}"
+                    f" ({h['failed_attempts']} failed attempts, served by {h['served_by']},"
+                    f" client switched node {sw}, roles settled +{h['settled']:.2f} s, during split {h['split']})",
+                    flush=True,
+                )
+                if args.timelines:
+                    print("\n".join("      node1 " + ln for ln in h["timeline1"]))
+                    print("\n".join("      node2 " + ln for ln in h["timeline2"]), flush=True)
+    except KeyboardInterrupt:
+        print("interrupted; labs removed", file=sys.stderr)
+        return 130
+    finally:
+        if args.keep is None:
+            shutil.rmtree(base, ignore_errors=True)
+        cleanup_stale(PREFIX)
+
+    print()
+    print(f"# {cmd}")
+    print(f"# {started:%Y-%m-%d %H:%M %Z}; {machine()}")
+    print(f"failover: failure -> first answer from node2 through the VIP, {runs} runs each (min / median / max, s)")
+    print(f"{'system':<44} {'min / median / max':<22} ratio to Tandem (median)")
+    tm = statistics.median(tandem.failover)
+    print(f"{'tandem pulse 100ms timeout 1s':<44} {fmt_stats(tandem.failover):<22} 1.00")
+    if variant is not None:
+        label = f"tandem, gratuitousArp.count {args.garp_count}"
+        print(f"{label:<44} {fmt_stats(variant.failover):<22} {tm / statistics.median(variant.failover):.2f}")
+    for a, res in kas.items():
+        label = f"keepalived VRRPv3 advert_int {a} (detect {detection(a, 100):.2f}s)"
+        print(f"{label:<44} {fmt_stats(res.failover):<22} {tm / statistics.median(res.failover):.2f}")
+    moved = [
+        f"{res.system}: {statistics.median(d['vip_moved'] for d in res.details):.2f}"
+        for res in [tandem, *([variant] if variant else []), *kas.values()]
+    ]
+    print(f"median failure -> VIP answers from node2 (reply or RST, app up or not): {'; '.join(moved)}")
+    for res in [tandem, *([variant] if variant else [])]:
+        parts = [(k, [d[k] for d in res.details if k in d]) for k in MARKS]
+        print(
+            f"{res.system}, node2's log, median time since the failure: "
+            + ", ".join(f"{k} +{statistics.median(v):.3f} s" for k, v in parts if v)
+        )
+    if heals:
+        vals = [h["reachable"] for h in heals if h["reachable"] is not None]
+        never = sum(h["reachable"] is None for h in heals)
+        nev = f", {never} never recovered" if never else ""
+        print(
+            f"{'tandem partition heal -> VIP steadily reachable':<44} {fmt_stats(vals):<22}"
+            f" ({sum(h['failed_attempts'] for h in heals)} failed attempts in {len(heals)} heals{nev})"
+        )
+    target = TANDEM_TIMEOUT + 0.5
+    print(
+        f"target median <= timeout + 0.5 s = {target:.1f} s: {'met' if tm <= target else 'NOT met'} ({tm:.2f} s);"
+        f" no worse than keepalived at equal detection: "
+        + ", ".join(f"advert {a}: {'yes' if tm <= statistics.median(r.failover) else 'no'}" for a, r in kas.items())
+    )
+    if args.json:
+        data = {
+            "command": cmd,
+            "date": started.isoformat(),
+            "machine": machine(),
+            "tandem": tandem.details,
+            "tandem_variant": variant.details if variant else None,
+            "keepalived": {str(a): r.details for a, r in kas.items()},
+            "heal": heals,
+        }
+        args.json.write_text(json.dumps(data, indent=1, default=str))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
