@@ -21,6 +21,7 @@ from controller.actuators import Actuators, ModuleContext, StepFailed, replicati
 from controller.api.health import Verdicts
 from controller.decide import DataRelation, Decision, Observed, PeerView, State, decide
 from controller.membership.heartbeat import ModuleBeat
+from controller.module_status import report, rfc3339
 from controller.resources import Cluster, Module, ReplicatedDir, VirtualIP
 from controller.resources.durations import parse_duration
 from controller.store import Store, StoreUnavailable
@@ -123,6 +124,24 @@ class Reconciler:
             for rt in sorted(self.modules.values(), key=lambda r: r.name)
         ]
 
+    def _lost(self, module: Module) -> frozenset[str]:
+        """The module's other nodes this node hears no heartbeat from."""
+        if self.membership is None:
+            return frozenset()
+        timeout = parse_duration(module.spec.heartbeat.timeout)
+        others = (n for n in module.spec.nodes if n != self.node)
+        return frozenset(n for n in others if self.membership.view(n, module.name, timeout=timeout) is None)
+
+    def _entry(self, rt: ModuleRuntime) -> dict[str, Any]:
+        """This node's entry in the Module's status (only what changes with the state, not every tick)."""
+        return {
+            "state": rt.state.value,
+            "serving": rt.state.serving,
+            "reason": rt.decision.reason if rt.decision else "",
+            "since": rfc3339(rt.since),
+            "replication": self._replication(rt)["state"],
+        }
+
     def _replication(self, rt: ModuleRuntime) -> dict[str, Any]:
         state, remaining, _ = self.actuators.replication_state(rt.name, replicated=bool(rt.ctx and rt.ctx.dirs))
         return {"state": state, "remainingBytes": remaining}
@@ -182,6 +201,8 @@ class Reconciler:
                 self._reconcile(rt.ctx, rt)
             except Exception:  # a bug in one module's tick must not stop the others
                 log.exception("Reconciling a module failed; it keeps its state. module=%s node=%s", name, self.node)
+        for name, module in modules.items():
+            await report(self.store, module, self.node, self._entry(self.modules[name]), lost=self._lost(module))
         for name in set(self.modules) - set(modules):
             self._retire(self.modules[name])
         if self._announce:

@@ -11,6 +11,7 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
+import yaml
 
 from tests.daemons import wait_for
 from tests.e2e.lab_cluster import LabCluster, lab_cluster
@@ -33,6 +34,29 @@ def test_one_node_is_primary_and_the_vip_answers_from_it(cluster: LabCluster) ->
     assert cluster.client_get(cluster.url("node1", "/health/app")) == "200 OK"
     assert cluster.client_get(cluster.url("node2", "/health/app")) == "404"
     assert cluster.status("node2") == {"node1": "PRIM", "node2": "SECOND"}
+
+
+def test_the_module_status_in_the_store_says_who_serves_and_ready(cluster: LabCluster) -> None:
+    def status() -> dict[str, object]:
+        resource = yaml.safe_load(cluster.cli("node2", "get", "module", "app", "-o", "yaml").stdout)
+        return resource.get("status") or {}
+
+    wait_for("both nodes' entries", lambda: set(status().get("nodes") or {}) == {"node1", "node2"})
+    current = status()
+    assert {n: e["state"] for n, e in current["nodes"].items()} == {"node1": "PRIM", "node2": "SECOND"}
+    ready = next(c for c in current["conditions"] if c["type"] == "Ready")
+    assert (ready["status"], ready["reason"]) == ("True", "InSync")
+    assert current["observedGeneration"] == 1
+    cluster.kill("node1")
+    cluster.lab.isolate("node1")
+    wait_for(
+        "Ready to turn False on node2's word",
+        lambda: (
+            next(c for c in status()["conditions"] if c["type"] == "Ready")["reason"] == "BothServing"
+            or status()["nodes"]["node2"]["state"] == "ALONE"
+        ),
+        timeout=30,
+    )
 
 
 def test_killing_the_primary_moves_the_vip_and_the_app_to_the_secondary(cluster: LabCluster) -> None:

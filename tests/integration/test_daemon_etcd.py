@@ -46,9 +46,15 @@ def test_an_apply_through_one_daemon_is_read_through_the_other(etcd: EtcdServer,
         notes.write_text(inert_manifest(ROOT / "manifests/notes-sqlite/module.yaml"))
         out = tandem("apply", "-f", str(tmp_path / "cluster.yaml"), "-f", str(notes), server=first.url).stdout
         assert "module/notes created" in out
-        on_first = yaml.safe_load(tandem("get", "module", "notes", "-o", "yaml", server=first.url).stdout)
-        on_second = yaml.safe_load(tandem("get", "module", "notes", "-o", "yaml", server=second.url).stdout)
-        assert on_second == on_first  # one store: the same object, the same resourceVersion
+
+        def read(daemon: Daemon) -> dict[str, object]:
+            return yaml.safe_load(tandem("get", "module", "notes", "-o", "yaml", server=daemon.url).stdout)
+
+        # one store: the same object at the same resourceVersion, once both daemons wrote their status entry
+        wait_for(
+            "both daemons to read the same module with both status entries",
+            lambda: (a := read(first)) == read(second) and len(a.get("status", {}).get("nodes", {})) == 2,
+        )
         second.stop()
         tandem("delete", "checker", "notes-http", server=first.url)
         second.start()

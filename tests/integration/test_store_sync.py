@@ -60,11 +60,20 @@ def test_an_apply_on_one_node_shows_on_the_other_with_the_same_resource_version(
     node1, node2, manifests = pair
     out = tandem("apply", "-f", str(manifests), server=node1.url).stdout
     assert "module/notes created" in out and "cluster/test created" in out
-    on_node1 = yaml.safe_load(tandem("get", "module", "notes", "-o", "yaml", server=node1.url).stdout)
-    wait_for("node2 to hold module notes", lambda: version_on(node2, "modules", "notes"))
-    on_node2 = yaml.safe_load(tandem("get", "module", "notes", "-o", "yaml", server=node2.url).stdout)
+
+    def both() -> tuple[dict[str, Any], dict[str, Any]]:
+        return tuple(  # type: ignore[return-value]
+            yaml.safe_load(tandem("get", "module", "notes", "-o", "yaml", server=n.url).stdout) for n in (node1, node2)
+        )
+
+    # Each daemon also writes its own entry in the module's status, so the object moves for a moment
+    # after the apply; once both entries are in, both nodes hold it at the same resourceVersion.
+    on_node1, on_node2 = wait_for(
+        "both nodes to hold the same module notes with both status entries",
+        lambda: (pair := both())[0] == pair[1] and len(pair[0].get("status", {}).get("nodes", {})) == 2 and pair,
+    )
     assert on_node2["metadata"]["resourceVersion"] == on_node1["metadata"]["resourceVersion"]
-    assert on_node2 == on_node1
+    assert on_node2["spec"]["nodes"] == ["node1", "node2"]
     again = tandem("apply", "-f", str(manifests), server=node2.url).stdout
     assert again.count("unchanged") == 6 and "created" not in again
 
@@ -82,9 +91,14 @@ def test_a_node_that_was_down_catches_up_when_it_returns(pair: tuple[Daemon, Dae
     changed.write_text(yaml.safe_dump(docs[0]))
     assert "module/notes configured" in tandem("apply", "-f", str(changed), server=node1.url).stdout
     tandem("delete", "checker", "notes-http", server=node1.url)
-    wanted = version_on(node1, "modules", "notes")
     node2.start()
-    wait_for("node2 to catch up", lambda: version_on(node2, "modules", "notes") == wanted)
+    wait_for(
+        "node2 to catch up",
+        lambda: (
+            version_on(node2, "modules", "notes") == version_on(node1, "modules", "notes")
+            and node2.get("/api/v1/modules/notes")["spec"]["autoSwap"]
+        ),
+    )
     assert node2.get("/api/v1/modules/notes")["spec"]["autoSwap"] is True
     assert node2.get_or_none("/api/v1/checkers/notes-http") is None  # the deletion reached it too
 
