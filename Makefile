@@ -22,3 +22,4 @@ lint: setup
 
 crds: setup
 	.venv/bin/tandem crds
+	.venv/bin/tandem crds --dir helm/tandem/crds

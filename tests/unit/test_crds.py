@@ -14,12 +14,13 @@ from controller.resources.manifests import manifest_files
 ROOT = Path(__file__).resolve().parents[2]
 
 
+@pytest.mark.parametrize("directory", ["crds", "helm/tandem/crds"])
 @pytest.mark.parametrize("kind", list(KINDS))
-def test_crds_directory_matches_the_models(kind: str) -> None:
+def test_crds_directories_match_the_models(kind: str, directory: str) -> None:
     cls = KINDS[kind]
-    path = ROOT / "crds" / f"{cls.PLURAL}.tandem.dev.yaml"
-    assert path.is_file(), f"{path} is missing: run `tandem crds`"
-    assert path.read_text() == render(cls), f"{path} is out of date: run `tandem crds`"
+    path = ROOT / directory / f"{cls.PLURAL}.tandem.dev.yaml"
+    assert path.is_file(), f"{path} is missing: run `tandem crds --dir {directory}`"
+    assert path.read_text() == render(cls), f"{path} is out of date: run `tandem crds --dir {directory}`"
 
 
 def openapi_to_jsonschema(node: Any) -> Any:
