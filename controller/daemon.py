@@ -9,6 +9,7 @@ import ipaddress
 import logging
 import os
 import signal
+import sys
 from dataclasses import dataclass
 from pathlib import Path
 from typing import IO
@@ -28,6 +29,25 @@ from controller.sync import PeerSync
 
 log = logging.getLogger("tandem.daemon")
 DEFAULT_PORT = 9010
+
+
+def command_line(*, node: str, state_dir: Path, listen: str, store: str = "embedded") -> list[str]:
+    """The argv that runs this node's daemon with the same Python (for the demo, the lab and tests)."""
+    return [
+        sys.executable,
+        "-m",
+        "controller.cli",
+        "node",
+        "run",
+        "--node",
+        node,
+        "--state-dir",
+        str(state_dir),
+        "--listen",
+        listen,
+        "--store",
+        store,
+    ]
 
 
 class DaemonError(Exception):

@@ -22,6 +22,7 @@ from typing import Any
 import yaml
 
 from agent.lab import Lab, LabError, remove_lab
+from controller.daemon import command_line
 from controller.secret import generate_key
 
 PREFIX = "tdemo-"
@@ -105,19 +106,7 @@ class Demo:
 
     def start_daemon(self, node: str) -> None:
         state = self.root / node
-        cmd = [
-            sys.executable,
-            "-m",
-            "controller.cli",
-            "node",
-            "run",
-            "--node",
-            node,
-            "--state-dir",
-            str(state),
-            "--listen",
-            f"{self.lab[node].address('lan')}:{API_PORT}",
-        ]
+        cmd = command_line(node=node, state_dir=state, listen=f"{self.lab[node].address('lan')}:{API_PORT}")
         self.record["daemons"][node] = self.lab[node].spawn(cmd, state / "daemon.out").pid
         self.save()
         _wait(f"{node}'s daemon to answer", lambda: self.answers(node))

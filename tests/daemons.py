@@ -17,6 +17,8 @@ from typing import Any, TypeVar
 
 import yaml
 
+from controller.daemon import command_line
+
 T = TypeVar("T")
 REPO = Path(__file__).resolve().parents[1]
 
@@ -92,21 +94,9 @@ class Daemon:
         self.state_dir.mkdir(parents=True, exist_ok=True)
         out = open(self.state_dir / "daemon.out", "ab")  # noqa: SIM115 - owned by the child process
         self.proc = subprocess.Popen(
-            [
-                sys.executable,
-                "-m",
-                "controller.cli",
-                "node",
-                "run",
-                "--node",
-                self.node,
-                "--state-dir",
-                str(self.state_dir),
-                "--listen",
-                f"{self.address}:{self.port}",
-                "--store",
-                self.store,
-            ],
+            command_line(
+                node=self.node, state_dir=self.state_dir, listen=f"{self.address}:{self.port}", store=self.store
+            ),
             stdout=out,
             stderr=subprocess.STDOUT,
             stdin=subprocess.DEVNULL,

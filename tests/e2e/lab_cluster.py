@@ -14,6 +14,7 @@ from typing import Any
 import yaml
 
 from agent.lab import Lab, LabProcess
+from controller.daemon import command_line
 from tests.daemons import wait_for
 
 API_PORT = 9010
@@ -84,19 +85,7 @@ class LabCluster:
         if not key.exists():
             key.write_text("e2e" * 16 + "\n")
         (state / "cluster.key").write_text(key.read_text())
-        cmd = [
-            sys.executable,
-            "-m",
-            "controller.cli",
-            "node",
-            "run",
-            "--node",
-            node,
-            "--state-dir",
-            str(state),
-            "--listen",
-            f"{self.lab[node].address('lan')}:{API_PORT}",
-        ]
+        cmd = command_line(node=node, state_dir=state, listen=f"{self.lab[node].address('lan')}:{API_PORT}")
         self.daemons[node] = self.lab[node].spawn(cmd, state / "daemon.out")
         wait_for(f"{node}'s daemon to answer", lambda: self.cli(node, "get", "clusters", check=False).returncode == 0)
 
