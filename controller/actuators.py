@@ -128,7 +128,7 @@ class Actuators:
         was_in_sync = all(was) if was else None
         if all(s == "in-sync" for s in states):
             return "in-sync", 0, was_in_sync
-        if any(s in ("syncing", "connected", "connecting") for s in states):
+        if any(s in ("syncing", "connected") for s in states):
             return "syncing", remaining, was_in_sync
         return "disconnected", remaining, was_in_sync
 

@@ -167,8 +167,6 @@ def up(root: Path) -> int:
         print(demo.cli("node1", "apply", "-f", str(root / "demo.yaml")), end="")
         _wait("node1 PRIM and node2 SECOND", lambda: _states(demo) == {"node1": "PRIM", "node2": "SECOND"})
     except BaseException:
-        if os.environ.get("TANDEM_DEMO_KEEP"):
-            raise
         lab.down()
         shutil.rmtree(root, ignore_errors=True)
         raise
@@ -183,8 +181,17 @@ def _states(demo: Demo) -> dict[str, str]:
     return {r["node"]: r["state"] for r in demo.status() if r["module"] == "notes"}
 
 
+def _tandem() -> str:
+    """How the user calls this CLI: `tandem` when that is on PATH and is this one, else its full path."""
+    here = Path(sys.executable).with_name("tandem")
+    found = shutil.which("tandem")
+    if found and (not here.exists() or Path(found).resolve() == here.resolve()):
+        return "tandem"
+    return str(here) if here.exists() else f"{sys.executable} -m controller.cli"
+
+
 def _instructions() -> None:
-    t = "tandem demo"
+    t = f"{_tandem()} demo"
     print(
         "\nTry:\n"
         f"  {t} --client [TEXT]     # one request through the VIP (TEXT: add a note)\n"
@@ -216,14 +223,14 @@ def act(root: Path, verb: str, node: str | None = None, text: str | None = None)
         if app.exists():
             demo.lab[node].run(["kill", "-9", app.read_text().strip()], check=False)
         demo.lab.isolate(node)
-        print(f"{node}: tandemd and the app killed, cables pulled. Watch: tandem demo --status; tandem demo --client")
+        print(f"{node}: tandemd and the app killed, cables pulled. Watch: {_tandem()} demo --status")
     elif verb == "restore":
         node = _node(node)
         demo.lab.heal(node)
         if pid_alive(demo.record["daemons"][node]):
             raise DemoError(f"{node}'s daemon still runs")
         demo.start_daemon(node)
-        print(f"{node}: cables back, tandemd started; it joins as SECOND. Watch: tandem demo --status")
+        print(f"{node}: cables back, tandemd started; it resyncs and joins as SECOND. Watch: {_tandem()} demo --status")
     elif verb == "swap":
         print(demo.cli("node1", "swap", "notes"), end="")
     return 0
