@@ -7,7 +7,7 @@ from __future__ import annotations
 
 import asyncio
 import json
-from collections.abc import AsyncIterator, Iterator
+from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
 
 import aetcd
 import pytest
@@ -133,19 +133,24 @@ async def test_a_paused_etcd_makes_every_call_raise_store_unavailable_then_recov
         created = await store.create(module("web"))
         own_etcd.pause()
         try:
-            calls = [
-                store.get("Module", "web"),
-                store.list(),
-                store.create(module("db")),
-                store.update(module("web", nodes=("c", "d"))),
-                store.update_status("Module", "web", Status(observed_generation=1)),
-                store.delete("Module", "web"),
-                store.commit([Op("create", module("db"))]),
-                anext(store.watch()),
+            # Built one at a time: a call that fails the test must not leave the others never awaited.
+            calls: list[tuple[str, Callable[[], Awaitable[object]]]] = [
+                ("get", lambda: store.get("Module", "web")),
+                ("list", lambda: store.list()),
+                ("create", lambda: store.create(module("db"))),
+                ("update", lambda: store.update(module("web", nodes=("c", "d")))),
+                ("update_status", lambda: store.update_status("Module", "web", Status(observed_generation=1))),
+                ("delete", lambda: store.delete("Module", "web")),
+                ("commit", lambda: store.commit([Op("create", module("db"))])),
+                ("watch", lambda: anext(store.watch())),
             ]
-            for call in calls:
-                with pytest.raises(StoreUnavailable, match=own_etcd.url):
-                    await asyncio.wait_for(call, 5 * TIMEOUT)
+            for name, call in calls:
+                try:
+                    await asyncio.wait_for(call(), 5 * TIMEOUT)
+                except StoreUnavailable as exc:
+                    assert own_etcd.url in str(exc), (name, exc)
+                else:
+                    pytest.fail(f"{name} on a paused etcd returned instead of raising StoreUnavailable")
         finally:
             own_etcd.resume()
         assert await store.get("Module", "web") == created
