@@ -231,10 +231,13 @@ class EtcdStore:
         if self._closed:
             raise StoreError(f"the store for {self.url} is closed: cannot {what}")
         try:
-            async with asyncio.timeout(self.timeout):
+            async with asyncio.timeout(self.timeout) as deadline:
                 yield
         except (*_TIMEOUTS, aetcd.ClientError) as e:
             raise self._failure(what, e) from e
+        if deadline.expired():
+            # The cancelled gRPC call swallowed its cancellation and returned: its result cannot be trusted.
+            raise self._failure(what, TimeoutError())
 
     def _failure(self, what: str, error: Exception) -> StoreError:
         if isinstance(error, _TIMEOUTS):
