@@ -5,7 +5,7 @@ from __future__ import annotations
 import errno
 import os
 import stat
-from collections.abc import Iterator
+from collections.abc import Callable, Iterable, Iterator
 from contextlib import contextmanager
 
 from agent.replication import syscalls
@@ -95,21 +95,15 @@ class Beneath:
         if not parts:
             return os.dup(self.root_fd)
         if self.use_openat2:
-            return self._walk_openat2(path, parts)
-        return self._walk_components(path, parts)
+            return self._walk(_chunks(parts), lambda cur, chunk: self._step_openat2(cur, chunk, path))
+        return self._walk(parts, lambda cur, part: self._step(cur, part, path))
 
-    def _walk_openat2(self, path: bytes, parts: tuple[bytes, ...]) -> int:
+    def _walk(self, steps: Iterable[bytes], step: Callable[[int, bytes], int]) -> int:
+        """Follow ``steps`` from the root, closing every intermediate fd, even when a step fails."""
         cur = self.root_fd
         try:
-            for chunk in _chunks(parts):
-                try:
-                    nxt = syscalls.openat2(cur, chunk, _DIR_FLAGS, _RESOLVE)
-                except OSError as exc:
-                    if exc.errno == errno.ELOOP:
-                        raise PathEscape(path, "crosses a symlink") from exc
-                    if exc.errno == errno.EXDEV:
-                        raise PathEscape(path, "leaves the directory or crosses a mount point") from exc
-                    raise OSError(exc.errno, os.strerror(exc.errno or 0), path) from exc
+            for part in steps:
+                nxt = step(cur, part)
                 if cur != self.root_fd:
                     os.close(cur)
                 cur = nxt
@@ -119,19 +113,15 @@ class Beneath:
             raise
         return cur
 
-    def _walk_components(self, path: bytes, parts: tuple[bytes, ...]) -> int:
-        cur = self.root_fd
+    def _step_openat2(self, cur: int, chunk: bytes, path: bytes) -> int:
         try:
-            for part in parts:
-                nxt = self._step(cur, part, path)
-                if cur != self.root_fd:
-                    os.close(cur)
-                cur = nxt
-        except BaseException:
-            if cur != self.root_fd:
-                os.close(cur)
-            raise
-        return cur
+            return syscalls.openat2(cur, chunk, _DIR_FLAGS, _RESOLVE)
+        except OSError as exc:
+            if exc.errno == errno.ELOOP:
+                raise PathEscape(path, "crosses a symlink") from exc
+            if exc.errno == errno.EXDEV:
+                raise PathEscape(path, "leaves the directory or crosses a mount point") from exc
+            raise OSError(exc.errno, os.strerror(exc.errno or 0), path) from exc
 
     def _step(self, cur: int, part: bytes, path: bytes) -> int:
         try:
