@@ -145,14 +145,10 @@ class Beneath:
     @contextmanager
     def entry(self, path: bytes) -> Iterator[tuple[int, bytes]]:
         """Yield (parent dir fd, name) for an entry to create or remove; the root itself is refused."""
-        parts = split_relpath(path)
-        if not parts:
+        if not split_relpath(path):
             raise PathEscape(path, "the root is not an entry of itself")
-        fd = self.open_dir(path, parts[:-1])
-        try:
-            yield fd, parts[-1]
-        finally:
-            os.close(fd)
+        with self.node(path) as found:
+            yield found
 
     @contextmanager
     def node(self, path: bytes) -> Iterator[tuple[int, bytes]]:
