@@ -51,6 +51,7 @@ if str(REPO) not in sys.path:  # tests/ is a namespace package found from the re
     sys.path.insert(0, str(REPO))
 
 from agent.lab import Lab, LabProcess, cleanup_stale  # noqa: E402
+from tests.daemons import wait_for  # noqa: E402
 from tests.e2e.lab_cluster import APP_PORT, LabCluster  # noqa: E402
 
 PREFIX = "tbfo-"
@@ -166,20 +167,6 @@ class Result:
     details: list[dict[str, Any]] = field(default_factory=list)
 
 
-def wait_until(what: str, probe: Callable[[], Any], timeout: float, interval: float = 0.02) -> Any:
-    deadline = time.monotonic() + timeout
-    last: Exception | None = None
-    while time.monotonic() < deadline:
-        try:
-            value = probe()
-            if value:
-                return value
-        except Exception as exc:  # the probe may fail until the condition holds
-            last = exc
-        time.sleep(interval)
-    raise BenchError(f"timed out after {timeout:.0f}s waiting for {what}" + (f" ({last})" if last else ""))
-
-
 def start_poller(lab: Lab, vip: str, work: Path, name: str, duration: float) -> Poller:
     script = work / "poller.py"
     script.write_text(POLLER)
@@ -226,13 +213,20 @@ def kill_group_and_pid(proc: LabProcess, pidfile: Path | None, app: LabProcess |
 
 def measure_failover(lab: Lab, poller: Poller, kill: Callable[[], None]) -> dict[str, Any]:
     """Random phase, kill + isolate node1, wait for node2's first answer; returns the run's figures."""
-    wait_until("node1 to serve steadily through the VIP", lambda: steady(poller.attempts(), "node1"), 20)
+    wait_for(
+        "node1 to serve steadily through the VIP", lambda: steady(poller.attempts(), "node1"), timeout=20, interval=0.02
+    )
     time.sleep(random.uniform(0.0, 1.0))
     t0, wall0 = time.monotonic(), time.time()
     kill()
     lab.isolate("node1")
     t_cut = time.monotonic()
-    hit = wait_until("node2 to answer through the VIP", lambda: first_answer(poller.attempts(), "node2", t0), 30)
+    hit = wait_for(
+        "node2 to answer through the VIP",
+        lambda: first_answer(poller.attempts(), "node2", t0),
+        timeout=30,
+        interval=0.02,
+    )
     time.sleep(0.3)
     attempts = poller.attempts()
     last1 = max((a.end for a in attempts if a.result == "node1"), default=t0)
@@ -267,8 +261,11 @@ def tandem_cluster(lab: Lab, work: Path, garp_count: int | None = None) -> LabCl
     cluster.start("node1")
     cluster.start("node2")
     cluster.cli("node1", "apply", "-f", str(manifests))
-    wait_until(
-        "node1 PRIM and node2 SECOND", lambda: cluster.status("node1") == {"node1": "PRIM", "node2": "SECOND"}, 60, 0.2
+    wait_for(
+        "node1 PRIM and node2 SECOND",
+        lambda: cluster.status("node1") == {"node1": "PRIM", "node2": "SECOND"},
+        timeout=60,
+        interval=0.2,
     )
     return cluster
 
@@ -332,25 +329,27 @@ def run_tandem_heal(work: Path) -> dict[str, Any]:
     with Lab(PREFIX, nodes=["node1", "node2"], networks=["lan", "backup"], client=True) as lab:
         cluster = tandem_cluster(lab, work)
         poller = start_poller(lab, cluster.vip, work, "poller", 60)
-        wait_until("node1 to serve steadily", lambda: steady(poller.attempts(), "node1"), 20)
+        wait_for("node1 to serve steadily", lambda: steady(poller.attempts(), "node1"), timeout=20, interval=0.02)
         time.sleep(random.uniform(0.0, 1.0))
         t_iso = time.monotonic()
         lab.isolate("node1")
-        wait_until("node2 to serve steadily", lambda: steady(poller.attempts(), "node2", t_iso), 30)
+        wait_for(
+            "node2 to serve steadily", lambda: steady(poller.attempts(), "node2", t_iso), timeout=30, interval=0.02
+        )
         time.sleep(random.uniform(1.0, 2.0))  # the partition lasts a while: both sides settle
         split = cluster.status("node2")
         t_heal, wall_heal = time.monotonic(), time.time()
         lab.heal("node1")
         # Settled: one PRIM and one SECOND seen from both nodes, then 3 s of observation.
-        wait_until(
+        wait_for(
             "the partition to resolve",
             lambda: (
                 sorted(cluster.status("node1").values())
                 == ["PRIM", "SECOND"]
                 == sorted(cluster.status("node2").values())
             ),
-            30,
-            0.2,
+            timeout=30,
+            interval=0.2,
         )
         t_settled = time.monotonic()
         time.sleep(3.0)
@@ -430,8 +429,11 @@ def run_keepalived(work: Path, advert: float) -> dict[str, Any]:
                 str(d / "vrrp.pid"),
             ]
             daemons[node] = lab[node].spawn(cmd, d / "keepalived.log")
-        wait_until(
-            "the VIP on node1", lambda: vip in lab["node1"].run(["ip", "-o", "addr", "show", "lan"]).stdout, 20, 0.1
+        wait_for(
+            "the VIP on node1",
+            lambda: vip in lab["node1"].run(["ip", "-o", "addr", "show", "lan"]).stdout,
+            timeout=20,
+            interval=0.1,
         )
         poller = start_poller(lab, vip, work, "poller", 60)
 
