@@ -269,8 +269,13 @@ class Lab:
         if not re.fullmatch(r"[a-z][a-z0-9-]{1,19}", name_prefix):
             raise LabError(f"name prefix {name_prefix!r} must be 2-20 characters of a-z, 0-9 and '-'")
         self.name = f"{name_prefix}{secrets.token_hex(3)}"
-        self._layout = {"nodes": list(nodes), "networks": list(networks), "client": client, "witness": witness,
-                        "subnets": dict(subnets or {})}
+        self._layout = {
+            "nodes": list(nodes),
+            "networks": list(networks),
+            "client": client,
+            "witness": witness,
+            "subnets": dict(subnets or {}),
+        }
         self.networks = _networks(networks, subnets or {})
         self.hosts = _hosts(self.name, nodes, client, witness, self.networks)
         self._ports = _ports(self.hosts, self.networks)
@@ -441,8 +446,14 @@ class Lab:
             layout = json.loads((REGISTRY / name / "layout.json").read_text())
         except (OSError, ValueError) as exc:
             raise LabError(f"no running lab {name!r} to attach to: {exc}") from None
-        lab = cls("x-", layout["nodes"], layout["networks"], client=layout["client"], witness=layout["witness"],
-                  subnets=layout["subnets"])
+        lab = cls(
+            "x-",
+            layout["nodes"],
+            layout["networks"],
+            client=layout["client"],
+            witness=layout["witness"],
+            subnets=layout["subnets"],
+        )
         lab.name = name
         lab.hosts = _hosts(name, layout["nodes"], layout["client"], layout["witness"], lab.networks)
         lab._ports = _ports(lab.hosts, lab.networks)
