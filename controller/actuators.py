@@ -107,7 +107,7 @@ class Actuators:
                 node=self.node,
                 peer=(ctx.peer_address, port) if role == "prim" else None,
                 listen=(ctx.address, port) if role != "prim" else None,
-                ack="durable" if rdir.spec.ack == "durable" else "received",
+                ack=rdir.spec.ack,
                 secret_file=secret if secret.exists() else None,
                 log_path=self.state_dir / "logs" / f"{rdir.name}.replicator.log",
             )

@@ -18,12 +18,20 @@ from agent.replication.beneath import Beneath
 from agent.replication.wire import Frame, ProtocolError
 
 _REMEMBERED_ERRORS = 1024
+# Open files kept for data operations; any change to the namespace closes them all.
+_CACHED_FILES = 64
 _NODE_TYPES = (stat.S_IFIFO, stat.S_IFSOCK, stat.S_IFCHR, stat.S_IFBLK, stat.S_IFREG)
 
 
 def _proc(fd: int) -> str:
     # Reopening our own O_PATH fd through /proc reaches exactly that inode, never a path a peer chose.
     return f"/proc/self/fd/{fd}"
+
+
+# Operations that never change which inode a path names: the open-file cache survives them.
+_KEEPS_NAMES = frozenset(
+    {m.Write, m.Truncate, m.Fallocate, m.Fsync, m.Setattr, m.Setxattr, m.Removexattr, m.SyncMark, m.SyncSums}
+)
 
 
 def _pwrite_all(fd: int, data: bytes, offset: int) -> None:
@@ -40,8 +48,10 @@ class Applier:
         self.beneath = Beneath(root_fd, use_openat2=use_openat2)
         self.stream: bytes | None = None
         self.applied_seq = 0
+        self.unsynced = 0
+        self._files: OrderedDict[bytes, int] = OrderedDict()
         self._errors: OrderedDict[int, m.Ack] = OrderedDict()
-        self._ops: dict[type[m.Message], Callable[[Any], m.Message | None]] = {
+        self._ops: dict[type[m.Message], Callable[[Any], object]] = {
             m.Write: self._write,
             m.Truncate: self._truncate,
             m.Fallocate: self._fallocate,
@@ -73,8 +83,20 @@ class Applier:
     def begin(self, stream: bytes) -> None:
         """Start or continue `stream`; a different stream starts again from seq 1."""
         if stream != self.stream:
+            self.close()
             self.stream, self.applied_seq = stream, 0
             self._errors.clear()
+
+    def blocking(self, msg: m.Message) -> bool:
+        """Whether applying `msg` may take long enough that it belongs in a thread, off the event loop."""
+        if isinstance(msg, m.Fsync):
+            return self.unsynced >= syscalls.INLINE_SYNC_BYTES
+        return msg.BLOCKING
+
+    def close(self) -> None:
+        """Close the files kept open for data operations."""
+        while self._files:
+            os.close(self._files.popitem()[1])
 
     def apply(self, frame: Frame) -> m.Message:
         """Apply one frame; return its Ack or, for a request, its answer. PathEscape/ProtocolError: disconnect."""
@@ -88,6 +110,8 @@ class Applier:
             return self._errors.get(frame.seq, m.Ack())
         if frame.seq != self.applied_seq + 1:
             raise ProtocolError(f"sequence gap: applied {self.applied_seq}, received {frame.seq}")
+        if type(msg) not in _KEEPS_NAMES:
+            self.close()
         ack = self._run(op, msg)
         self.applied_seq = frame.seq
         if isinstance(ack, m.Ack) and ack.status:
@@ -96,25 +120,38 @@ class Applier:
                 self._errors.popitem(last=False)
         return ack
 
-    def _run(self, op: Callable[[Any], m.Message | None], msg: m.Message) -> m.Message:
+    def _run(self, op: Callable[[Any], object], msg: m.Message) -> m.Message:
         try:
             answer = op(msg)
-            for fix in getattr(msg, "times", ()):
-                self._fix_times(fix)
+            if answer is not _TIMES_DONE:
+                for fix in getattr(msg, "times", ()):
+                    self._fix_times(fix)
         except OSError as exc:
             code = exc.errno or errno.EIO
             return m.Ack(code, f"{type(msg).__name__} {exc.filename!r}: {os.strerror(code)}"[:1000])
         except ValueError as exc:
             raise ProtocolError(f"{type(msg).__name__} cannot be applied: {exc}") from exc
-        return answer if answer is not None else m.Ack()
+        return answer if isinstance(answer, m.Message) else m.Ack()
+
+    def _file(self, path: bytes) -> int:
+        """A cached writable fd of the regular file at `path` (opened beneath the root on a miss)."""
+        fd = self._files.get(path)
+        if fd is not None:
+            self._files.move_to_end(path)
+            return fd
+        with self.beneath.inode(path) as (pfd, st):
+            _require_regular(st, path)
+            fd = os.open(_proc(pfd), os.O_WRONLY | os.O_CLOEXEC)
+        self._files[path] = fd
+        if len(self._files) > _CACHED_FILES:
+            os.close(self._files.popitem(last=False)[1])
+        return fd
 
     @contextmanager
     def _regular(self, path: bytes, flags: int) -> Iterator[int]:
         """Open a regular file for I/O; other types are never opened, so no device driver is reached."""
         with self.beneath.inode(path) as (pfd, st):
-            if not stat.S_ISREG(st.st_mode):
-                code = errno.EISDIR if stat.S_ISDIR(st.st_mode) else errno.EINVAL
-                raise OSError(code, os.strerror(code), path)
+            _require_regular(st, path)
             fd = os.open(_proc(pfd), flags | os.O_CLOEXEC)
         try:
             yield fd
@@ -140,17 +177,23 @@ class Applier:
         with self.beneath.node(fix.path) as (dir_fd, name):
             os.utime(name, ns=(fix.atime_ns, fix.mtime_ns), dir_fd=dir_fd, follow_symlinks=False)
 
-    def _write(self, msg: m.Write) -> None:
-        with self._regular(msg.path, os.O_WRONLY) as fd:
-            _pwrite_all(fd, msg.data, msg.offset)
+    def _write(self, msg: m.Write) -> object:
+        fd = self._file(msg.path)
+        _pwrite_all(fd, msg.data, msg.offset)
+        self.unsynced += len(msg.data)
+        # The usual fix names the written file itself: set it on the open fd, no second resolution.
+        for fix in msg.times:
+            if fix.path == msg.path:
+                os.utime(fd, ns=(fix.atime_ns, fix.mtime_ns))
+            else:
+                self._fix_times(fix)
+        return _TIMES_DONE
 
     def _truncate(self, msg: m.Truncate) -> None:
-        with self._regular(msg.path, os.O_WRONLY) as fd:
-            os.ftruncate(fd, msg.size)
+        os.ftruncate(self._file(msg.path), msg.size)
 
     def _fallocate(self, msg: m.Fallocate) -> None:
-        with self._regular(msg.path, os.O_WRONLY) as fd:
-            syscalls.fallocate(fd, msg.mode, msg.offset, msg.length)
+        syscalls.fallocate(self._file(msg.path), msg.mode, msg.offset, msg.length)
 
     def _create(self, msg: m.Create) -> None:
         # Always exclusive: the primary just created a new inode, so an existing entry here is divergence.
@@ -224,6 +267,11 @@ class Applier:
             os.removexattr(_proc(fd), msg.name)
 
     def _fsync(self, msg: m.Fsync) -> None:
+        self.unsynced = 0
+        cached = self._files.get(msg.path)
+        if cached is not None:
+            (os.fdatasync if msg.datasync else os.fsync)(cached)
+            return
         with self.beneath.inode(msg.path) as (pfd, st):
             if not (stat.S_ISREG(st.st_mode) or stat.S_ISDIR(st.st_mode)):
                 return
@@ -258,6 +306,17 @@ class Applier:
                 os.removexattr(path, name)
             for name, value in pairs:
                 os.setxattr(path, name, value)
+
+
+# Returned by an operation that applied its own time fixes.
+_TIMES_DONE = object()
+
+
+def _require_regular(st: os.stat_result, path: bytes) -> None:
+    """Refuse I/O on anything but a regular file, so that no device driver is ever reached."""
+    if not stat.S_ISREG(st.st_mode):
+        code = errno.EISDIR if stat.S_ISDIR(st.st_mode) else errno.EINVAL
+        raise OSError(code, os.strerror(code), path)
 
 
 def _nothing(msg: m.Message) -> None:

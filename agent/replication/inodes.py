@@ -33,6 +33,10 @@ class Inodes:
     def __getitem__(self, ino: int) -> Node:
         return self._nodes[ino]
 
+    def known(self, ino: int) -> bool:
+        """Whether the kernel still holds a lookup of this inode number."""
+        return ino in self._nodes
+
     def fd(self, ino: int) -> int:
         """The O_PATH fd of an inode."""
         return self._nodes[ino].fd

@@ -18,11 +18,19 @@ from agent.replication.sender import Sender
 
 
 class ReplicatedFS(Passthrough):
-    """The primary's passthrough over the directory it is mounted on; every change goes to the Sender."""
+    """The primary's passthrough over the directory it is mounted on; every change goes to the Sender.
 
-    def __init__(self, root_fd: int, sender: Sender, *, timeout: float = 1.0) -> None:
+    With `writeback` (ack mode `fsync`) the kernel caches writes; each write that reaches us is shipped
+    without waiting for its ack, and flush (close) and fsync wait until the peer has them.
+    """
+
+    def __init__(self, root_fd: int, sender: Sender, *, timeout: float = 1.0, writeback: bool = False) -> None:
         super().__init__(root_fd, timeout=timeout)
         self.sender = sender
+        self.enable_writeback_cache = writeback
+        self._unsynced: dict[int, int] = {}
+        # writeback: the last shipped write of each inode whose ack flush has not awaited yet.
+        self._inflight: dict[int, asyncio.Future[m.Message]] = {}
 
     def _fix(self, *inos: int | None) -> m.Times:
         fixes = []
@@ -36,6 +44,13 @@ class ReplicatedFS(Passthrough):
     async def _ship(self, msg: m.Message | None) -> None:
         if msg is not None:
             await self.sender.replicate(msg)
+
+    async def forget(self, inode_list: list[tuple[int, int]]) -> None:
+        await super().forget(inode_list)
+        for ino, _ in inode_list:
+            if not self.inodes.known(ino):
+                self._unsynced.pop(ino, None)
+                self._inflight.pop(ino, None)
 
     @passes_errors
     async def fsyncdir(self, fh: int, datasync: bool) -> None:
@@ -106,7 +121,7 @@ class ReplicatedFS(Passthrough):
         self, parent_inode: int, name: bytes, mode: int, flags: int, ctx: pyfuse3.RequestContext
     ) -> tuple[pyfuse3.FileInfo, pyfuse3.EntryAttributes]:
         uid, gid, _ = self._owner(parent_inode, ctx)
-        open_flags = (flags & ~os.O_APPEND) | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_CLOEXEC
+        open_flags = (self._readable(flags) & ~os.O_APPEND) | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_CLOEXEC
         fd = os.open(name, open_flags, 0o600, dir_fd=self.inodes.fd(parent_inode))
         try:
             os.fchown(fd, uid, gid)
@@ -241,9 +256,15 @@ class ReplicatedFS(Passthrough):
 
     # --- file data -----------------------------------------------------------------------------
 
+    def _readable(self, flags: int) -> int:
+        # With a writeback cache the kernel reads to fill partly written pages, even of write-only files.
+        if self.enable_writeback_cache and flags & os.O_ACCMODE == os.O_WRONLY:
+            return (flags & ~os.O_ACCMODE) | os.O_RDWR
+        return flags
+
     @passes_errors
     async def open(self, inode: int, flags: int, ctx: pyfuse3.RequestContext) -> pyfuse3.FileInfo:
-        fd = self._open_fd(inode, flags)
+        fd = self._open_fd(inode, self._readable(flags))
         if flags & os.O_TRUNC:
             path = self.inodes.path(inode)
             if path is not None:
@@ -254,10 +275,26 @@ class ReplicatedFS(Passthrough):
     async def write(self, fh: int, off: int, buf: bytes) -> int:
         fd, inode = self._files[fh]
         written = os.pwrite(fd, buf, off)
+        self._unsynced[inode] = self._unsynced.get(inode, 0) + written
         path = self.inodes.path(inode)
-        if path is not None:
-            await self._ship(m.Write(path, off, bytes(buf[:written]), self._fix(inode)))
+        if path is None:
+            return written
+        msg = m.Write(path, off, bytes(buf[:written]), self._fix(inode))
+        if not self.enable_writeback_cache:
+            await self._ship(msg)
+            return written
+        fut = self.sender.submit(msg)
+        if fut is not None:
+            self._inflight[inode] = fut
+            await self.sender.drain()
         return written
+
+    async def flush(self, fh: int) -> None:
+        # The kernel wrote the file's dirty pages back before this flush: once the peer acknowledged the
+        # last of those writes (acks come in order), the closed file is on both nodes.
+        entry = self._files.get(fh)
+        if entry is not None:
+            await self.sender.wait(self._inflight.pop(entry[1], None))
 
     @passes_errors
     async def fsync(self, fh: int, datasync: bool) -> None:
@@ -269,11 +306,17 @@ class ReplicatedFS(Passthrough):
         path = self.inodes.path(inode)
         fut = self.sender.submit(m.Fsync(path, datasync)) if path is not None else None
         own = fd if fd is not None else os.open(_proc(self.inodes.fd(inode)), os.O_RDONLY | os.O_CLOEXEC)
+        sync = os.fdatasync if datasync else os.fsync
         try:
-            await asyncio.to_thread(os.fdatasync if datasync else os.fsync, own)
+            if self._unsynced.pop(inode, 0) < syscalls.INLINE_SYNC_BYTES:
+                sync(own)
+            else:
+                await asyncio.to_thread(sync, own)
         finally:
             if fd is None:
                 os.close(own)
+        # The Fsync is answered after everything before it was applied: it covers the writes in flight.
+        self._inflight.pop(inode, None)
         await self.sender.wait(fut)
 
 

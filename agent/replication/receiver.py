@@ -23,6 +23,9 @@ class AckMode(enum.StrEnum):
 
     RECEIVED = "received"
     DURABLE = "durable"
+    # The primary's writeback cache holds writes until flush/fsync/close; the secondary acks as in
+    # `received` and the primary waits for those acks at each flush and fsync.
+    FSYNC = "fsync"
 
 
 class Receiver:
@@ -88,6 +91,7 @@ class Receiver:
                 if not applying.done():
                     await queue.put(None)
                     await asyncio.wait([applying])
+                self.applier.close()
 
     async def _read_loop(self, reader: FrameReader, writer: FrameWriter, queue: asyncio.Queue[Frame | None]) -> None:
         expected: int | None = None
@@ -102,13 +106,13 @@ class Receiver:
             expected = frame.seq + 1
             # Queued before the ack, so an acknowledged frame is always applied, even if the link dies now.
             await queue.put(frame)
-            if self.mode is AckMode.RECEIVED and not frame.msg.AFTER_APPLY:
+            if self.mode is not AckMode.DURABLE and not frame.msg.AFTER_APPLY:
                 writer.send_nowait(Frame(frame.seq, m.Ack()))
                 await writer.writer.drain()
 
     async def _apply_loop(self, queue: asyncio.Queue[Frame | None], writer: FrameWriter) -> None:
         while (frame := await queue.get()) is not None:
-            if frame.msg.BLOCKING:
+            if self.applier.blocking(frame.msg):
                 answer = await asyncio.to_thread(self.applier.apply, frame)
             else:
                 answer = self.applier.apply(frame)

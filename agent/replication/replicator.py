@@ -44,7 +44,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--dir", type=Path, required=True, help="the replicated directory (same path on every node)")
     p.add_argument("--peer", type=_address, help="primary: the secondary's HOST:PORT")
     p.add_argument("--listen", type=_address, help="secondary: HOST:PORT to accept the primary on")
-    p.add_argument("--ack", choices=["received", "durable"], default="received", help="primary: ack mode asked")
+    p.add_argument(
+        "--ack", choices=["received", "durable", "fsync"], default="received", help="primary: ack mode asked"
+    )
     p.add_argument("--node", default=socket.gethostname())
     p.add_argument("--secret-file", type=Path, help="shared secret; without it peers are unauthenticated")
     p.add_argument("--connect-timeout", type=float, default=30.0, help="ignored: the primary retries forever")
@@ -75,7 +77,8 @@ async def run_primary(args: argparse.Namespace, events: Events) -> None:
     # Opened before mounting: afterwards the path leads into our own mount, the fd to the real tree.
     root_fd = os.open(args.dir, os.O_PATH | os.O_DIRECTORY | os.O_CLOEXEC)
     sender = Sender(node=args.node, secret=_secret(args.secret_file), ack=args.ack)
-    mount(ReplicatedFS(root_fd, sender), str(args.dir), debug=args.debug_fuse)
+    fs = ReplicatedFS(root_fd, sender, writeback=args.ack == "fsync")
+    mount(fs, str(args.dir), debug=args.debug_fuse)
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGTERM, signal.SIGINT):
         loop.add_signal_handler(sig, pyfuse3.terminate)
@@ -91,7 +94,7 @@ async def run_primary(args: argparse.Namespace, events: Events) -> None:
         pyfuse3.close(unmount=True)
         await sender.close()
         os.close(root_fd)
-    log.info("Primary stopped and unmounted dir=%s", args.dir)
+    log.info("Primary stopped and unmounted dir=%s; %d operations on the last stream", args.dir, sender.seq)
 
 
 async def run_secondary(args: argparse.Namespace, events: Events) -> None:

@@ -20,7 +20,7 @@ MAX_HEADER = 256 * 1024
 MAX_PATH = 64 * 1024
 MAX_TIMES = 8
 MAX_TEXT = 4096
-ACK_MODES = ("received", "durable")
+ACK_MODES = ("received", "durable", "fsync")
 # The length word counts everything after itself: the header-length word, the header and the data.
 MAX_LENGTH = 4 + MAX_HEADER + MAX_DATA
 PREFIX = struct.Struct("!II")

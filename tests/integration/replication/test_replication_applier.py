@@ -176,3 +176,21 @@ def test_disk_full_is_reported_as_enospc(tiny_fs: Path) -> None:
         assert "No space left" in ack.message
     finally:
         os.close(fd)
+
+
+def test_cached_open_files_follow_renames_and_removals(applier: Applier, tmp_path: Path) -> None:
+    root = tmp_path / "repl"
+    ok(applier, m.Create(b"a", 0o644, 0, 0, os.O_EXCL))
+    ok(applier, m.Write(b"a", 0, b"first"))  # opens "a" and keeps it open
+    ok(applier, m.Rename(b"a", b"b", 0))
+    ok(applier, m.Create(b"a", 0o644, 0, 0, os.O_EXCL))
+    ok(applier, m.Write(b"a", 0, b"second"))
+    ok(applier, m.Write(b"b", 5, b"!", (m.TimeFix(b"b", T0, T0 + 1),)))  # set on the cached fd
+    ok(applier, m.Unlink(b"a"))
+    ack = feed(applier, m.Write(b"a", 0, b"gone"))
+    assert ack.status == errno.ENOENT, ack.message
+    ok(applier, m.Fsync(b"b", False))
+    assert (root / "b").read_bytes() == b"first!"
+    assert os.stat(root / "b").st_mtime_ns == T0 + 1
+    assert not (root / "a").exists()
+    applier.close()

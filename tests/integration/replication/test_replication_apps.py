@@ -99,7 +99,7 @@ def _wait_acked(path: Path, at_least: int, client: subprocess.Popen[bytes]) -> N
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("ack", ["received", "durable"])
+@pytest.mark.parametrize("ack", ["received", "durable", "fsync"])
 def test_every_acknowledged_commit_survives_killing_the_primary(pair: Pair, tmp_path: Path, ack: str) -> None:
     pair.start(ack)
     db, acked = pair.primary_dir / "app.db", tmp_path / "acked.txt"

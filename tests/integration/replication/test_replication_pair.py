@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import re
 import stat
 import subprocess
 from pathlib import Path
@@ -10,6 +11,7 @@ from pathlib import Path
 import pytest
 
 from agent.replication import syscalls
+from tests.daemons import wait_for
 from tests.integration.replication.pairs import Pair, mounted
 
 
@@ -121,7 +123,7 @@ def workload(top: Path) -> None:
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("ack", ["received", "durable"])
+@pytest.mark.parametrize("ack", ["received", "durable", "fsync"])
 def test_workload_leaves_identical_trees(pair: Pair, tmp_path: Path, ack: str) -> None:
     secret = tmp_path / "cluster.key"
     secret.write_bytes(os.urandom(32).hex().encode())
@@ -141,6 +143,23 @@ def test_workload_leaves_identical_trees(pair: Pair, tmp_path: Path, ack: str) -
     logs = pair.log("primary") + pair.log("secondary")
     assert "ERROR" not in logs and "Traceback" not in logs, logs
     assert "unauthenticated" not in logs
+
+
+@pytest.mark.slow
+def test_fsync_mode_caches_writes_and_ships_them_by_fsync_and_close(pair: Pair) -> None:
+    pair.start("fsync", None)
+    primary, copy = pair.primary_dir / "cached", pair.secondary_dir / "cached"
+    with open(primary, "wb", buffering=0) as f:
+        for _ in range(2000):
+            f.write(b"x")  # 2,000 write() calls land in the primary's page cache
+        os.fsync(f.fileno())
+        assert copy.read_bytes() == b"x" * 2000  # a completed fsync is on the secondary's disk
+        f.write(b"tail")
+    # close shipped it: received by the secondary when close returned, applied right after
+    wait_for("the closed file on the secondary", lambda: copy.read_bytes() == b"x" * 2000 + b"tail")
+    assert pair.stop("primary") == 0
+    shipped = re.search(r"(\d+) operations on the last stream", pair.log("primary"))
+    assert shipped is not None and int(shipped.group(1)) < 50, pair.log("primary")
 
 
 @pytest.mark.slow
