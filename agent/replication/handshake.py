@@ -12,7 +12,8 @@ from dataclasses import dataclass
 from typing import TypeVar
 
 from agent.replication import messages as m
-from agent.replication.wire import MAGIC, VERSION, Frame, FrameReader, FrameWriter, ProtocolError
+from agent.replication.connection import FrameConnection
+from agent.replication.wire import MAGIC, VERSION, Frame, ProtocolError
 
 HANDSHAKE_TIMEOUT = 10.0
 _CONTEXT = b"tandem-replication-v1"
@@ -54,8 +55,8 @@ def check_proof(secret: bytes | None, expected: bytes, got: bytes, who: str) -> 
     return True
 
 
-async def _expect(reader: FrameReader, cls: type[_M]) -> _M:
-    frame = await reader.read()
+async def _expect(conn: FrameConnection, cls: type[_M]) -> _M:
+    frame = await conn.read()
     if frame is None:
         raise ProtocolError(f"peer closed the stream during the handshake, expecting {cls.__name__}")
     if not isinstance(frame.msg, cls) or frame.seq != 0:
@@ -68,47 +69,44 @@ def _names(client: str, server: str) -> bytes:
     return client.encode() + b"\0" + server.encode()
 
 
-async def client_handshake(
-    reader: FrameReader, writer: FrameWriter, node: str, secret: bytes | None, stream: bytes, ack: str
-) -> Peer:
+async def client_handshake(conn: FrameConnection, node: str, secret: bytes | None, stream: bytes, ack: str) -> Peer:
     """Open a stream as the primary: send Hello, check the server's proof, send ours, await the Ack."""
     async with asyncio.timeout(HANDSHAKE_TIMEOUT):
         nonce = os.urandom(32)
-        await writer.send(Frame(0, m.Hello(MAGIC, VERSION, node, nonce, stream, ack)))
-        ch = await _expect(reader, m.Challenge)
+        await conn.send(Frame(0, m.Hello(MAGIC, VERSION, node, nonce, stream, ack)))
+        ch = await _expect(conn, m.Challenge)
         if ch.magic != MAGIC or ch.version != VERSION:
             raise ProtocolError(f"peer answered with magic {ch.magic!r} version {ch.version}, expected v{VERSION}")
         names = _names(node, ch.node)
         expected = proof(secret, b"server", nonce, ch.nonce, names)
         authenticated = check_proof(secret, expected, ch.proof, f"peer {ch.node!r}")
-        await writer.send(Frame(0, m.Auth(proof(secret, b"client", nonce, ch.nonce, names))))
-        verdict = await _expect(reader, m.Ack)
+        await conn.send(Frame(0, m.Auth(proof(secret, b"client", nonce, ch.nonce, names))))
+        verdict = await _expect(conn, m.Ack)
         if verdict.status:
             raise AuthError(f"peer {ch.node!r} refused the handshake: {verdict.message}")
         return Peer(ch.node, authenticated, stream, ch.applied_seq, ack)
 
 
 async def server_handshake(
-    reader: FrameReader,
-    writer: FrameWriter,
+    conn: FrameConnection,
     node: str,
     secret: bytes | None,
     applied_seq: Callable[[bytes], int],
 ) -> Peer:
     """Accept a stream as the secondary: answer Hello with a challenge, verify the client's proof."""
     async with asyncio.timeout(HANDSHAKE_TIMEOUT):
-        hello = await _expect(reader, m.Hello)
+        hello = await _expect(conn, m.Hello)
         nonce = os.urandom(32)
         names = _names(hello.node, node)
         seq = applied_seq(hello.stream)
         mine = proof(secret, b"server", hello.nonce, nonce, names)
-        await writer.send(Frame(0, m.Challenge(MAGIC, VERSION, node, nonce, mine, seq)))
-        auth = await _expect(reader, m.Auth)
+        await conn.send(Frame(0, m.Challenge(MAGIC, VERSION, node, nonce, mine, seq)))
+        auth = await _expect(conn, m.Auth)
         expected = proof(secret, b"client", hello.nonce, nonce, names)
         try:
             authenticated = check_proof(secret, expected, auth.proof, f"peer {hello.node!r}")
         except AuthError as exc:
-            await writer.send(Frame(0, m.Ack(errno.EACCES, str(exc)[:200])))
+            await conn.send(Frame(0, m.Ack(errno.EACCES, str(exc)[:200])))
             raise
-        await writer.send(Frame(0, m.Ack()))
+        await conn.send(Frame(0, m.Ack()))
         return Peer(hello.node, authenticated, hello.stream, seq, hello.ack)

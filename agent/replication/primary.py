@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import dataclasses
+import errno
 import os
 import stat
 from collections.abc import Callable
@@ -16,6 +17,10 @@ from agent.replication.passthrough import Passthrough, passes_errors
 from agent.replication.passthrough import proc as _proc
 from agent.replication.sender import Sender
 
+# Every change to the tree goes through this mount, so the kernel's entry and attribute caches stay
+# true for as long as it keeps them: a long timeout saves a LOOKUP or GETATTR request per operation.
+CACHE_SECONDS = 300.0
+
 
 class ReplicatedFS(Passthrough):
     """The primary's passthrough over the directory it is mounted on; every change goes to the Sender.
@@ -24,7 +29,9 @@ class ReplicatedFS(Passthrough):
     without waiting for its ack, and flush (close) and fsync wait until the peer has them.
     """
 
-    def __init__(self, root_fd: int, sender: Sender, *, timeout: float = 1.0, writeback: bool = False) -> None:
+    def __init__(
+        self, root_fd: int, sender: Sender, *, timeout: float = CACHE_SECONDS, writeback: bool = False
+    ) -> None:
         super().__init__(root_fd, timeout=timeout)
         self.sender = sender
         self.enable_writeback_cache = writeback
@@ -44,6 +51,18 @@ class ReplicatedFS(Passthrough):
     async def _ship(self, msg: m.Message | None) -> None:
         if msg is not None:
             await self.sender.replicate(msg)
+
+    @passes_errors
+    async def lookup(self, parent_inode: int, name: bytes, ctx: pyfuse3.RequestContext) -> pyfuse3.EntryAttributes:
+        try:
+            return await super().lookup(parent_inode, name, ctx)
+        except pyfuse3.FUSEError as exc:
+            if exc.errno != errno.ENOENT:
+                raise
+        # A cached negative entry: the kernel drops it itself when a create through this mount fills it.
+        absent = pyfuse3.EntryAttributes()
+        absent.st_ino, absent.entry_timeout = 0, self.timeout
+        return absent
 
     async def forget(self, inode_list: list[tuple[int, int]]) -> None:
         await super().forget(inode_list)

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import collections
 import contextlib
 import enum
 import logging
@@ -10,9 +11,10 @@ import logging
 from agent.replication import messages as m
 from agent.replication.applier import Applier
 from agent.replication.beneath import PathEscape
+from agent.replication.connection import FrameConnection
 from agent.replication.events import Events, NoEvents
 from agent.replication.handshake import server_handshake
-from agent.replication.wire import Frame, FrameReader, FrameWriter, ProtocolError
+from agent.replication.wire import Frame, ProtocolError
 
 log = logging.getLogger(__name__)
 QUEUE_FRAMES = 512
@@ -41,38 +43,49 @@ class Receiver:
         self.in_sync = False
         self._connected = False
         self._lock = asyncio.Lock()
-        self._writers: set[asyncio.StreamWriter] = set()
+        self._conns: set[FrameConnection] = set()
+        self._tasks: set[asyncio.Task[None]] = set()
 
-    async def serve(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+    def connection(self) -> FrameConnection:
+        """A protocol for one accepted connection (`loop.create_server(receiver.connection, ...)`)."""
+        return FrameConnection(opened=self._opened)
+
+    def _opened(self, conn: FrameConnection) -> None:
+        task = asyncio.create_task(self.serve(conn))
+        self._tasks.add(task)
+        task.add_done_callback(self._tasks.discard)
+
+    async def serve(self, conn: FrameConnection) -> None:
         """Run one connection to its end; any protocol violation closes it with a logged reason."""
-        peername = writer.get_extra_info("peername")
-        self._writers.add(writer)
+        peername = conn.peername
+        self._conns.add(conn)
         async with self._lock:
             try:
-                await self._session(FrameReader(reader), FrameWriter(writer), peername)
-            except* (ProtocolError, PathEscape) as group:
-                for exc in group.exceptions:
-                    log.error("Disconnecting replication peer %s: reason=%s", peername, exc)
-            except* (ConnectionError, TimeoutError) as group:
-                log.warning("Replication connection from %s lost: %s", peername, group.exceptions[0])
+                await self._session(conn, peername)
+            except (ProtocolError, PathEscape) as exc:
+                log.error("Disconnecting replication peer %s: reason=%s", peername, exc)
+            except (ConnectionError, TimeoutError) as exc:
+                log.warning("Replication connection from %s lost: %s", peername, exc)
             finally:
                 if self._connected:
                     self.events.peer("disconnected", wasInSync=self.in_sync)
                 self._connected = self.syncing = self.in_sync = False
-                self._writers.discard(writer)
-                writer.close()
-                with contextlib.suppress(ConnectionError):
-                    await writer.wait_closed()
+                self._conns.discard(conn)
+                self.applier.close()
+                conn.close()
+                await conn.wait_closed()
 
     async def close(self) -> None:
         """End every connection at a frame boundary and wait until the applier is idle."""
-        for writer in list(self._writers):
-            writer.close()
+        for conn in list(self._conns):
+            conn.close()
         async with self._lock:
             pass
+        if self._tasks:
+            await asyncio.wait(list(self._tasks))
 
-    async def _session(self, reader: FrameReader, writer: FrameWriter, peername: object) -> None:
-        peer = await server_handshake(reader, writer, self.node, self.secret, self.applier.applied_for)
+    async def _session(self, conn: FrameConnection, peername: object) -> None:
+        peer = await server_handshake(conn, self.node, self.secret, self.applier.applied_for)
         if not peer.authenticated:
             log.warning("Replication peer %s (node=%s) is unauthenticated: no shared secret", peername, peer.node)
         self.mode = AckMode(peer.ack)
@@ -80,51 +93,29 @@ class Receiver:
         self._connected = True
         self.events.peer("connected")
         log.info("Replication stream open: peer=%s applied_seq=%d mode=%s", peer.node, peer.applied_seq, self.mode)
-        queue: asyncio.Queue[Frame | None] = asyncio.Queue(QUEUE_FRAMES)
-        async with asyncio.TaskGroup() as tg:
-            applying = tg.create_task(self._apply_loop(queue, writer))
-            try:
-                await self._read_loop(reader, writer, queue)
-            finally:
-                # Whatever ended the connection, frames already received (and, in `received` mode,
-                # acknowledged) are applied: the ack promised they would be.
-                if not applying.done():
-                    await queue.put(None)
-                    await asyncio.wait([applying])
-                self.applier.close()
+        stream = _Stream(conn, self.mode, self.applier.applied_seq)
+        conn.deliver(stream.received, stream.ended)
+        # Whatever ends the connection, frames already received (and, in `received` mode,
+        # acknowledged) are applied: the ack promised they would be. The end comes after them.
+        while (frame := await stream.next()) is not None:
+            await self._apply(conn, frame)
+        if stream.end is not None:
+            raise stream.end
 
-    async def _read_loop(self, reader: FrameReader, writer: FrameWriter, queue: asyncio.Queue[Frame | None]) -> None:
-        expected: int | None = None
-        while (frame := await reader.read()) is not None:
-            if not frame.msg.OPERATION:
-                raise ProtocolError(f"{type(frame.msg).__name__} is not an operation (seq {frame.seq})")
-            if expected is None:
-                if not 1 <= frame.seq <= self.applier.applied_seq + 1:
-                    raise ProtocolError(f"stream resumes at seq {frame.seq}, applied {self.applier.applied_seq}")
-            elif frame.seq != expected:
-                raise ProtocolError(f"sequence number {frame.seq} where {expected} was due")
-            expected = frame.seq + 1
-            # Queued before the ack, so an acknowledged frame is always applied, even if the link dies now.
-            await queue.put(frame)
-            if self.mode is not AckMode.DURABLE and not frame.msg.AFTER_APPLY:
-                writer.send_nowait(Frame(frame.seq, m.Ack()))
-                await writer.writer.drain()
-
-    async def _apply_loop(self, queue: asyncio.Queue[Frame | None], writer: FrameWriter) -> None:
-        while (frame := await queue.get()) is not None:
-            if self.applier.blocking(frame.msg):
-                answer = await asyncio.to_thread(self.applier.apply, frame)
-            else:
-                answer = self.applier.apply(frame)
-            failed = isinstance(answer, m.Ack) and bool(answer.status)
-            if failed and isinstance(answer, m.Ack):
-                self._failed(frame, answer)
-            if self.mode is AckMode.DURABLE or frame.msg.AFTER_APPLY:
-                await self._answer(writer, Frame(frame.seq, answer))
-            elif failed and isinstance(answer, m.Ack):
-                await self._answer(writer, Frame(frame.seq, m.Fault(answer.status, answer.message)))
-            if not failed:
-                self._track(frame.msg)
+    async def _apply(self, conn: FrameConnection, frame: Frame) -> None:
+        if self.applier.blocking(frame.msg):
+            answer = await asyncio.to_thread(self.applier.apply, frame)
+        else:
+            answer = self.applier.apply(frame)
+        failed = isinstance(answer, m.Ack) and bool(answer.status)
+        if failed and isinstance(answer, m.Ack):
+            self._failed(frame, answer)
+        if self.mode is AckMode.DURABLE or frame.msg.AFTER_APPLY:
+            await self._answer(conn, Frame(frame.seq, answer))
+        elif failed and isinstance(answer, m.Ack):
+            await self._answer(conn, Frame(frame.seq, m.Fault(answer.status, answer.message)))
+        if not failed:
+            self._track(frame.msg)
 
     def _failed(self, frame: Frame, ack: m.Ack) -> None:
         # During a resync a live operation may reach a part of the tree not copied yet; the primary
@@ -145,10 +136,69 @@ class Receiver:
             log.info("Resync complete: this copy equals the primary's tree")
 
     @staticmethod
-    async def _answer(writer: FrameWriter, frame: Frame) -> None:
+    async def _answer(conn: FrameConnection, frame: Frame) -> None:
         # Once the primary is gone its acks have no reader; the applier keeps applying what arrived.
-        if writer.writer.is_closing():
+        if conn.is_closing():
             return
-        writer.send_nowait(frame)
         with contextlib.suppress(ConnectionError):
-            await writer.writer.drain()
+            await conn.send(frame)
+
+
+class _Stream:
+    """The receiving half of one session: checks order, acks on receipt when the mode says so, queues.
+
+    `received` runs in the event-loop turn that read the bytes, so an ack leaves without a task switch.
+    The queue is bounded by pausing the socket, which the primary feels as TCP backpressure.
+    """
+
+    def __init__(self, conn: FrameConnection, mode: AckMode, applied_seq: int) -> None:
+        self.conn = conn
+        self.mode = mode
+        self.applied_seq = applied_seq
+        self.end: BaseException | None = None
+        self._expected: int | None = None
+        self._queue: collections.deque[Frame] = collections.deque()
+        self._ended = False
+        self._paused = False
+        self._waiter: asyncio.Future[None] | None = None
+
+    def received(self, frame: Frame) -> None:
+        if not frame.msg.OPERATION:
+            raise ProtocolError(f"{type(frame.msg).__name__} is not an operation (seq {frame.seq})")
+        if self._expected is None:
+            if not 1 <= frame.seq <= self.applied_seq + 1:
+                raise ProtocolError(f"stream resumes at seq {frame.seq}, applied {self.applied_seq}")
+        elif frame.seq != self._expected:
+            raise ProtocolError(f"sequence number {frame.seq} where {self._expected} was due")
+        self._expected = frame.seq + 1
+        # Queued before the ack, so an acknowledged frame is always applied, even if the link dies now.
+        self._queue.append(frame)
+        if self.mode is not AckMode.DURABLE and not frame.msg.AFTER_APPLY:
+            self.conn.send_nowait(Frame(frame.seq, m.Ack()))
+        if len(self._queue) >= QUEUE_FRAMES and not self._paused:
+            self._paused = True
+            self.conn.pause_reading()
+        self._wake()
+
+    def ended(self, why: BaseException | None) -> None:
+        self._ended, self.end = True, why
+        self._wake()
+
+    async def next(self) -> Frame | None:
+        """The next frame to apply, or None once the connection ended and every frame was handed out."""
+        while not self._queue:
+            if self._ended:
+                return None
+            self._waiter = asyncio.get_running_loop().create_future()
+            try:
+                await self._waiter
+            finally:
+                self._waiter = None
+        if self._paused and len(self._queue) <= QUEUE_FRAMES // 2:
+            self._paused = False
+            self.conn.resume_reading()
+        return self._queue.popleft()
+
+    def _wake(self) -> None:
+        if self._waiter is not None and not self._waiter.done():
+            self._waiter.set_result(None)

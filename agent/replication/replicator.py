@@ -25,7 +25,7 @@ from agent.replication.passthrough import mount
 from agent.replication.primary import ReplicatedFS
 from agent.replication.readonly import ReadOnlyFS
 from agent.replication.receiver import Receiver
-from agent.replication.sender import STREAM_LIMIT, Sender
+from agent.replication.sender import Sender
 
 log = logging.getLogger("agent.replication")
 
@@ -116,9 +116,9 @@ async def run_secondary(args: argparse.Namespace, events: Events) -> None:
 
 async def _serve_secondary(args: argparse.Namespace, root_fd: int, events: Events) -> None:
     receiver = Receiver(Applier(root_fd), node=args.node, secret=_secret(args.secret_file), events=events)
-    server = await asyncio.start_server(receiver.serve, *args.listen, limit=STREAM_LIMIT)
-    stop = asyncio.Event()
     loop = asyncio.get_running_loop()
+    server = await loop.create_server(receiver.connection, *args.listen)
+    stop = asyncio.Event()
     for sig in (signal.SIGTERM, signal.SIGINT):
         loop.add_signal_handler(sig, stop.set)
     fuse = asyncio.create_task(pyfuse3.main()) if args.mount else None

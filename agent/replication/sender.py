@@ -9,11 +9,11 @@ import os
 from collections.abc import Callable
 
 from agent.replication import messages as m
+from agent.replication.connection import FrameConnection
 from agent.replication.handshake import Peer, client_handshake
-from agent.replication.wire import Frame, FrameReader, FrameWriter, ProtocolError
+from agent.replication.wire import Frame, ProtocolError
 
 log = logging.getLogger(__name__)
-STREAM_LIMIT = 4 * 1024 * 1024
 _ANSWERS = (m.Ack, m.Listing, m.Sums)
 
 # (seq, errno, message) of an operation the secondary failed to apply.
@@ -37,26 +37,23 @@ class Sender:
         self.on_error: ErrorHandler | None = None
         self.observer: Callable[[m.Message], None] | None = None
         self.sent_bytes = 0
-        self._writer: FrameWriter | None = None
+        self._conn: FrameConnection | None = None
         self._pending: dict[int, asyncio.Future[m.Message]] = {}
-        self._acks: asyncio.Task[None] | None = None
 
     async def connect(self, host: str, port: int) -> Peer:
         """Open a new stream (fresh id, seq from 1) and run the handshake; raise on refusal."""
-        reader, writer = await asyncio.open_connection(host, port, limit=STREAM_LIMIT)
+        _, conn = await asyncio.get_running_loop().create_connection(FrameConnection, host, port)
         stream = os.urandom(16)
         try:
-            peer = await client_handshake(
-                FrameReader(reader), FrameWriter(writer), self.node, self.secret, stream, self.ack
-            )
+            peer = await client_handshake(conn, self.node, self.secret, stream, self.ack)
         except BaseException:
-            writer.close()
+            conn.close()
             raise
         if not peer.authenticated:
             log.warning("Replication peer node=%s is unauthenticated: no shared secret configured", peer.node)
         self.stream, self.seq, self.closed = stream, 0, asyncio.Event()
-        self.peer, self._writer, self.connected = peer, FrameWriter(writer), True
-        self._acks = asyncio.create_task(self._read_acks(FrameReader(reader)))
+        self.peer, self._conn, self.connected = peer, conn, True
+        conn.deliver(self._answer, self._ended)
         log.info("Replication stream to node=%s open, ack=%s", peer.node, self.ack)
         return peer
 
@@ -68,20 +65,20 @@ class Sender:
 
     def send(self, msg: m.Message) -> asyncio.Future[m.Message] | None:
         """Send one frame without telling the observer (the resync's own frames)."""
-        if not self.connected or self._writer is None:
+        if not self.connected or self._conn is None:
             return None
         self.seq += 1
         fut: asyncio.Future[m.Message] = asyncio.get_running_loop().create_future()
         fut.add_done_callback(_retrieved)
         self._pending[self.seq] = fut
-        self.sent_bytes += self._writer.send_nowait(Frame(self.seq, msg))
+        self.sent_bytes += self._conn.send_nowait(Frame(self.seq, msg))
         return fut
 
     async def drain(self) -> None:
         """Wait until the transport's buffer is below its high-water mark (backpressure)."""
-        if self._writer is not None and self.connected:
+        if self._conn is not None and self.connected:
             with contextlib.suppress(ConnectionError):
-                await self._writer.writer.drain()
+                await self._conn.drain()
 
     async def replicate(self, msg: m.Message) -> None:
         """Send one operation and return once the peer acknowledged it (or the stream is lost)."""
@@ -102,24 +99,22 @@ class Sender:
             log.error("Replication error, secondary diverged and needs a resync: %s (errno %d)", message, status)
         self.diverged = True
 
-    async def _read_acks(self, reader: FrameReader) -> None:
-        reason = "peer closed the stream"
-        try:
-            while (frame := await reader.read()) is not None:
-                msg = frame.msg
-                if isinstance(msg, m.Fault):
-                    self._failed(frame.seq, msg.status, msg.message)
-                    continue
-                fut = self._pending.pop(frame.seq, None)
-                if not isinstance(msg, _ANSWERS) or fut is None:
-                    raise ProtocolError(f"unexpected {type(msg).__name__} for seq {frame.seq}")
-                if isinstance(msg, m.Ack) and msg.status:
-                    self._failed(frame.seq, msg.status, msg.message)
-                if not fut.done():
-                    fut.set_result(msg)
-        except (ProtocolError, ConnectionError) as exc:
-            reason = str(exc)
-        self._lose(reason)
+    def _answer(self, frame: Frame) -> None:
+        """One answer from the secondary, handled in the event-loop turn that received it."""
+        msg = frame.msg
+        if isinstance(msg, m.Fault):
+            self._failed(frame.seq, msg.status, msg.message)
+            return
+        fut = self._pending.pop(frame.seq, None)
+        if not isinstance(msg, _ANSWERS) or fut is None:
+            raise ProtocolError(f"unexpected {type(msg).__name__} for seq {frame.seq}")
+        if isinstance(msg, m.Ack) and msg.status:
+            self._failed(frame.seq, msg.status, msg.message)
+        if not fut.done():
+            fut.set_result(msg)
+
+    def _ended(self, why: BaseException | None) -> None:
+        self._lose(str(why) if why is not None else "peer closed the stream")
 
     def drop(self, reason: str) -> None:
         """End the current stream now (the link reconnects and resyncs)."""
@@ -135,24 +130,20 @@ class Sender:
             if not fut.done():
                 fut.set_exception(ConnectionError(reason))
         self._pending.clear()
-        if self._writer is not None:
-            self._writer.writer.close()
+        if self._conn is not None:
+            self._conn.close()
         self.closed.set()
 
     async def close(self) -> None:
         """Close the stream after the acks of everything sent."""
-        if self._writer is not None and self.connected:
+        if self._conn is not None and self.connected:
             pending = list(self._pending.values())
             if pending:
                 await asyncio.wait(pending, timeout=10)
             self.connected = False
-            self._writer.writer.close()
-            with contextlib.suppress(ConnectionError):
-                await self._writer.writer.wait_closed()
-        if self._acks is not None:
-            self._acks.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await self._acks
+            self._conn.detach()
+            self._conn.close()
+            await self._conn.wait_closed()
         self.closed.set()
 
 

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import asyncio
 import struct
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -211,7 +210,7 @@ def frame_length(word: bytes) -> int:
     return length
 
 
-def decode_body(body: bytes) -> Frame:
+def decode_body(body: bytes | memoryview) -> Frame:
     """Decode the bytes that follow the length word into a validated frame, or raise ProtocolError."""
     if len(body) < 4:
         raise ProtocolError(f"frame body of {len(body)} bytes has no header-length word")
@@ -222,7 +221,7 @@ def decode_body(body: bytes) -> Frame:
         header = msgpack.unpackb(body[4 : 4 + hlen], raw=False, use_list=True, strict_map_key=True)
     except (ValueError, TypeError, msgpack.UnpackException, RecursionError) as exc:
         raise ProtocolError(f"header is not valid msgpack: {exc}") from exc
-    return _decode_header(header, body[4 + hlen :])
+    return _decode_header(header, bytes(body[4 + hlen :]))
 
 
 def _decode_header(header: Any, data: bytes) -> Frame:
@@ -263,46 +262,3 @@ def decode(buf: bytes) -> Frame:
     if len(buf) - 4 != length:
         raise ProtocolError(f"frame length says {length} bytes follow, buffer holds {len(buf) - 4}")
     return decode_body(buf[4:])
-
-
-class FrameReader:
-    """Reads validated frames from an asyncio stream; a clean EOF between frames returns None."""
-
-    def __init__(self, reader: asyncio.StreamReader) -> None:
-        self._reader = reader
-
-    async def read(self) -> Frame | None:
-        """Read the next frame, or None at a clean end of stream; raise ProtocolError on anything else."""
-        try:
-            word = await self._reader.readexactly(4)
-        except asyncio.IncompleteReadError as exc:
-            if not exc.partial:
-                return None
-            raise ProtocolError(f"stream ended inside a length word ({len(exc.partial)} of 4 bytes)") from exc
-        length = frame_length(word)
-        try:
-            body = await self._reader.readexactly(length)
-        except asyncio.IncompleteReadError as exc:
-            raise ProtocolError(f"stream ended mid-frame after {len(exc.partial)} of {length} bytes") from exc
-        return decode_body(body)
-
-
-class FrameWriter:
-    """Writes frames to an asyncio stream."""
-
-    def __init__(self, writer: asyncio.StreamWriter) -> None:
-        self.writer = writer
-
-    def send_nowait(self, frame: Frame) -> int:
-        """Queue a frame on the transport (call drain() for backpressure); return its size in bytes."""
-        head, data = encode_parts(frame)
-        if data:
-            self.writer.writelines((head, data))
-        else:
-            self.writer.write(head)
-        return len(head) + len(data)
-
-    async def send(self, frame: Frame) -> None:
-        """Write a frame and wait for the transport's buffer to drain."""
-        self.send_nowait(frame)
-        await self.writer.drain()

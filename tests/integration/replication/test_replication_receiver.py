@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import errno
 import logging
 import os
@@ -16,9 +15,10 @@ import pytest
 
 from agent.replication import messages as m
 from agent.replication.applier import Applier
+from agent.replication.connection import FrameConnection
 from agent.replication.handshake import client_handshake
 from agent.replication.receiver import AckMode, Receiver
-from agent.replication.wire import Frame, FrameReader, FrameWriter
+from agent.replication.wire import Frame
 from tests.conftest import ExpectedLogs
 
 SECRET = b"k" * 32
@@ -26,32 +26,30 @@ SECRET = b"k" * 32
 
 @dataclass
 class Link:
-    reader: FrameReader
-    writer: FrameWriter
+    conn: FrameConnection
     server: asyncio.Task[None]
     root: Path
     receiver: Receiver
 
 
-@pytest.fixture(params=[AckMode.RECEIVED, AckMode.DURABLE])
+@pytest.fixture(params=[AckMode.RECEIVED, AckMode.DURABLE, AckMode.FSYNC])
 async def link(request: pytest.FixtureRequest, tmp_path: Path) -> AsyncIterator[Link]:
     root = tmp_path / "repl"
     root.mkdir()
     fd = os.open(root, os.O_PATH | os.O_DIRECTORY)
     receiver = Receiver(Applier(fd), node="node2", secret=SECRET)
     left, right = socket.socketpair()
-    sr, sw = await asyncio.open_connection(sock=right)
-    server = asyncio.create_task(receiver.serve(sr, sw))
-    cr, cw = await asyncio.open_connection(sock=left)
-    reader, writer = FrameReader(cr), FrameWriter(cw)
+    loop = asyncio.get_running_loop()
+    _, server_end = await loop.connect_accepted_socket(FrameConnection, sock=right)
+    server = asyncio.create_task(receiver.serve(server_end))
+    _, conn = await loop.create_connection(FrameConnection, sock=left)
     try:
-        peer = await client_handshake(reader, writer, "node1", SECRET, b"s" * 16, request.param)
+        peer = await client_handshake(conn, "node1", SECRET, b"s" * 16, request.param)
         assert peer.authenticated and peer.applied_seq == 0 and peer.ack == request.param
-        yield Link(reader, writer, server, root, receiver)
+        yield Link(conn, server, root, receiver)
     finally:
-        cw.close()
-        with contextlib.suppress(ConnectionError):
-            await cw.wait_closed()
+        conn.close()
+        await conn.wait_closed()
         await asyncio.wait_for(server, 5)
         os.close(fd)
 
@@ -65,10 +63,10 @@ async def test_every_op_is_acked_once_in_order_of_need(link: Link, expected_logs
         m.Unlink(b"nope"),
     ]
     for seq, op in enumerate(ops, 1):
-        await link.writer.send(Frame(seq, op))
+        await link.conn.send(Frame(seq, op))
     got: dict[int, m.Message] = {}
     while len(got) < len(ops):
-        frame = await asyncio.wait_for(link.reader.read(), 5)
+        frame = await asyncio.wait_for(link.conn.read(), 5)
         assert frame is not None
         if isinstance(frame.msg, m.Fault):
             assert frame.seq == 4 and frame.msg.status == errno.ENOENT
@@ -81,11 +79,11 @@ async def test_every_op_is_acked_once_in_order_of_need(link: Link, expected_logs
 
 
 async def test_durable_ack_means_applied(link: Link) -> None:
-    await link.writer.send(Frame(1, m.Mkdir(b"d", 0o755, 0, 0)))
-    frame = await asyncio.wait_for(link.reader.read(), 5)
+    await link.conn.send(Frame(1, m.Mkdir(b"d", 0o755, 0, 0)))
+    frame = await asyncio.wait_for(link.conn.read(), 5)
     assert frame == Frame(1, m.Ack())
-    await link.writer.send(Frame(2, m.Fsync(b"d", False)))  # fsync's ack follows every earlier apply
-    assert await asyncio.wait_for(link.reader.read(), 5) == Frame(2, m.Ack())
+    await link.conn.send(Frame(2, m.Fsync(b"d", False)))  # fsync's ack follows every earlier apply
+    assert await asyncio.wait_for(link.conn.read(), 5) == Frame(2, m.Ack())
     assert (link.root / "d").is_dir()
 
 
@@ -94,10 +92,10 @@ async def test_an_escape_disconnects_with_a_logged_reason(
 ) -> None:
     expected_logs.expect("Disconnecting replication peer .*crosses a symlink")
     caplog.set_level(logging.ERROR)
-    await link.writer.send(Frame(1, m.Symlink(b"l", b"..", 0, 0)))
-    await link.writer.send(Frame(2, m.Create(b"l/escaped", 0o644, 0, 0, 0)))
-    await link.writer.send(Frame(3, m.Mkdir(b"after", 0o755, 0, 0)))
-    while (frame := await asyncio.wait_for(link.reader.read(), 5)) is not None:
+    await link.conn.send(Frame(1, m.Symlink(b"l", b"..", 0, 0)))
+    await link.conn.send(Frame(2, m.Create(b"l/escaped", 0o644, 0, 0, 0)))
+    await link.conn.send(Frame(3, m.Mkdir(b"after", 0o755, 0, 0)))
+    while (frame := await asyncio.wait_for(link.conn.read(), 5)) is not None:
         assert frame.seq in (1, 2, 3)
     await asyncio.wait_for(link.server, 5)
     assert "crosses a symlink" in caplog.text
@@ -110,8 +108,8 @@ async def test_garbage_disconnects_and_nothing_is_applied(
 ) -> None:
     expected_logs.expect("Disconnecting replication peer .*not valid msgpack")
     caplog.set_level(logging.ERROR)
-    link.writer.writer.write(b"\x00\x00\x00\x09\x00\x00\x00\x05\xc1garbage")
-    assert await asyncio.wait_for(link.reader.read(), 5) is None
+    link.conn.transport.write(b"\x00\x00\x00\x09\x00\x00\x00\x05\xc1garbage")
+    assert await asyncio.wait_for(link.conn.read(), 5) is None
     assert "not valid msgpack" in caplog.text
     assert os.listdir(link.root) == []
 
@@ -121,41 +119,41 @@ async def test_a_sequence_jump_disconnects(
 ) -> None:
     expected_logs.expect("Disconnecting replication peer .*sequence number 3 where 2 was due")
     caplog.set_level(logging.ERROR)
-    await link.writer.send(Frame(1, m.Mkdir(b"a", 0o755, 0, 0)))
-    await link.writer.send(Frame(3, m.Mkdir(b"b", 0o755, 0, 0)))
-    while await asyncio.wait_for(link.reader.read(), 5) is not None:
+    await link.conn.send(Frame(1, m.Mkdir(b"a", 0o755, 0, 0)))
+    await link.conn.send(Frame(3, m.Mkdir(b"b", 0o755, 0, 0)))
+    while await asyncio.wait_for(link.conn.read(), 5) is not None:
         pass
     assert "sequence number 3 where 2 was due" in caplog.text
     assert not (link.root / "b").exists()
 
 
 async def test_close_applies_what_was_received_then_ends_cleanly(link: Link) -> None:
-    await link.writer.send(Frame(1, m.Mkdir(b"d", 0o755, 0, 0)))
-    assert await asyncio.wait_for(link.reader.read(), 5) == Frame(1, m.Ack())
+    await link.conn.send(Frame(1, m.Mkdir(b"d", 0o755, 0, 0)))
+    assert await asyncio.wait_for(link.conn.read(), 5) == Frame(1, m.Ack())
     await asyncio.wait_for(link.receiver.close(), 5)
-    assert await asyncio.wait_for(link.reader.read(), 5) is None
+    assert await asyncio.wait_for(link.conn.read(), 5) is None
     await asyncio.wait_for(link.server, 5)
     assert (link.root / "d").is_dir()
 
 
 async def test_frames_received_before_a_reset_are_applied(link: Link, expected_logs: ExpectedLogs) -> None:
     expected_logs.expect(r"Replication connection from .* lost")
-    link.writer.send_nowait(Frame(1, m.Create(b"kept", 0o644, 0, 0, 0)))
+    link.conn.send_nowait(Frame(1, m.Create(b"kept", 0o644, 0, 0, 0)))
     for i in range(200):
-        link.writer.send_nowait(Frame(i + 2, m.Write(b"kept", i * 4096, b"w" * 4096)))
-    await link.writer.writer.drain()
-    last = await asyncio.wait_for(_ack_of(link.reader, 201), 5)
+        link.conn.send_nowait(Frame(i + 2, m.Write(b"kept", i * 4096, b"w" * 4096)))
+    await link.conn.drain()
+    last = await asyncio.wait_for(_ack_of(link.conn, 201), 5)
     assert last == m.Ack()
     # A killed primary: RST with the acks unread; everything acknowledged must still be applied.
-    link.writer.writer.transport.abort()
+    link.conn.abort()
     await asyncio.wait_for(link.server, 5)
     assert (link.root / "kept").read_bytes() == b"w" * 4096 * 200
     assert link.receiver.applier.applied_seq == 201
 
 
-async def _ack_of(reader: FrameReader, seq: int) -> m.Message:
+async def _ack_of(conn: FrameConnection, seq: int) -> m.Message:
     while True:
-        frame = await reader.read()
+        frame = await conn.read()
         assert frame is not None
         if frame.seq == seq:
             return frame.msg

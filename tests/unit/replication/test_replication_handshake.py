@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import socket
 from collections.abc import AsyncIterator
 
@@ -12,35 +11,36 @@ import pytest
 
 from agent.replication import handshake, wire
 from agent.replication import messages as m
+from agent.replication.connection import FrameConnection
 
 STREAM = b"s" * 16
-Ends = tuple[tuple[wire.FrameReader, wire.FrameWriter], tuple[wire.FrameReader, wire.FrameWriter]]
+Ends = tuple[FrameConnection, FrameConnection]
 
 
 @pytest.fixture
 async def ends() -> AsyncIterator[Ends]:
     left, right = socket.socketpair()
-    r1, w1 = await asyncio.open_connection(sock=left)
-    r2, w2 = await asyncio.open_connection(sock=right)
+    loop = asyncio.get_running_loop()
+    _, client = await loop.create_connection(FrameConnection, sock=left)
+    _, server = await loop.connect_accepted_socket(FrameConnection, sock=right)
     try:
-        yield (wire.FrameReader(r1), wire.FrameWriter(w1)), (wire.FrameReader(r2), wire.FrameWriter(w2))
+        yield client, server
     finally:
-        for w in (w1, w2):
-            w.close()
-            with contextlib.suppress(ConnectionError):
-                await w.wait_closed()
+        for end in (client, server):
+            end.close()
+            await end.wait_closed()
 
 
 async def run(ends: Ends, client_secret: bytes | None, server_secret: bytes | None) -> list[object]:
-    (cr, cw), (sr, sw) = ends
+    client_end, server_end = ends
 
     async def client() -> handshake.Peer:
         try:
-            return await handshake.client_handshake(cr, cw, "node1", client_secret, STREAM, "durable")
+            return await handshake.client_handshake(client_end, "node1", client_secret, STREAM, "durable")
         finally:
-            cw.writer.close()
+            client_end.close()
 
-    server = handshake.server_handshake(sr, sw, "node2", server_secret, lambda s: 7 if s == STREAM else 0)
+    server = handshake.server_handshake(server_end, "node2", server_secret, lambda s: 7 if s == STREAM else 0)
     return await asyncio.gather(client(), server, return_exceptions=True)
 
 
@@ -74,16 +74,16 @@ async def test_mismatched_secrets_are_refused(
 
 
 async def test_operation_before_hello_is_a_protocol_error(ends: Ends) -> None:
-    (_, cw), (sr, sw) = ends
-    await cw.send(wire.Frame(1, m.Unlink(b"x")))
+    client, server = ends
+    await client.send(wire.Frame(1, m.Unlink(b"x")))
     with pytest.raises(wire.ProtocolError, match="expected Hello"):
-        await handshake.server_handshake(sr, sw, "node2", None, lambda s: 0)
+        await handshake.server_handshake(server, "node2", None, lambda s: 0)
 
 
 async def test_future_version_is_refused_with_both_numbers(ends: Ends) -> None:
-    (_, cw), (sr, sw) = ends
+    client, server = ends
     # A v3 Hello may carry more fields; the answer must still name both versions.
     packed = msgpack.packb([1, 0, wire.MAGIC, 3, "n", b"n" * 32, STREAM, "durable", "extra"], use_bin_type=True)
-    cw.writer.write(wire.PREFIX.pack(4 + len(packed), len(packed)) + packed)
+    client.transport.write(wire.PREFIX.pack(4 + len(packed), len(packed)) + packed)
     with pytest.raises(wire.ProtocolError, match="version 3, this node speaks 2"):
-        await handshake.server_handshake(sr, sw, "node2", None, lambda s: 0)
+        await handshake.server_handshake(server, "node2", None, lambda s: 0)

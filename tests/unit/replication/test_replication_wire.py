@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import asyncio
 import contextlib
 import struct
 from typing import Any
@@ -14,6 +13,7 @@ from hypothesis import strategies as st
 
 from agent.replication import messages as m
 from agent.replication import wire
+from agent.replication.connection import FrameParser
 
 names = st.binary(min_size=1, max_size=12).filter(lambda b: b"/" not in b and b"\0" not in b and b not in (b".", b".."))
 entries = st.lists(names, min_size=1, max_size=4).map(b"/".join)
@@ -163,31 +163,26 @@ def test_bad_header_length_word() -> None:
         wire.decode(struct.pack("!I", len(body)) + body)
 
 
-def _reader(payload: bytes) -> wire.FrameReader:
-    stream = asyncio.StreamReader()
-    stream.feed_data(payload)
-    stream.feed_eof()
-    return wire.FrameReader(stream)
-
-
-async def test_stream_reader_reads_frames_then_clean_eof() -> None:
-    first = wire.Frame(1, m.Write(b"a", 3, b"abc"))
+def test_parser_splits_frames_across_any_chunking_then_ends_cleanly() -> None:
+    first = wire.Frame(1, m.Write(b"a", 3, b"abc" * 1000))
     second = wire.Frame(2, m.Fsync(b"a", True))
-    reader = _reader(wire.encode(first) + wire.encode(second))
-    assert await reader.read() == first
-    assert await reader.read() == second
-    assert await reader.read() is None
+    payload = wire.encode(first) + wire.encode(second)
+    for size in (1, 3, 4, 7, 4096, len(payload)):
+        parser, got = FrameParser(), []
+        for i in range(0, len(payload), size):
+            got += parser.feed(payload[i : i + size])
+        assert got == [first, second]
+        parser.end()
 
 
 @pytest.mark.parametrize("cut", [2, 6, 20])
-async def test_stream_reader_end_mid_frame_is_a_protocol_error(cut: int) -> None:
-    buf = wire.encode(wire.Frame(1, m.Write(b"a", 3, b"abcdefghijklmnopqrstuvwxyz")))
+def test_parser_end_mid_frame_is_a_protocol_error(cut: int) -> None:
+    parser = FrameParser()
+    assert parser.feed(wire.encode(wire.Frame(1, m.Write(b"a", 3, b"abcdefghijklmnopqrstuvwxyz")))[:cut]) == []
     with pytest.raises(wire.ProtocolError, match="stream ended"):
-        await _reader(buf[:cut]).read()
+        parser.end()
 
 
-async def test_stream_reader_refuses_oversized_length_without_waiting_for_the_body() -> None:
-    reader = asyncio.StreamReader()
-    reader.feed_data(struct.pack("!I", 2**31))
+def test_parser_refuses_an_oversized_length_before_the_body_arrives() -> None:
     with pytest.raises(wire.ProtocolError, match="exceeds the limit"):
-        await asyncio.wait_for(wire.FrameReader(reader).read(), 1)
+        FrameParser().feed(struct.pack("!I", 2**31))

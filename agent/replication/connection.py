@@ -1,0 +1,253 @@
+"""One replication TCP connection as an asyncio Protocol: frames in, frames out, no task per frame.
+
+Frames are parsed in `data_received` itself. During the handshake they are read with `await read()`;
+afterwards `deliver()` hands each one to a callback at once, so an ack leaves (or a waiting write
+resumes) in the same event-loop turn that received the bytes, without waking a reader task.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import collections
+from collections.abc import Callable
+
+from agent.replication.wire import Frame, ProtocolError, decode_body, encode_parts, frame_length
+
+FrameHandler = Callable[[Frame], None]
+# Frames buffered for read() before the socket is paused (a peer cannot flood a handshake).
+_READ_AHEAD = 64
+# Why the connection ended: None for a clean end of stream, else the ProtocolError or ConnectionError.
+EndHandler = Callable[[BaseException | None], None]
+
+
+class FrameParser:
+    """Splits a byte stream into validated frames; pure, so the framing rules are tested without sockets."""
+
+    def __init__(self) -> None:
+        self._buf = bytearray()
+        self._length: int | None = None
+
+    def feed(self, data: bytes) -> list[Frame]:
+        """Add bytes; return every frame they complete. A bad length word fails before its body arrives."""
+        buf = self._buf
+        buf += data
+        frames = []
+        while True:
+            if self._length is None:
+                if len(buf) < 4:
+                    return frames
+                self._length = frame_length(bytes(buf[:4]))
+            end = 4 + self._length
+            if len(buf) < end:
+                return frames
+            view = memoryview(buf)
+            body = view[4:end]
+            try:
+                frame = decode_body(body)
+            finally:
+                body.release()
+                view.release()
+            del buf[:end]
+            self._length = None
+            frames.append(frame)
+
+    def end(self) -> None:
+        """The peer closed the stream: fine between frames, a ProtocolError inside one."""
+        if not self._buf:
+            return
+        if self._length is None:
+            raise ProtocolError(f"stream ended inside a length word ({len(self._buf)} of 4 bytes)")
+        raise ProtocolError(f"stream ended mid-frame after {len(self._buf) - 4} of {self._length} bytes")
+
+
+class FrameConnection(asyncio.Protocol):
+    """A framed replication connection: `read()` for the handshake, then `deliver()` for the stream."""
+
+    def __init__(self, opened: Callable[[FrameConnection], None] | None = None) -> None:
+        self._opened = opened
+        self._transport: asyncio.Transport | None = None
+        self._parser = FrameParser()
+        self._frames: collections.deque[Frame] = collections.deque()
+        self._reader: asyncio.Future[None] | None = None
+        self._on_frame: FrameHandler | None = None
+        self._on_end: EndHandler | None = None
+        self._ended = False
+        self._end: BaseException | None = None
+        self._paused = False
+        self._drainers: list[asyncio.Future[None]] = []
+        self._closed = asyncio.get_running_loop().create_future()
+        self.peername: object = None
+
+    # --- asyncio.Protocol ----------------------------------------------------------------------
+
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        assert isinstance(transport, asyncio.Transport)
+        self._transport = transport
+        self.peername = transport.get_extra_info("peername")
+        if self._opened is not None:
+            self._opened(self)
+
+    def data_received(self, data: bytes) -> None:
+        if self._ended:
+            return
+        try:
+            for frame in self._parser.feed(data):
+                if self._on_frame is not None:
+                    self._on_frame(frame)
+                else:
+                    self._frames.append(frame)
+                    if len(self._frames) == _READ_AHEAD:
+                        self.pause_reading()
+        except ProtocolError as exc:
+            self._finish(exc)
+            self.close()
+            return
+        self._wake_reader()
+
+    def eof_received(self) -> bool:
+        try:
+            self._parser.end()
+        except ProtocolError as exc:
+            self._finish(exc)
+        else:
+            self._finish(None)
+        return False
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        self._finish(ConnectionResetError(str(exc)) if exc is not None else None)
+        for fut in self._drainers:
+            if not fut.done():
+                fut.set_exception(ConnectionResetError("connection lost"))
+        self._drainers.clear()
+        if not self._closed.done():
+            self._closed.set_result(None)
+
+    def pause_writing(self) -> None:
+        self._paused = True
+
+    def resume_writing(self) -> None:
+        self._paused = False
+        for fut in self._drainers:
+            if not fut.done():
+                fut.set_result(None)
+        self._drainers.clear()
+
+    # --- reading -------------------------------------------------------------------------------
+
+    async def read(self) -> Frame | None:
+        """The next frame, or None at a clean end of stream; raise the ProtocolError that ended it."""
+        while not self._frames:
+            if self._ended:
+                if self._end is not None and not isinstance(self._end, ConnectionError):
+                    raise self._end
+                return None
+            self._reader = asyncio.get_running_loop().create_future()
+            try:
+                await self._reader
+            finally:
+                self._reader = None
+        if len(self._frames) == _READ_AHEAD:
+            self.resume_reading()
+        return self._frames.popleft()
+
+    def deliver(self, on_frame: FrameHandler, on_end: EndHandler) -> None:
+        """From now on pass each frame to `on_frame` as it arrives, and the end of the stream to `on_end`.
+
+        Frames already read but not consumed go first. A ProtocolError raised by `on_frame` ends the
+        connection like a malformed frame does.
+        """
+        self._on_frame, self._on_end = on_frame, on_end
+        self.resume_reading()
+        try:
+            while self._frames:
+                on_frame(self._frames.popleft())
+        except ProtocolError as exc:
+            self._finish(exc)
+            self.close()
+            return
+        if self._ended:
+            self._notify_end()
+
+    def detach(self) -> None:
+        """Stop delivering: later frames and the end of the stream are dropped."""
+        self._on_frame = self._on_end = None
+        self._ended = True
+
+    def pause_reading(self) -> None:
+        """Stop reading from the socket (the peer then feels TCP backpressure)."""
+        if self._transport is not None and not self._transport.is_closing():
+            self._transport.pause_reading()
+
+    def resume_reading(self) -> None:
+        """Read from the socket again."""
+        if self._transport is not None and not self._transport.is_closing():
+            self._transport.resume_reading()
+
+    def _finish(self, end: BaseException | None) -> None:
+        if self._ended:
+            return
+        self._ended, self._end = True, end
+        self._wake_reader()
+        self._notify_end()
+
+    def _notify_end(self) -> None:
+        on_end, self._on_end, self._on_frame = self._on_end, None, None
+        if on_end is not None:
+            on_end(self._end)
+
+    def _wake_reader(self) -> None:
+        if self._reader is not None and not self._reader.done():
+            self._reader.set_result(None)
+
+    # --- writing -------------------------------------------------------------------------------
+
+    def send_nowait(self, frame: Frame) -> int:
+        """Queue a frame on the transport (see drain() for backpressure); return its size in bytes."""
+        head, data = encode_parts(frame)
+        if self._transport is None or self._transport.is_closing():
+            raise ConnectionResetError("replication connection is closed")
+        if data:
+            self._transport.writelines((head, data))
+        else:
+            self._transport.write(head)
+        return len(head) + len(data)
+
+    async def drain(self) -> None:
+        """Wait while the transport's buffer is above its high-water mark; raise if the connection is gone."""
+        if self._transport is None or self._transport.is_closing():
+            if self._closed.done():
+                raise ConnectionResetError("replication connection is closed")
+            return
+        if self._paused:
+            fut = asyncio.get_running_loop().create_future()
+            self._drainers.append(fut)
+            await fut
+
+    async def send(self, frame: Frame) -> None:
+        """Write a frame and wait for the transport's buffer to drain."""
+        self.send_nowait(frame)
+        await self.drain()
+
+    @property
+    def transport(self) -> asyncio.Transport:
+        """The transport, once connected (tests write raw bytes through it)."""
+        assert self._transport is not None, "not connected"
+        return self._transport
+
+    def is_closing(self) -> bool:
+        """Whether the connection is closed or closing."""
+        return self._transport is None or self._transport.is_closing()
+
+    def close(self) -> None:
+        """Close after what is queued has been written."""
+        if self._transport is not None:
+            self._transport.close()
+
+    def abort(self) -> None:
+        """Close at once, dropping what is queued (the peer sees a reset)."""
+        if self._transport is not None:
+            self._transport.abort()
+
+    async def wait_closed(self) -> None:
+        """Wait until the transport is gone."""
+        await asyncio.shield(self._closed)
