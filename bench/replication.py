@@ -61,6 +61,10 @@ def _mounted(path: Path) -> bool:
     return any(line.split()[1] == target for line in Path("/proc/mounts").read_text().splitlines())
 
 
+def _in_sync(log: Path) -> bool:
+    return '"state":"in-sync"' in log.read_text(errors="replace")
+
+
 def _free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
@@ -88,10 +92,11 @@ def replicated_pair(base: Path, ack: str) -> Iterator[tuple[Path, subprocess.Pop
         stderr=subprocess.STDOUT,
     )
     try:
-        deadline = time.monotonic() + 30
-        while not (_mounted(primary_dir) and _mounted(secondary_dir)):
+        # Measured only once the first resync is done, so that it never races with the workload.
+        deadline = time.monotonic() + 60
+        while not (_mounted(primary_dir) and _mounted(secondary_dir) and _in_sync(Path(log.name))):
             if primary.poll() is not None or secondary.poll() is not None or time.monotonic() > deadline:
-                raise RuntimeError(f"replicators did not start; see {log.name}")
+                raise RuntimeError(f"replicators did not start or get in sync; see {log.name}")
             time.sleep(0.05)
         yield primary_dir, primary
     finally:

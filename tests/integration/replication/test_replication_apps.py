@@ -13,7 +13,8 @@ from pathlib import Path
 
 import pytest
 
-from tests.integration.replication.pairs import Pair, free_port
+from tests.integration.replication.pairs import Pair
+from tests.postgres import Postgres, pg_bin
 
 WRITERS, TRANSACTIONS = 3, 200
 
@@ -126,55 +127,10 @@ def test_every_acknowledged_commit_survives_killing_the_primary(pair: Pair, tmp_
     assert max(present) <= max(ids) + 1  # at most the commit in flight when the primary died
 
 
-def _pg_bin() -> Path | None:
-    found = sorted(Path("/usr/lib/postgresql").glob("*/bin/pg_ctl"))
-    return found[-1].parent if found else None
-
-
-class Postgres:
-    """One PostgreSQL server run as the postgres user on a data dir, its socket and log outside the mount."""
-
-    def __init__(self, bin_dir: Path, data: Path, run: Path) -> None:
-        self.bin, self.data, self.run = bin_dir, data, run
-        self.port = free_port()
-
-    def _as_postgres(self, *cmd: str, timeout: float = 120, check: bool = True) -> str:
-        done = subprocess.run(
-            ["runuser", "-u", "postgres", "--", *cmd], capture_output=True, text=True, timeout=timeout, cwd="/"
-        )
-        if check:
-            assert done.returncode == 0, f"{cmd[0]} failed: {done.stdout}{done.stderr}{self.server_log()}"
-        return done.stdout
-
-    def server_log(self) -> str:
-        log = self.run / "postgres.log"
-        return log.read_text(errors="replace")[-4000:] if log.exists() else ""
-
-    def initdb(self) -> None:
-        self._as_postgres(str(self.bin / "initdb"), "-D", str(self.data), "-A", "trust", "-U", "postgres")
-
-    def _ctl(self, *args: str, check: bool = True) -> None:
-        self._as_postgres(str(self.bin / "pg_ctl"), "-D", str(self.data), "-w", "-t", "60", *args, check=check)
-
-    def start(self) -> None:
-        opts = f"-p {self.port} -k {self.run} -c listen_addresses=127.0.0.1"
-        self._ctl("-l", str(self.run / "postgres.log"), "-o", opts, "start")
-
-    def stop(self, *, check: bool = True) -> None:
-        """Fast shutdown; with check=False it is safe in a finally block, running or not."""
-        self._ctl("-m", "fast", "stop", check=check)
-
-    def client(self, tool: str, *args: str) -> str:
-        return self._as_postgres(str(self.bin / tool), "-h", str(self.run), "-p", str(self.port), *args)
-
-    def scalar(self, sql: str) -> str:
-        return self.client("psql", "-At", "-U", "postgres", "-d", "postgres", "-c", sql).strip()
-
-
 @pytest.fixture
 def pg_pair() -> Iterator[tuple[Pair, Path]]:
     """A pair under a directory the postgres user can traverse (pytest's tmp_path is root-only)."""
-    if _pg_bin() is None:
+    if pg_bin() is None:
         pytest.fail("PostgreSQL is missing: apt-get install -y postgresql")
     base = Path(tempfile.mkdtemp(prefix="tandem-pg-"))
     try:
@@ -195,7 +151,7 @@ def pg_pair() -> Iterator[tuple[Pair, Path]]:
 @pytest.mark.slow
 def test_postgresql_pgbench_data_is_whole_on_the_copy(pg_pair: tuple[Pair, Path]) -> None:
     pair, run = pg_pair
-    bin_dir = _pg_bin()
+    bin_dir = pg_bin()
     assert bin_dir is not None
     pair.start("received")
     pgdata = pair.primary_dir / "pg"
