@@ -111,14 +111,21 @@ async def find_interface(address_cidr: str) -> str:
     """The one interface with an address whose subnet contains the VIP (the VIP itself does not count)."""
     vip = parse(address_cidr)
     async with AsyncIPRoute() as ipr:
-        names = await _link_names(ipr)
-        matches = sorted(
-            {
-                names[index]
-                for index, existing in await _addresses(ipr)
-                if existing.ip != vip.ip and existing.version == vip.version and vip.ip in existing.network
-            }
-        )
+        links = await _links(ipr)
+        return _subnet_interface(vip, links, await _addresses(ipr))
+
+
+def _subnet_interface(vip: IPInterface, links: dict[int, _LinkInfo], addresses: list[tuple[int, IPInterface]]) -> str:
+    matches = sorted(
+        {
+            links[index].name
+            for index, existing in addresses
+            if index in links
+            and existing.ip != vip.ip
+            and existing.version == vip.version
+            and vip.ip in existing.network
+        }
+    )
     if not matches:
         raise VipError(
             f"no interface has an address in the subnet of {vip}: set the VirtualIP's interface, "
@@ -131,25 +138,42 @@ async def find_interface(address_cidr: str) -> str:
     return matches[0]
 
 
-async def ensure_present(address_cidr: str, interface: str | None = None, *, ledger: Ledger) -> Held:
-    """Hold the address on the interface (found from the subnet when not given); a no-op when already there."""
+async def ensure_present(
+    address_cidr: str, interface: str | None = None, *, ledger: Ledger, announce: bool = False
+) -> Held:
+    """Hold the address on the interface (found from the subnet when not given); a no-op when already there.
+
+    With ``announce``, one announcement follows at once, whether the address was added or already held:
+    a takeover reads the interface, its addresses and its hardware address in one netlink exchange and
+    sends the first gratuitous ARP without another one, because clients move only when it arrives.
+    """
     vip = parse(address_cidr)
-    name = interface or await find_interface(address_cidr)
-    held = Held(str(vip), name)
     async with AsyncIPRoute() as ipr:
-        index = await _index(ipr, name)
-        if any(i == index and a == vip for i, a in await _addresses(ipr)):
-            return held
-        ledger.record(held)
+        links = await _links(ipr)
+        addresses = await _addresses(ipr)
+        name = interface or _subnet_interface(vip, links, addresses)
+        index = next((i for i, link in links.items() if link.name == name), None)
+        if index is None:
+            raise VipError(f"interface {name!r} does not exist on this node: check the VirtualIP's interface")
+        held = Held(str(vip), name)
+        added = not any(i == index and a == vip for i, a in addresses)
+        if added:
+            ledger.record(held)
+            try:
+                # NODAD: a VIP must answer at once; duplicate detection would hold it tentative for a second or more.
+                flags = IFA_F_NODAD if vip.version == 6 else 0
+                await ipr.addr("add", index=index, address=str(vip.ip), prefixlen=vip.network.prefixlen, flags=flags)
+            except NetlinkError as exc:
+                if exc.code != errno.EEXIST:
+                    ledger.forget(held)
+                    raise VipError(f"cannot add {vip} on {name}: {os.strerror(exc.code)}") from exc
+    if added:
+        log.info("Added virtual IP. address=%s interface=%s", vip, name)
+    if announce:
         try:
-            # NODAD: a VIP must answer at once; duplicate detection would hold it tentative for a second or more.
-            flags = IFA_F_NODAD if vip.version == 6 else 0
-            await ipr.addr("add", index=index, address=str(vip.ip), prefixlen=vip.network.prefixlen, flags=flags)
-        except NetlinkError as exc:
-            if exc.code != errno.EEXIST:
-                ledger.forget(held)
-                raise VipError(f"cannot add {vip} on {name}: {os.strerror(exc.code)}") from exc
-    log.info("Added virtual IP. address=%s interface=%s", vip, name)
+            await _announce(vip, name, index, links[index].mac, count=1, interval=0.0)
+        except (VipError, OSError) as exc:  # the address is held; a lost announcement is not a failed takeover
+            log.warning("Could not announce the virtual IP. address=%s interface=%s reason=%s", vip, name, exc)
     return held
 
 
@@ -207,11 +231,16 @@ async def link_up(interface: str) -> bool:
 async def announce(address_cidr: str, interface: str | None = None, *, count: int, interval: float) -> int:
     """Tell the segment that this node's MAC now owns the VIP: gratuitous ARP (IPv4) or unsolicited NA (IPv6)."""
     vip = parse(address_cidr)
-    name = interface or await find_interface(address_cidr)
     async with AsyncIPRoute() as ipr:
-        index = await _index(ipr, name)
-        (link,) = await ipr.link("get", index=index)
-    mac_text = link.get("IFLA_ADDRESS")
+        links = await _links(ipr)
+        name = interface or _subnet_interface(vip, links, await _addresses(ipr))
+    index = next((i for i, link in links.items() if link.name == name), None)
+    if index is None:
+        raise VipError(f"interface {name!r} does not exist on this node: check the VirtualIP's interface")
+    return await _announce(vip, name, index, links[index].mac, count=count, interval=interval)
+
+
+async def _announce(vip: IPInterface, name: str, index: int, mac_text: str, *, count: int, interval: float) -> int:
     if not mac_text or mac_text == "00:00:00:00:00:00":
         log.info("Interface has no hardware address, nothing to announce. address=%s interface=%s", vip, name)
         return 0
@@ -299,8 +328,22 @@ async def _index(ipr: AsyncIPRoute, interface: str) -> int:
     return int(indexes[0])
 
 
+@dataclass(frozen=True)
+class _LinkInfo:
+    name: str
+    mac: str  # "" when the link has no hardware address
+
+
+async def _links(ipr: AsyncIPRoute) -> dict[int, _LinkInfo]:
+    """Every interface by index: its name and hardware address, in one dump."""
+    return {
+        int(link["index"]): _LinkInfo(str(link.get("IFLA_IFNAME")), str(link.get("IFLA_ADDRESS") or ""))
+        async for link in await ipr.link("dump")
+    }
+
+
 async def _link_names(ipr: AsyncIPRoute) -> dict[int, str]:
-    return {int(link["index"]): str(link.get("IFLA_IFNAME")) async for link in await ipr.link("dump")}
+    return {index: link.name for index, link in (await _links(ipr)).items()}
 
 
 async def _addresses(ipr: AsyncIPRoute) -> list[tuple[int, IPInterface]]:

@@ -16,12 +16,11 @@ import sys
 from pathlib import Path
 
 import pyfuse3
-import pyfuse3.asyncio
 
 from agent.replication.applier import Applier
 from agent.replication.events import Events
 from agent.replication.link import PeerLink
-from agent.replication.passthrough import mount
+from agent.replication.passthrough import mount, use_asyncio
 from agent.replication.primary import ReplicatedFS
 from agent.replication.readonly import ReadOnlyFS
 from agent.replication.receiver import Receiver
@@ -137,7 +136,7 @@ def main(argv: list[str] | None = None) -> None:
     """Run one replicator."""
     args = parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s", stream=sys.stderr)
-    pyfuse3.asyncio.enable()
+    use_asyncio()
     events = Events(sys.stdout)
     if args.role == "primary":
         asyncio.run(run_primary(args, events))

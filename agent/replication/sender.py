@@ -69,7 +69,6 @@ class Sender:
             return None
         self.seq += 1
         fut: asyncio.Future[m.Message] = asyncio.get_running_loop().create_future()
-        fut.add_done_callback(_retrieved)
         self._pending[self.seq] = fut
         self.sent_bytes += self._conn.send_nowait(Frame(self.seq, msg))
         return fut
@@ -129,6 +128,8 @@ class Sender:
         for fut in self._pending.values():
             if not fut.done():
                 fut.set_exception(ConnectionError(reason))
+                # Seen now: nobody awaits the resync's own frames one by one.
+                fut.exception()
         self._pending.clear()
         if self._conn is not None:
             self._conn.close()
@@ -145,9 +146,3 @@ class Sender:
             self._conn.close()
             await self._conn.wait_closed()
         self.closed.set()
-
-
-def _retrieved(fut: asyncio.Future[m.Message]) -> None:
-    """Mark a lost stream's exception as seen: nobody awaits the resync's own frames one by one."""
-    if not fut.cancelled():
-        fut.exception()
