@@ -234,7 +234,13 @@ class ReplicatedFS(Passthrough):
         atime, mtime = self._set_times(fd, attr, fields)
         path = self.inodes.path(inode)
         if path is not None:
-            await self._ship(m.Setattr(path, mode, uid, gid, size, atime, mtime, self._fix(inode)))
+            msg = m.Setattr(path, mode, uid, gid, size, atime, mtime, self._fix(inode))
+            if self.enable_writeback_cache and (uid, gid, mode, size) == (None, None, None, None):
+                # The writeback cache sends the times of cached writes this way: they travel with
+                # those writes, covered by the next flush or fsync.
+                await self._ship_cached(inode, msg)
+            else:
+                await self._ship(msg)
         return self._attr(inode, os.fstat(fd))
 
     def _truncate(self, fd: int, fh: int | None, size: int) -> None:
@@ -299,14 +305,18 @@ class ReplicatedFS(Passthrough):
         if path is None:
             return written
         msg = m.Write(path, off, bytes(buf[:written]), self._fix(inode))
-        if not self.enable_writeback_cache:
+        if self.enable_writeback_cache:
+            await self._ship_cached(inode, msg)
+        else:
             await self._ship(msg)
-            return written
+        return written
+
+    async def _ship_cached(self, inode: int, msg: m.Message) -> None:
+        """writeback: send without waiting for the ack; the inode's next flush or fsync waits for it."""
         fut = self.sender.submit(msg)
         if fut is not None:
             self._inflight[inode] = fut
             await self.sender.drain()
-        return written
 
     async def flush(self, fh: int) -> None:
         # The kernel wrote the file's dirty pages back before this flush: once the peer acknowledged the
