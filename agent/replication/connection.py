@@ -234,6 +234,11 @@ class FrameConnection(asyncio.Protocol):
         assert self._transport is not None, "not connected"
         return self._transport
 
+    @property
+    def writing_paused(self) -> bool:
+        """Whether the transport's buffer is above its high-water mark (the peer is not reading)."""
+        return self._paused
+
     def is_closing(self) -> bool:
         """Whether the connection is closed or closing."""
         return self._transport is None or self._transport.is_closing()

@@ -7,6 +7,7 @@ import collections
 import contextlib
 import enum
 import logging
+from collections.abc import Callable
 
 from agent.replication import messages as m
 from agent.replication.applier import Applier
@@ -93,12 +94,13 @@ class Receiver:
         self._connected = True
         self.events.peer("connected")
         log.info("Replication stream open: peer=%s applied_seq=%d mode=%s", peer.node, peer.applied_seq, self.mode)
-        stream = _Stream(conn, self.mode, self.applier.applied_seq)
+        stream = _Stream(conn, self.mode, self.applier.applied_seq, lambda frame: self._apply_now(conn, frame))
         conn.deliver(stream.received, stream.ended)
         # Whatever ends the connection, frames already received (and, in `received` mode,
         # acknowledged) are applied: the ack promised they would be. The end comes after them.
         while (frame := await stream.next()) is not None:
             await self._apply(conn, frame)
+            stream.applied()
         if stream.end is not None:
             raise stream.end
 
@@ -107,13 +109,30 @@ class Receiver:
             answer = await asyncio.to_thread(self.applier.apply, frame)
         else:
             answer = self.applier.apply(frame)
+        self._settle(conn, frame, answer)
+        with contextlib.suppress(ConnectionError):
+            await conn.drain()
+
+    def _apply_now(self, conn: FrameConnection, frame: Frame) -> bool:
+        """Apply a frame in the turn that received it, when nothing is ahead of it; False: queue it."""
+        if self.applier.blocking(frame.msg) or conn.writing_paused:
+            return False
+        try:
+            answer = self.applier.apply(frame)
+        except PathEscape as exc:
+            raise ProtocolError(str(exc)) from exc
+        self._settle(conn, frame, answer)
+        return True
+
+    def _settle(self, conn: FrameConnection, frame: Frame, answer: m.Message) -> None:
+        """Log, answer and track one applied frame; the answer is queued on the transport."""
         failed = isinstance(answer, m.Ack) and bool(answer.status)
         if failed and isinstance(answer, m.Ack):
             self._failed(frame, answer)
         if self.mode is AckMode.DURABLE or frame.msg.AFTER_APPLY:
-            await self._answer(conn, Frame(frame.seq, answer))
+            self._answer(conn, Frame(frame.seq, answer))
         elif failed and isinstance(answer, m.Ack):
-            await self._answer(conn, Frame(frame.seq, m.Fault(answer.status, answer.message)))
+            self._answer(conn, Frame(frame.seq, m.Fault(answer.status, answer.message)))
         if not failed:
             self._track(frame.msg)
 
@@ -136,25 +155,28 @@ class Receiver:
             log.info("Resync complete: this copy equals the primary's tree")
 
     @staticmethod
-    async def _answer(conn: FrameConnection, frame: Frame) -> None:
+    def _answer(conn: FrameConnection, frame: Frame) -> None:
         # Once the primary is gone its acks have no reader; the applier keeps applying what arrived.
-        if conn.is_closing():
-            return
-        with contextlib.suppress(ConnectionError):
-            await conn.send(frame)
+        if not conn.is_closing():
+            conn.send_nowait(frame)
 
 
 class _Stream:
     """The receiving half of one session: checks order, acks on receipt when the mode says so, queues.
 
-    `received` runs in the event-loop turn that read the bytes, so an ack leaves without a task switch.
+    `received` runs in the event-loop turn that read the bytes, so an ack leaves without a task switch;
+    a frame with nothing ahead of it is even applied there (`apply_now`), unless it would block.
     The queue is bounded by pausing the socket, which the primary feels as TCP backpressure.
     """
 
-    def __init__(self, conn: FrameConnection, mode: AckMode, applied_seq: int) -> None:
+    def __init__(
+        self, conn: FrameConnection, mode: AckMode, applied_seq: int, apply_now: Callable[[Frame], bool]
+    ) -> None:
         self.conn = conn
         self.mode = mode
         self.applied_seq = applied_seq
+        self.apply_now = apply_now
+        self._applying = False
         self.end: BaseException | None = None
         self._expected: int | None = None
         self._queue: collections.deque[Frame] = collections.deque()
@@ -171,10 +193,18 @@ class _Stream:
         elif frame.seq != self._expected:
             raise ProtocolError(f"sequence number {frame.seq} where {self._expected} was due")
         self._expected = frame.seq + 1
-        # Queued before the ack, so an acknowledged frame is always applied, even if the link dies now.
-        self._queue.append(frame)
-        if self.mode is not AckMode.DURABLE and not frame.msg.AFTER_APPLY:
-            self.conn.send_nowait(Frame(frame.seq, m.Ack()))
+        acked_now = self.mode is not AckMode.DURABLE and not frame.msg.AFTER_APPLY
+        if not self._queue and not self._applying:
+            if acked_now:
+                self.conn.send_nowait(Frame(frame.seq, m.Ack()))
+            if self.apply_now(frame):
+                return
+            self._queue.append(frame)  # still in this turn: the ack's promise holds
+        else:
+            # Queued before the ack, so an acknowledged frame is always applied, even if the link dies now.
+            self._queue.append(frame)
+            if acked_now:
+                self.conn.send_nowait(Frame(frame.seq, m.Ack()))
         if len(self._queue) >= QUEUE_FRAMES and not self._paused:
             self._paused = True
             self.conn.pause_reading()
@@ -197,7 +227,12 @@ class _Stream:
         if self._paused and len(self._queue) <= QUEUE_FRAMES // 2:
             self._paused = False
             self.conn.resume_reading()
+        self._applying = True
         return self._queue.popleft()
+
+    def applied(self) -> None:
+        """The frame last handed out by next() is applied and answered."""
+        self._applying = False
 
     def _wake(self) -> None:
         if self._waiter is not None and not self._waiter.done():
