@@ -64,6 +64,7 @@ class Applier:
             m.SyncSums: self._sync_sums,
             m.SyncRemove: self._sync_remove,
             m.SyncXattrs: self._sync_xattrs,
+            m.SyncFile: self._sync_file,
         }
 
     def applied_for(self, stream: bytes) -> int:
@@ -258,6 +259,20 @@ class Applier:
                 os.removexattr(path, name)
             for name, value in pairs:
                 os.setxattr(path, name, value)
+
+    def _sync_file(self, msg: m.SyncFile) -> None:
+        # Exclusive like Create; chown before chmod (chown clears set-id bits), times last.
+        with self.beneath.entry(msg.path) as (dir_fd, name):
+            flags = os.O_CREAT | os.O_EXCL | os.O_WRONLY | os.O_NOFOLLOW | os.O_CLOEXEC
+            fd = os.open(name, flags, 0o600, dir_fd=dir_fd)
+            try:
+                if msg.data:
+                    _pwrite_all(fd, msg.data, 0)
+                os.fchown(fd, msg.uid, msg.gid)
+                os.fchmod(fd, msg.mode)
+                os.utime(fd, ns=(msg.atime_ns, msg.mtime_ns))
+            finally:
+                os.close(fd)
 
 
 def _nothing(msg: m.Message) -> None:

@@ -400,6 +400,30 @@ class SyncXattrs(Message):
 
 
 @dataclass(frozen=True, slots=True)
+class SyncFile(Message):
+    """Create a new regular file with exactly this content (no holes), owner, mode and times, in one frame."""
+
+    path: bytes
+    mode: int
+    uid: int
+    gid: int
+    atime_ns: int
+    mtime_ns: int
+    data: bytes
+    OP = 47
+    FIELDS = (
+        ("path", "entry"),
+        ("mode", "perm"),
+        ("uid", "u32"),
+        ("gid", "u32"),
+        ("atime_ns", "ns"),
+        ("mtime_ns", "ns"),
+    )
+    DATA = "data"
+    OPERATION = True
+
+
+@dataclass(frozen=True, slots=True)
 class Listing(Message):
     """Answer to SyncDir (data: msgpack list of entries, see resync docs)."""
 
@@ -449,6 +473,7 @@ MESSAGES: dict[int, type[Message]] = {
         SyncSums,
         SyncRemove,
         SyncXattrs,
+        SyncFile,
         Listing,
         Sums,
     )
