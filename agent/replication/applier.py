@@ -65,6 +65,7 @@ class Applier:
             m.SyncRemove: self._sync_remove,
             m.SyncXattrs: self._sync_xattrs,
             m.SyncFile: self._sync_file,
+            m.SyncDirSums: self._sync_dir_sums,
         }
 
     def applied_for(self, stream: bytes) -> int:
@@ -259,6 +260,31 @@ class Applier:
                 os.removexattr(path, name)
             for name, value in pairs:
                 os.setxattr(path, name, value)
+
+    def _sync_dir_sums(self, msg: m.SyncDirSums) -> m.Message:
+        with self.beneath.inode(msg.path) as (fd, st):
+            if not stat.S_ISDIR(st.st_mode):
+                raise OSError(errno.ENOTDIR, os.strerror(errno.ENOTDIR), msg.path)
+            entries = listing.list_dir(fd)
+            sums = {e.name: self._small_sums(fd, e) for e in entries if listing.has_sums(e)}
+            return m.Listing(listing.encode(entries, sums))
+
+    @staticmethod
+    def _small_sums(dir_fd: int, entry: listing.Entry) -> bytes | None:
+        try:
+            pfd = os.open(entry.name, os.O_PATH | os.O_NOFOLLOW | os.O_CLOEXEC, dir_fd=dir_fd)
+        except FileNotFoundError:
+            return None
+        try:
+            if not stat.S_ISREG(os.fstat(pfd).st_mode):
+                return None  # never opened for reading: no FIFO or device is reached
+            fd = os.open(_proc(pfd), os.O_RDONLY | os.O_CLOEXEC)
+        finally:
+            os.close(pfd)
+        try:
+            return blocks.pack(blocks.file_digests(fd)[1])
+        finally:
+            os.close(fd)
 
     def _sync_file(self, msg: m.SyncFile) -> None:
         # Exclusive like Create; chown before chmod (chown clears set-id bits), times last.

@@ -424,6 +424,18 @@ class SyncFile(Message):
 
 
 @dataclass(frozen=True, slots=True)
+class SyncDirSums(Message):
+    """Request: a SyncDir whose Listing also carries the block checksums of its small regular files."""
+
+    path: bytes
+    OP = 48
+    FIELDS = (("path", "path"),)
+    OPERATION = True
+    AFTER_APPLY = True
+    BLOCKING = True
+
+
+@dataclass(frozen=True, slots=True)
 class Listing(Message):
     """Answer to SyncDir (data: msgpack list of entries, see resync docs)."""
 
@@ -474,6 +486,7 @@ MESSAGES: dict[int, type[Message]] = {
         SyncRemove,
         SyncXattrs,
         SyncFile,
+        SyncDirSums,
         Listing,
         Sums,
     )

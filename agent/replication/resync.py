@@ -227,13 +227,23 @@ class Resync:
                 self.recheck.add(parent_of(path))
 
     async def _sync_dir(self, path: bytes, fd: int, *, fresh: bool = False) -> None:
-        remote: dict[bytes, Entry] = {}
-        if not fresh:  # a directory the secondary just created is empty: nothing to ask
-            answer = await self._send(m.SyncDir(path))
+        names = listing.names_in(fd)
+        if fresh:  # a directory the secondary just created is empty: nothing to ask
+            await self._sync_names(path, fd, names, {})
+            return
+        # Watched from before the question: the checksums in the answer are as of that point of the stream.
+        watched = [p for p in (join(path, n) for n in names) if p not in self.touched]
+        self.touched.update((p, Touch()) for p in watched)
+        try:
+            answer = await self._send(m.SyncDirSums(path))
             if not isinstance(answer, m.Listing):
                 return  # the error handler queued a recheck of the parent
-            remote = listing.decode(answer.entries)
-        names = listing.names_in(fd)
+            await self._sync_names(path, fd, names, listing.decode(answer.entries, with_sums=True))
+        finally:
+            for p in watched:
+                self.touched.pop(p, None)
+
+    async def _sync_names(self, path: bytes, fd: int, names: list[bytes], remote: dict[bytes, Entry]) -> None:
         present = set(names)
         for name in sorted(remote.keys() - present):
             with contextlib.suppress(FileNotFoundError):
@@ -273,7 +283,7 @@ class Resync:
         if remote is None:
             self._create(path, local)
         if local.kind == stat.S_IFREG:
-            await self._sync_content(fd, path, fresh=remote is None)
+            await self._sync_content(fd, path, remote)
             self._done_file(local)
         elif local.kind == stat.S_IFDIR:
             await self._sync_dir(path, fd, fresh=remote is None)
@@ -354,12 +364,20 @@ class Resync:
 
     # --- content ---------------------------------------------------------------------------------
 
-    async def _sync_content(self, pfd: int, path: bytes, *, fresh: bool) -> None:
+    async def _sync_content(self, pfd: int, path: bytes, remote: Entry | None) -> None:
         fd = open_read(pfd)
-        touch = self.touched[path] = Touch()
+        watched = self.touched.get(path) if remote is not None and remote.sums is not None else None
+        touch = self.touched[path] = watched or Touch()
         try:
-            if fresh:
+            if remote is None:
                 await self._send_fresh(fd, path, touch)
+                return
+            if remote.sums is not None:  # from the directory's answer, watched since it was asked
+                if os.fstat(fd).st_size <= listing.SUMS_MAX:
+                    _, local = blocks.file_digests(fd)
+                else:
+                    _, local = await asyncio.to_thread(blocks.file_digests, fd)
+                await self._send_blocks(fd, path, touch, local, blocks.unpack(remote.sums), remote.size)
                 return
             asked = self._send(m.SyncSums(path))
             _, local = await asyncio.to_thread(blocks.file_digests, fd)
@@ -368,7 +386,7 @@ class Resync:
                 return  # the error handler queued a recheck
             await self._send_blocks(fd, path, touch, local, blocks.unpack(answer.digests), answer.size)
         finally:
-            del self.touched[path]
+            self.touched.pop(path, None)
             os.close(fd)
 
     async def _send_fresh(self, fd: int, path: bytes, touch: Touch) -> None:
