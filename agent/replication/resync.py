@@ -282,13 +282,16 @@ class Resync:
             return
         if remote is None:
             self._create(path, local)
+        sent = self.sender.seq
         if local.kind == stat.S_IFREG:
             await self._sync_content(fd, path, remote)
             self._done_file(local)
         elif local.kind == stat.S_IFDIR:
             await self._sync_dir(path, fd, fresh=remote is None)
-        # Our writes (or the directory's children) moved the secondary's mtime: times always go.
-        self._send_attrs(path, fd, remote, force=local.kind in (stat.S_IFREG, stat.S_IFDIR))
+        # Our writes (or the directory's children) moved the secondary's mtime: then times always go.
+        # A file nothing was sent for (not even a live frame) kept its mtime: compare, as for others.
+        wrote = remote is None or self.sender.seq != sent
+        self._send_attrs(path, fd, remote, force=local.kind == stat.S_IFDIR or (local.kind == stat.S_IFREG and wrote))
 
     def _done_file(self, local: Entry) -> None:
         self.remaining_files -= 1
