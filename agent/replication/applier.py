@@ -74,6 +74,8 @@ class Applier:
             m.SyncSums: self._sync_sums,
             m.SyncRemove: self._sync_remove,
             m.SyncXattrs: self._sync_xattrs,
+            m.SyncFile: self._sync_file,
+            m.SyncDirSums: self._sync_dir_sums,
         }
 
     def applied_for(self, stream: bytes) -> int:
@@ -306,6 +308,45 @@ class Applier:
                 os.removexattr(path, name)
             for name, value in pairs:
                 os.setxattr(path, name, value)
+
+    def _sync_dir_sums(self, msg: m.SyncDirSums) -> m.Message:
+        with self.beneath.inode(msg.path) as (fd, st):
+            if not stat.S_ISDIR(st.st_mode):
+                raise OSError(errno.ENOTDIR, os.strerror(errno.ENOTDIR), msg.path)
+            entries = listing.list_dir(fd)
+            sums = {e.name: self._small_sums(fd, e) for e in entries if listing.has_sums(e)}
+            return m.Listing(listing.encode(entries, sums))
+
+    @staticmethod
+    def _small_sums(dir_fd: int, entry: listing.Entry) -> bytes | None:
+        try:
+            pfd = os.open(entry.name, os.O_PATH | os.O_NOFOLLOW | os.O_CLOEXEC, dir_fd=dir_fd)
+        except FileNotFoundError:
+            return None
+        try:
+            if not stat.S_ISREG(os.fstat(pfd).st_mode):
+                return None  # never opened for reading: no FIFO or device is reached
+            fd = os.open(_proc(pfd), os.O_RDONLY | os.O_CLOEXEC)
+        finally:
+            os.close(pfd)
+        try:
+            return blocks.pack(blocks.file_digests(fd)[1])
+        finally:
+            os.close(fd)
+
+    def _sync_file(self, msg: m.SyncFile) -> None:
+        # Exclusive like Create; chown before chmod (chown clears set-id bits), times last.
+        with self.beneath.entry(msg.path) as (dir_fd, name):
+            flags = os.O_CREAT | os.O_EXCL | os.O_WRONLY | os.O_NOFOLLOW | os.O_CLOEXEC
+            fd = os.open(name, flags, 0o600, dir_fd=dir_fd)
+            try:
+                if msg.data:
+                    _pwrite_all(fd, msg.data, 0)
+                os.fchown(fd, msg.uid, msg.gid)
+                os.fchmod(fd, msg.mode)
+                os.utime(fd, ns=(msg.atime_ns, msg.mtime_ns))
+            finally:
+                os.close(fd)
 
 
 # Returned by an operation that applied its own time fixes.

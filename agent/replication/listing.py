@@ -14,6 +14,8 @@ from agent.replication.beneath import PathEscape, check_name
 from agent.replication.wire import ProtocolError
 
 _FIELDS = 12
+# SyncDirSums answers carry the block checksums of regular files up to this size (a 13th field).
+SUMS_MAX = 1024 * 1024
 
 
 def proc(fd: int) -> str:
@@ -37,6 +39,7 @@ class Entry:
     nlink: int
     target: bytes
     xattrs: int
+    sums: bytes | None = None
 
     @property
     def kind(self) -> int:
@@ -102,16 +105,27 @@ def list_dir(dir_fd: int) -> list[Entry]:
     return out
 
 
-def encode(entries: list[Entry]) -> bytes:
-    """Entries as the data of a Listing frame."""
+def has_sums(e: Entry) -> bool:
+    """Whether a SyncDirSums answer carries this entry's block checksums."""
+    return stat.S_ISREG(e.mode) and e.size <= SUMS_MAX
+
+
+def encode(entries: list[Entry], sums: dict[bytes, bytes | None] | None = None) -> bytes:
+    """Entries as the data of a Listing frame; with `sums`, each row ends with its checksums or nil."""
     rows = [[e.name, e.mode, e.uid, e.gid, e.size, e.atime_ns, e.mtime_ns, e.rdev, e.ino, e.nlink, e.target, e.xattrs]
             for e in entries]  # fmt: skip
+    if sums is not None:
+        for row, e in zip(rows, entries, strict=True):
+            row.append(sums.get(e.name))
     return msgpack.packb(rows, use_bin_type=True)
 
 
-def _row(row: Any) -> Entry:
-    if type(row) is not list or len(row) != _FIELDS:
-        raise ProtocolError(f"Listing: entry is not a list of {_FIELDS} fields")
+def _row(row: Any, fields: int) -> Entry:
+    if type(row) is not list or len(row) != fields:
+        raise ProtocolError(f"Listing: entry is not a list of {fields} fields")
+    sums = row.pop() if fields > _FIELDS else None
+    if sums is not None and (type(sums) is not bytes or len(sums) % 8):
+        raise ProtocolError("Listing: checksums must be nil or bytes, 8 per block")
     name, *ints, target, xattrs = row
     if type(name) is not bytes or type(target) is not bytes:
         raise ProtocolError("Listing: name and target must be bytes")
@@ -121,15 +135,16 @@ def _row(row: Any) -> Entry:
         raise ProtocolError(f"Listing: {exc}") from exc
     if any(type(v) is not int for v in (*ints, xattrs)):
         raise ProtocolError("Listing: numeric fields must be integers")
-    return Entry(name, *ints, target, xattrs)
+    return Entry(name, *ints, target, xattrs, sums)
 
 
-def decode(data: bytes) -> dict[bytes, Entry]:
-    """A Listing frame's entries by name; ProtocolError if malformed."""
+def decode(data: bytes, *, with_sums: bool = False) -> dict[bytes, Entry]:
+    """A Listing frame's entries by name (answering SyncDirSums: `with_sums`); ProtocolError if malformed."""
     try:
         rows = msgpack.unpackb(data, raw=False, use_list=True)
     except (ValueError, TypeError, msgpack.UnpackException, RecursionError) as exc:
         raise ProtocolError(f"Listing is not valid msgpack: {exc}") from exc
     if type(rows) is not list:
         raise ProtocolError("Listing is not a list")
-    return {e.name: e for e in map(_row, rows)}
+    fields = _FIELDS + 1 if with_sums else _FIELDS
+    return {e.name: e for e in (_row(row, fields) for row in rows)}

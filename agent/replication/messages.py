@@ -400,6 +400,42 @@ class SyncXattrs(Message):
 
 
 @dataclass(frozen=True, slots=True)
+class SyncFile(Message):
+    """Create a new regular file with exactly this content (no holes), owner, mode and times, in one frame."""
+
+    path: bytes
+    mode: int
+    uid: int
+    gid: int
+    atime_ns: int
+    mtime_ns: int
+    data: bytes
+    OP = 47
+    FIELDS = (
+        ("path", "entry"),
+        ("mode", "perm"),
+        ("uid", "u32"),
+        ("gid", "u32"),
+        ("atime_ns", "ns"),
+        ("mtime_ns", "ns"),
+    )
+    DATA = "data"
+    OPERATION = True
+
+
+@dataclass(frozen=True, slots=True)
+class SyncDirSums(Message):
+    """Request: a SyncDir whose Listing also carries the block checksums of its small regular files."""
+
+    path: bytes
+    OP = 48
+    FIELDS = (("path", "path"),)
+    OPERATION = True
+    AFTER_APPLY = True
+    BLOCKING = True
+
+
+@dataclass(frozen=True, slots=True)
 class Listing(Message):
     """Answer to SyncDir (data: msgpack list of entries, see resync docs)."""
 
@@ -449,6 +485,8 @@ MESSAGES: dict[int, type[Message]] = {
         SyncSums,
         SyncRemove,
         SyncXattrs,
+        SyncFile,
+        SyncDirSums,
         Listing,
         Sums,
     )

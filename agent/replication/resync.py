@@ -23,6 +23,12 @@ log = logging.getLogger(__name__)
 # Errors that a second pass cannot repair: the secondary cannot hold the copy.
 FATAL = frozenset({errno.ENOSPC, errno.EDQUOT, errno.EIO, errno.EROFS, errno.EFBIG, errno.ENOMEM})
 ROUNDS = 20
+# A fresh file up to SMALL bytes without holes travels whole in one SyncFile frame, read on the loop.
+SMALL = 256 * 1024
+# A larger fresh file is read READ bytes per thread hop and sent in Write frames of CHUNK bytes.
+READ = 4 * 1024 * 1024
+CHUNK = 256 * 1024
+YIELD_EVERY = 64
 _PUNCH = syscalls.FALLOC_FL_PUNCH_HOLE | syscalls.FALLOC_FL_KEEP_SIZE
 _DESTINATIONS = (m.Rename, m.Link)
 
@@ -37,6 +43,7 @@ class Touch:
 
     whole: bool = False
     blocks: set[int] = field(default_factory=set)
+    count: int = 0
 
 
 @dataclass
@@ -62,6 +69,14 @@ def parent_of(path: bytes) -> bytes:
 def paths_of(msg: m.Message) -> tuple[bytes, ...]:
     """Every path an operation names."""
     return tuple(getattr(msg, f) for f in ("path", "old", "new", "target") if isinstance(getattr(msg, f, None), bytes))
+
+
+def open_read(pfd: int) -> int:
+    """Reopen an O_PATH fd for reading without moving its atime (O_NOATIME needs ownership or CAP_FOWNER)."""
+    try:
+        return os.open(listing.proc(pfd), os.O_RDONLY | os.O_CLOEXEC | os.O_NOATIME)
+    except PermissionError:
+        return os.open(listing.proc(pfd), os.O_RDONLY | os.O_CLOEXEC)
 
 
 def _same_kind(local: Entry, remote: Entry) -> bool:
@@ -139,6 +154,7 @@ class Resync:
             touch = self.touched.get(path)
             if touch is None:
                 continue
+            touch.count += 1
             if isinstance(msg, m.Write) and msg.data:
                 first, last = msg.offset // blocks.BLOCK, (msg.offset + len(msg.data) - 1) // blocks.BLOCK
                 touch.blocks.update(range(first, last + 1))
@@ -210,21 +226,36 @@ class Resync:
             if path:
                 self.recheck.add(parent_of(path))
 
-    async def _sync_dir(self, path: bytes, fd: int) -> None:
-        answer = await self._send(m.SyncDir(path))
-        if not isinstance(answer, m.Listing):
-            return  # the error handler queued a recheck of the parent
-        remote = listing.decode(answer.entries)
+    async def _sync_dir(self, path: bytes, fd: int, *, fresh: bool = False) -> None:
         names = listing.names_in(fd)
+        if fresh:  # a directory the secondary just created is empty: nothing to ask
+            await self._sync_names(path, fd, names, {})
+            return
+        # Watched from before the question: the checksums in the answer are as of that point of the stream.
+        watched = [p for p in (join(path, n) for n in names) if p not in self.touched]
+        self.touched.update((p, Touch()) for p in watched)
+        try:
+            answer = await self._send(m.SyncDirSums(path))
+            if not isinstance(answer, m.Listing):
+                return  # the error handler queued a recheck of the parent
+            await self._sync_names(path, fd, names, listing.decode(answer.entries, with_sums=True))
+        finally:
+            for p in watched:
+                self.touched.pop(p, None)
+
+    async def _sync_names(self, path: bytes, fd: int, names: list[bytes], remote: dict[bytes, Entry]) -> None:
         present = set(names)
         for name in sorted(remote.keys() - present):
             with contextlib.suppress(FileNotFoundError):
                 os.stat(name, dir_fd=fd, follow_symlinks=False)
                 continue  # created meanwhile: the live Create already reached the secondary
             self._send(m.SyncRemove(join(path, name)))
-        for name in names:
+        for i, name in enumerate(names, 1):
             await self._sync_entry(fd, path, name, remote.get(name))
+            await self.sender.drain()
             self._check()
+            if i % YIELD_EVERY == 0:
+                await asyncio.sleep(0)  # let FUSE handlers and the ack reader run
 
     async def _sync_entry(self, dir_fd: int, parent: bytes, name: bytes, remote: Entry | None) -> None:
         path = join(parent, name)
@@ -246,18 +277,50 @@ class Resync:
             remote = None
         if self._linked(local, path, remote):
             return
+        if local.kind == stat.S_IFREG and remote is None and self._send_whole(fd, path, local):
+            self._done_file(local)
+            return
         if remote is None:
             self._create(path, local)
+        sent = self.sender.seq
         if local.kind == stat.S_IFREG:
-            await self._sync_content(fd, path, fresh=remote is None)
-            self.remaining_files -= 1
-            self.remaining_bytes -= local.size
-            self.stats.files += 1
-            self.events.progress(self.remaining_bytes, self.remaining_files)
+            await self._sync_content(fd, path, remote)
+            self._done_file(local)
         elif local.kind == stat.S_IFDIR:
-            await self._sync_dir(path, fd)
-        # Our writes (or the directory's children) moved the secondary's mtime: times always go.
-        self._send_attrs(path, fd, remote, force=local.kind in (stat.S_IFREG, stat.S_IFDIR))
+            await self._sync_dir(path, fd, fresh=remote is None)
+        # Our writes (or the directory's children) moved the secondary's mtime: then times always go.
+        # A file nothing was sent for (not even a live frame) kept its mtime: compare, as for others.
+        wrote = remote is None or self.sender.seq != sent
+        self._send_attrs(path, fd, remote, force=local.kind == stat.S_IFDIR or (local.kind == stat.S_IFREG and wrote))
+
+    def _done_file(self, local: Entry) -> None:
+        self.remaining_files -= 1
+        self.remaining_bytes -= local.size
+        self.stats.files += 1
+        self.events.progress(self.remaining_bytes, self.remaining_files)
+
+    def _send_whole(self, pfd: int, path: bytes, local: Entry) -> bool:
+        """A small file the secondary lacks, without holes: content, owner, mode, times in one SyncFile."""
+        if local.size > SMALL:
+            return False
+        fd = open_read(pfd)
+        try:
+            if local.size and os.lseek(fd, 0, os.SEEK_HOLE) < local.size:
+                return False
+            # Read and queued without yielding: no live change to this file can slip in between.
+            data = os.pread(fd, local.size + 1, 0)
+            st = os.fstat(fd)
+            if len(data) != st.st_size or len(data) > SMALL:
+                return False
+            self._send(m.SyncFile(path, stat.S_IMODE(st.st_mode), st.st_uid, st.st_gid, st.st_atime_ns,
+                                  st.st_mtime_ns, data))  # fmt: skip
+            self.stats.data_bytes += len(data)
+            if local.xattrs:
+                pairs = [list(p) for p in listing.xattrs_of(pfd)]
+                self._send(m.SyncXattrs(path, msgpack.packb(pairs, use_bin_type=True)))
+            return True
+        finally:
+            os.close(fd)
 
     @staticmethod
     def _shares_wrongly(local: Entry, remote: Entry) -> bool:
@@ -304,24 +367,56 @@ class Resync:
 
     # --- content ---------------------------------------------------------------------------------
 
-    async def _sync_content(self, pfd: int, path: bytes, *, fresh: bool) -> None:
-        fd = os.open(listing.proc(pfd), os.O_RDONLY | os.O_CLOEXEC)
-        touch = self.touched[path] = Touch()
+    async def _sync_content(self, pfd: int, path: bytes, remote: Entry | None) -> None:
+        fd = open_read(pfd)
+        watched = self.touched.get(path) if remote is not None and remote.sums is not None else None
+        touch = self.touched[path] = watched or Touch()
         try:
-            if fresh:
-                remote_size, remote = 0, []
-                _, local = await asyncio.to_thread(blocks.file_digests, fd)
-            else:
-                asked = self._send(m.SyncSums(path))
-                _, local = await asyncio.to_thread(blocks.file_digests, fd)
-                answer = await asked
-                if not isinstance(answer, m.Sums):
-                    return  # the error handler queued a recheck
-                remote_size, remote = answer.size, blocks.unpack(answer.digests)
-            await self._send_blocks(fd, path, touch, local, remote, remote_size)
+            if remote is None:
+                await self._send_fresh(fd, path, touch)
+                return
+            if remote.sums is not None:  # from the directory's answer, watched since it was asked
+                if os.fstat(fd).st_size <= listing.SUMS_MAX:
+                    _, local = blocks.file_digests(fd)
+                else:
+                    _, local = await asyncio.to_thread(blocks.file_digests, fd)
+                await self._send_blocks(fd, path, touch, local, blocks.unpack(remote.sums), remote.size)
+                return
+            asked = self._send(m.SyncSums(path))
+            _, local = await asyncio.to_thread(blocks.file_digests, fd)
+            answer = await asked
+            if not isinstance(answer, m.Sums):
+                return  # the error handler queued a recheck
+            await self._send_blocks(fd, path, touch, local, blocks.unpack(answer.digests), answer.size)
         finally:
-            del self.touched[path]
+            self.touched.pop(path, None)
             os.close(fd)
+
+    async def _send_fresh(self, fd: int, path: bytes, touch: Touch) -> None:
+        """A file the secondary just created empty: its data segments in large reads, no checksums."""
+        size = os.fstat(fd).st_size
+        if size:
+            self._send(m.Truncate(path, size))
+        seen = touch.count
+        for a, b in blocks.data_ranges(fd, size):
+            for pos in range(a, b, READ):
+                data = await asyncio.to_thread(os.pread, fd, min(READ, b - pos), pos)
+                if touch.count != seen:
+                    # A live change raced with the read: the rest goes block by block, each read and
+                    # queued without yielding, with the holes as they are now.
+                    await self._send_rest(fd, path, pos // blocks.BLOCK)
+                    return
+                for off in range(0, len(data), CHUNK):
+                    self._send(m.Write(path, pos + off, data[off : off + CHUNK]))
+                self.stats.data_bytes += len(data)
+                await self.sender.drain()
+                self._check()
+
+    async def _send_rest(self, fd: int, path: bytes, first: int) -> None:
+        for k in range(first, (os.fstat(fd).st_size + blocks.BLOCK - 1) // blocks.BLOCK):
+            self._send_block(fd, path, k)
+            await self.sender.drain()
+            self._check()
 
     async def _send_blocks(
         self, fd: int, path: bytes, touch: Touch, local: list[int], remote: list[int], remote_size: int

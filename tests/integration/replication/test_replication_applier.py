@@ -11,8 +11,8 @@ from pathlib import Path
 
 import pytest
 
+from agent.replication import blocks, listing, syscalls
 from agent.replication import messages as m
-from agent.replication import syscalls
 from agent.replication.applier import Applier
 from agent.replication.wire import Frame, ProtocolError, decode, encode
 
@@ -194,3 +194,21 @@ def test_cached_open_files_follow_renames_and_removals(applier: Applier, tmp_pat
     assert os.stat(root / "b").st_mtime_ns == T0 + 1
     assert not (root / "a").exists()
     applier.close()
+
+
+def test_sync_file_and_dir_sums(applier: Applier, tmp_path: Path) -> None:
+    root = tmp_path / "repl"
+    ok(applier, m.SyncFile(b"f", 0o4750, 1000, 1000, T0, T0 + 1, b"x" * 70_000))
+    st = os.lstat(root / "f")
+    assert (stat.S_IMODE(st.st_mode), st.st_uid, st.st_atime_ns, st.st_mtime_ns) == (0o4750, 1000, T0, T0 + 1)
+    assert (root / "f").read_bytes() == b"x" * 70_000
+    assert feed(applier, m.SyncFile(b"f", 0o644, 0, 0, 0, 0, b"")).status == errno.EEXIST
+    os.mkfifo(root / "p")
+    (root / "big").write_bytes(b"y" * (listing.SUMS_MAX + 1))
+    answer = feed(applier, m.SyncDirSums(b""))
+    assert isinstance(answer, m.Listing)
+    got = listing.decode(answer.entries, with_sums=True)
+    with open(root / "f", "rb") as fh:
+        assert got[b"f"].sums == blocks.pack(blocks.file_digests(fh.fileno())[1])
+    assert got[b"p"].sums is None and got[b"big"].sums is None
+    assert feed(applier, m.SyncDirSums(b"f")).status == errno.ENOTDIR

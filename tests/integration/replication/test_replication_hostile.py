@@ -55,6 +55,8 @@ ops = st.one_of(
     st.builds(m.Setxattr, paths, st.just(b"user.evil"), st.just(0), st.just(b"1")),
     st.builds(m.Removexattr, paths, st.just(b"user.evil")),
     st.builds(m.Fsync, paths, st.booleans()),
+    st.builds(m.SyncDirSums, paths),
+    st.builds(m.SyncFile, paths, modes, st.just(0), st.just(0), st.just(1), st.just(2), st.binary(max_size=64)),
 )
 with_times = st.tuples(ops, st.lists(st.builds(m.TimeFix, paths, st.just(1), st.just(2)), max_size=2))
 planted = st.sampled_from([b"l", b"a/l"])

@@ -90,6 +90,37 @@ def test_a_secondary_with_extra_and_different_files_ends_equal(pair: Pair) -> No
 
 
 @pytest.mark.slow
+def test_initial_sync_of_every_kind_of_file_into_an_empty_dir(pair: Pair) -> None:
+    p = pair.primary_dir
+    (p / "d" / "e").mkdir(parents=True)
+    for i in range(300):
+        (p / "d" / f"small{i}").write_bytes(os.urandom(i * 37))
+    (p / "d" / "e" / "empty").write_bytes(b"")
+    (p / "suid").write_bytes(b"#!/bin/sh\n")
+    os.chown(p / "suid", 1000, 1000)
+    os.chmod(p / "suid", 0o4755)
+    os.setxattr(p / "d" / "small7", "user.k", b"v")
+    os.setxattr(p / "d", "user.dir", b"x")
+    os.link(p / "d" / "small9", p / "d" / "e" / "hard")
+    with open(p / "sparse-small", "wb") as fh:
+        fh.truncate(40_000)
+        fh.seek(30_000)
+        fh.write(b"tail")
+    with open(p / "sparse-large", "wb") as fh:
+        fh.write(os.urandom(3_000_000))
+        fh.seek(9_000_000)
+        fh.write(os.urandom(5_000_000))
+        fh.truncate(20_000_000)
+    (p / "large").write_bytes(os.urandom(9 * 1024 * 1024 + 5))
+    os.symlink("d/small1", p / "ln")
+    os.mkfifo(p / "fifo")
+    os.utime(p / "d" / "small3", ns=(1, 2))
+    pair.start("received")
+    stop_both(pair)
+    assert_same_trees(pair)
+
+
+@pytest.mark.slow
 def test_secondary_stopped_mid_workload_is_resynced_on_return(pair: Pair) -> None:
     pair.start("received")
     (pair.primary_dir / "a").write_bytes(os.urandom(1_000_000))
