@@ -111,9 +111,11 @@ class Resync:
         self.sender.observer, self.sender.on_error = self._observe, self._error
         start_bytes = self.sender.sent_bytes
         try:
+            # First on the stream, before anything yields: a live change can never arrive at a
+            # secondary that does not know yet that its tree is being repaired.
+            self._send(m.SyncBegin())
             self.remaining_files, self.remaining_bytes = await asyncio.to_thread(self._count)
             self.events.progress(self.remaining_bytes, self.remaining_files, force=True)
-            self._send(m.SyncBegin())
             roots = [b""]
             for self.stats.rounds in range(1, ROUNDS + 1):
                 for root in roots:
