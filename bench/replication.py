@@ -1,6 +1,6 @@
 """Replication benchmark: local disk vs a replicated mount, side by side in one run, for each ack mode.
 
-Run as root from the repository: `.venv/bin/python -m bench.replication [--quick] [--modes received,durable]`.
+Run as root from the repository: `.venv/bin/python -m bench.replication [--quick] [--modes received,durable,fsync]`.
 Both replicators run on 127.0.0.1 and every directory sits on the same disk, so the ratios are fair.
 """
 
@@ -250,7 +250,7 @@ def main(argv: list[str] | None = None) -> None:
     """Run the benchmarks and print markdown tables."""
     p = argparse.ArgumentParser(prog="python -m bench.replication", description=__doc__)
     p.add_argument("--quick", action="store_true", help="smaller sizes (256 MiB dd, 2,000 files), ~1 minute")
-    p.add_argument("--modes", default="received,durable", help="comma-separated ack modes")
+    p.add_argument("--modes", default="received,durable,fsync", help="comma-separated ack modes")
     p.add_argument("--dir", type=Path, default=Path("/var/tmp"), help="where to work (one disk for all)")
     args = p.parse_args(argv)
     sizes = QUICK if args.quick else FULL

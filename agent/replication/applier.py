@@ -183,6 +183,8 @@ class Applier:
         fd = self._file(msg.path)
         _pwrite_all(fd, msg.data, msg.offset)
         self.unsynced += len(msg.data)
+        if len(msg.data) >= syscalls.STREAM_WRITE_BYTES:
+            syscalls.start_writeback(fd, msg.offset, len(msg.data))
         # The usual fix names the written file itself: set it on the open fd, no second resolution.
         for fix in msg.times:
             if fix.path == msg.path:

@@ -301,6 +301,8 @@ class ReplicatedFS(Passthrough):
         fd, inode = self._files[fh]
         written = os.pwrite(fd, buf, off)
         self._unsynced[inode] = self._unsynced.get(inode, 0) + written
+        if written >= syscalls.STREAM_WRITE_BYTES:
+            syscalls.start_writeback(fd, off, written)
         path = self.inodes.path(inode)
         if path is None:
             return written
