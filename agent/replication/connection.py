@@ -68,7 +68,7 @@ class FrameConnection(asyncio.Protocol):
         self._transport: asyncio.Transport | None = None
         self._parser = FrameParser()
         self._frames: collections.deque[Frame] = collections.deque()
-        self._reader: asyncio.Future[None] | None = None
+        self._arrived = asyncio.Event()
         self._on_frame: FrameHandler | None = None
         self._on_end: EndHandler | None = None
         self._ended = False
@@ -102,7 +102,7 @@ class FrameConnection(asyncio.Protocol):
             self._finish(exc)
             self.close()
             return
-        self._wake_reader()
+        self._arrived.set()
 
     def eof_received(self) -> bool:
         try:
@@ -141,11 +141,8 @@ class FrameConnection(asyncio.Protocol):
                 if self._end is not None and not isinstance(self._end, ConnectionError):
                     raise self._end
                 return None
-            self._reader = asyncio.get_running_loop().create_future()
-            try:
-                await self._reader
-            finally:
-                self._reader = None
+            self._arrived.clear()
+            await self._arrived.wait()
         if len(self._frames) == _READ_AHEAD:
             self.resume_reading()
         return self._frames.popleft()
@@ -187,17 +184,13 @@ class FrameConnection(asyncio.Protocol):
         if self._ended:
             return
         self._ended, self._end = True, end
-        self._wake_reader()
+        self._arrived.set()
         self._notify_end()
 
     def _notify_end(self) -> None:
         on_end, self._on_end, self._on_frame = self._on_end, None, None
         if on_end is not None:
             on_end(self._end)
-
-    def _wake_reader(self) -> None:
-        if self._reader is not None and not self._reader.done():
-            self._reader.set_result(None)
 
     # --- writing -------------------------------------------------------------------------------
 

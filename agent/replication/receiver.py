@@ -182,7 +182,7 @@ class _Stream:
         self._queue: collections.deque[Frame] = collections.deque()
         self._ended = False
         self._paused = False
-        self._waiter: asyncio.Future[None] | None = None
+        self._arrived = asyncio.Event()
 
     def received(self, frame: Frame) -> None:
         if not frame.msg.OPERATION:
@@ -208,22 +208,19 @@ class _Stream:
         if len(self._queue) >= QUEUE_FRAMES and not self._paused:
             self._paused = True
             self.conn.pause_reading()
-        self._wake()
+        self._arrived.set()
 
     def ended(self, why: BaseException | None) -> None:
         self._ended, self.end = True, why
-        self._wake()
+        self._arrived.set()
 
     async def next(self) -> Frame | None:
         """The next frame to apply, or None once the connection ended and every frame was handed out."""
         while not self._queue:
             if self._ended:
                 return None
-            self._waiter = asyncio.get_running_loop().create_future()
-            try:
-                await self._waiter
-            finally:
-                self._waiter = None
+            self._arrived.clear()
+            await self._arrived.wait()
         if self._paused and len(self._queue) <= QUEUE_FRAMES // 2:
             self._paused = False
             self.conn.resume_reading()
@@ -233,7 +230,3 @@ class _Stream:
     def applied(self) -> None:
         """The frame last handed out by next() is applied and answered."""
         self._applying = False
-
-    def _wake(self) -> None:
-        if self._waiter is not None and not self._waiter.done():
-            self._waiter.set_result(None)
