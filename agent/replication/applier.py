@@ -33,6 +33,25 @@ _KEEPS_NAMES = frozenset(
     {m.Write, m.Truncate, m.Fallocate, m.Fsync, m.Setattr, m.Setxattr, m.Removexattr, m.SyncMark, m.SyncSums}
 )
 
+# Operations that never move or remove a directory: resolved directory fds survive them.
+_KEEPS_DIRS = frozenset(
+    {
+        *_KEEPS_NAMES,
+        m.Create,
+        m.Mkdir,
+        m.Mknod,
+        m.Unlink,
+        m.Link,
+        m.Symlink,
+        m.SyncBegin,
+        m.SyncEnd,
+        m.SyncDir,
+        m.SyncXattrs,
+        m.SyncFile,
+        m.SyncDirSums,
+    }
+)
+
 
 def _pwrite_all(fd: int, data: bytes, offset: int) -> None:
     view = memoryview(data)
@@ -45,7 +64,7 @@ class Applier:
     """Applies frames deterministically; a seq already applied is acknowledged again, never re-applied."""
 
     def __init__(self, root_fd: int, *, use_openat2: bool = True) -> None:
-        self.beneath = Beneath(root_fd, use_openat2=use_openat2)
+        self.beneath = Beneath(root_fd, use_openat2=use_openat2, cache_dirs=True)
         self.stream: bytes | None = None
         self.applied_seq = 0
         self.unsynced = 0
@@ -96,7 +115,11 @@ class Applier:
         return msg.BLOCKING
 
     def close(self) -> None:
-        """Close the files kept open for data operations."""
+        """Close the files kept open for data operations and the cached directories."""
+        self._close_files()
+        self.beneath.forget_dirs()
+
+    def _close_files(self) -> None:
         while self._files:
             os.close(self._files.popitem()[1])
 
@@ -113,8 +136,15 @@ class Applier:
         if frame.seq != self.applied_seq + 1:
             raise ProtocolError(f"sequence gap: applied {self.applied_seq}, received {frame.seq}")
         if type(msg) not in _KEEPS_NAMES:
-            self.close()
-        ack = self._run(op, msg)
+            self._close_files()
+        moves_dirs = type(msg) not in _KEEPS_DIRS
+        if moves_dirs:
+            self.beneath.forget_dirs()
+        try:
+            ack = self._run(op, msg)
+        finally:
+            if moves_dirs:
+                self.beneath.forget_dirs()
         self.applied_seq = frame.seq
         if isinstance(ack, m.Ack) and ack.status:
             self._errors[frame.seq] = ack

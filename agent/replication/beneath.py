@@ -5,6 +5,7 @@ from __future__ import annotations
 import errno
 import os
 import stat
+from collections import OrderedDict
 from collections.abc import Callable, Iterable, Iterator
 from contextlib import contextmanager
 
@@ -14,6 +15,7 @@ NAME_MAX = 255
 # openat2 takes at most PATH_MAX bytes per call; longer paths are resolved in chunks from intermediate fds.
 _CHUNK = 3072
 _DIR_FLAGS = os.O_PATH | os.O_DIRECTORY | os.O_CLOEXEC
+_CACHED_DIRS = 256
 # The primary names inodes through directory entries only, so a legitimate stream never crosses a
 # symlink or a mount point: refusing every symlink (not only escaping ones) is stricter and simpler.
 _RESOLVE = (
@@ -75,10 +77,18 @@ def _chunks(parts: tuple[bytes, ...]) -> Iterator[bytes]:
 class Beneath:
     """Resolves validated relative paths to fds beneath one directory fd, never leaving it."""
 
-    def __init__(self, root_fd: int, *, use_openat2: bool = True) -> None:
+    def __init__(self, root_fd: int, *, use_openat2: bool = True, cache_dirs: bool = False) -> None:
         self.root_fd = root_fd
         self.root_dev = os.fstat(root_fd).st_dev
         self.use_openat2 = use_openat2 and self._openat2_works()
+        # With cache_dirs the owner promises to call forget_dirs() before and after anything that can
+        # move or remove a directory; only then may a resolved directory fd be used again.
+        self._dirs: OrderedDict[bytes, int] | None = OrderedDict() if cache_dirs else None
+
+    def forget_dirs(self) -> None:
+        """Close every cached directory fd (a directory may have moved or gone)."""
+        while self._dirs:
+            os.close(self._dirs.popitem()[1])
 
     def _openat2_works(self) -> bool:
         try:
@@ -157,11 +167,29 @@ class Beneath:
         if not parts:
             yield self.root_fd, ROOT_NAME
             return
+        if self._dirs is not None:
+            yield self._cached_dir(path, parts[:-1]), parts[-1]
+            return
         fd = self.open_dir(path, parts[:-1])
         try:
             yield fd, parts[-1]
         finally:
             os.close(fd)
+
+    def _cached_dir(self, path: bytes, parts: tuple[bytes, ...]) -> int:
+        assert self._dirs is not None
+        if not parts:
+            return self.root_fd
+        key = b"/".join(parts)
+        fd = self._dirs.get(key)
+        if fd is not None:
+            self._dirs.move_to_end(key)
+            return fd
+        fd = self.open_dir(path, parts)
+        self._dirs[key] = fd
+        if len(self._dirs) > _CACHED_DIRS:
+            os.close(self._dirs.popitem(last=False)[1])
+        return fd
 
     @contextmanager
     def inode(self, path: bytes) -> Iterator[tuple[int, os.stat_result]]:

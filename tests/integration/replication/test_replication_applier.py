@@ -14,6 +14,7 @@ import pytest
 from agent.replication import blocks, listing, syscalls
 from agent.replication import messages as m
 from agent.replication.applier import Applier
+from agent.replication.beneath import PathEscape
 from agent.replication.wire import Frame, ProtocolError, decode, encode
 
 T0 = 1_600_000_000_123_456_789
@@ -212,3 +213,18 @@ def test_sync_file_and_dir_sums(applier: Applier, tmp_path: Path) -> None:
         assert got[b"f"].sums == blocks.pack(blocks.file_digests(fh.fileno())[1])
     assert got[b"p"].sums is None and got[b"big"].sums is None
     assert feed(applier, m.SyncDirSums(b"f")).status == errno.ENOTDIR
+
+
+def test_cached_directories_follow_renames_and_never_a_symlink_put_in_their_place(applier: Applier) -> None:
+    root = Path(f"/proc/self/fd/{applier.beneath.root_fd}").resolve()
+    ok(applier, m.Mkdir(b"a", 0o755, 0, 0))
+    ok(applier, m.Create(b"a/f", 0o644, 0, 0, os.O_EXCL))  # resolves and keeps "a"
+    ok(applier, m.Rename(b"a", b"b", 0))
+    ok(applier, m.Mkdir(b"a", 0o755, 0, 0))
+    ok(applier, m.Create(b"a/g", 0o644, 0, 0, os.O_EXCL))
+    assert sorted(os.listdir(root / "a")) == ["g"] and sorted(os.listdir(root / "b")) == ["f"]
+    ok(applier, m.Rename(b"a", b"c", 0))
+    ok(applier, m.Symlink(b"a", b"/tmp", 0, 0))
+    with pytest.raises(PathEscape, match="crosses a symlink"):
+        feed(applier, m.Create(b"a/evil", 0o644, 0, 0, os.O_EXCL))
+    assert not Path("/tmp/evil").exists()
