@@ -16,6 +16,8 @@ from agent.replication.wire import Frame, ProtocolError, decode_body, encode_par
 FrameHandler = Callable[[Frame], None]
 # Frames buffered for read() before the socket is paused (a peer cannot flood a handshake).
 _READ_AHEAD = 64
+# Data at least this large is written after its header rather than joined with it.
+_LARGE = 64 * 1024
 # Why the connection ended: None for a clean end of stream, else the ProtocolError or ConnectionError.
 EndHandler = Callable[[BaseException | None], None]
 
@@ -199,7 +201,11 @@ class FrameConnection(asyncio.Protocol):
         head, data = encode_parts(frame)
         if self._transport is None or self._transport.is_closing():
             raise ConnectionResetError("replication connection is closed")
-        if data:
+        if len(data) >= _LARGE:
+            # Two sends instead of one joined copy of the data.
+            self._transport.write(head)
+            self._transport.write(data)
+        elif data:
             self._transport.writelines((head, data))
         else:
             self._transport.write(head)
