@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import logging
 from collections.abc import Awaitable, Callable
-from typing import Any
+from typing import TYPE_CHECKING, Any, Protocol
 
 from aiohttp import web
 from pydantic import ValidationError
@@ -15,10 +15,27 @@ from controller.api.health import Verdicts, health_routes
 from controller.resources import KINDS, Resource, Status
 from controller.store import NotFound, Store, StoreError
 
+if TYPE_CHECKING:
+    from controller.reconcile import Command
+
 log = logging.getLogger("tandem.api")
 PLURALS = {cls.PLURAL: cls for cls in KINDS.values()}
 COMMANDS = ("start", "stop", "restart", "swap", "prim", "second", "failover-on", "failover-off")
 Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
+
+
+class PeerEndpoint(Protocol):
+    """The store's peer sync (controller.sync.PeerSync): answers another node's exchange."""
+
+    async def handle(self, request: web.Request) -> web.Response: ...
+
+
+class ModuleLoop(Protocol):
+    """The reconcile loop (controller.reconcile.Reconciler), as the API sees it."""
+
+    def snapshot(self) -> list[dict[str, Any]]: ...
+
+    def command(self, module: str, command: Command) -> str: ...
 
 
 class Api:
@@ -30,10 +47,10 @@ class Api:
         store: Store,
         node: str,
         state_dir: str,
-        sync: Any | None = None,
+        sync: PeerEndpoint | None = None,
         verdicts: Verdicts | None = None,
         liveness_bound: float = 30.0,
-        reconciler: Any | None = None,
+        reconciler: ModuleLoop | None = None,
     ) -> None:
         self.store = store
         self.node = node
@@ -102,7 +119,7 @@ class Api:
         if self.reconciler is None:
             raise StoreError(f"node {self.node} runs no reconcile loop")
         try:
-            message = self.reconciler.command(request.match_info["name"], command)
+            message = self.reconciler.command(request.match_info["name"], command)  # checked against COMMANDS
         except KeyError as exc:
             raise NotFound("Module", request.match_info["name"]) from exc
         return web.json_response({"node": self.node, "message": message}, status=202)
