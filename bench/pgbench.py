@@ -15,11 +15,11 @@ import re
 import shutil
 import signal
 import sys
-import tempfile
 import time
 from dataclasses import dataclass
 from pathlib import Path
 
+from bench import disk
 from bench.replication import machine, replicated_pair
 from controller.demo import pid_alive
 from tests.postgres import Postgres
@@ -216,11 +216,11 @@ def main(argv: list[str] | None = None) -> None:
     p = argparse.ArgumentParser(prog="python -m bench.pgbench", description=__doc__)
     quick = f"scale {QUICK.scale}, {QUICK.clients} clients, {QUICK.seconds} s"
     p.add_argument("--quick", action="store_true", help=quick)
-    p.add_argument("--modes", default="received,durable", help="comma-separated ack modes")
+    p.add_argument("--modes", default="received,durable,fsync", help="comma-separated ack modes")
     p.add_argument("--clients", type=int, help=f"pgbench clients (default {FULL.clients})")
     p.add_argument("--seconds", type=int, help=f"length of each timed run (default {FULL.seconds})")
     p.add_argument("--scale", type=int, help=f"pgbench scale factor (default {FULL.scale})")
-    p.add_argument("--dir", type=Path, default=Path("/var/tmp"), help="where to work (one disk for all)")
+    disk.add_arguments(p, fresh_gib=0)
     args = p.parse_args(argv)
     base_load = QUICK if args.quick else FULL
     load = Load(
@@ -232,9 +232,8 @@ def main(argv: list[str] | None = None) -> None:
     if pg_bin is None:
         sys.exit("PostgreSQL is missing: apt-get install -y postgresql")
     print(f"# {' '.join(['python -m bench.pgbench', *(argv if argv is not None else sys.argv[1:])])}")
-    print(f"# {machine()} postgresql={pg_bin.parent.name} dir={args.dir}\n", flush=True)
-    with tempfile.TemporaryDirectory(prefix="tandem-pgbench-", dir=args.dir) as tmp:
-        base = Path(tmp)
+    print(f"# {machine()} postgresql={pg_bin.parent.name} {disk.describe(args.dir, args.fresh_fs)}\n", flush=True)
+    with disk.work_dir(args.dir, "tandem-pgbench-", args.fresh_fs) as base:
         base.chmod(0o755)  # the postgres user must traverse it
         try:
             rows = [run_mode(base, ack, pg_bin, load) for ack in args.modes.split(",")]

@@ -16,12 +16,13 @@ import sqlite3
 import statistics
 import subprocess
 import sys
-import tempfile
 import threading
 import time
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
+
+from bench import disk
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -264,14 +265,14 @@ def main(argv: list[str] | None = None) -> None:
     p = argparse.ArgumentParser(prog="python -m bench.replication", description=__doc__)
     p.add_argument("--quick", action="store_true", help="smaller sizes (256 MiB dd, 2,000 files), ~1 minute")
     p.add_argument("--modes", default="received,durable,fsync", help="comma-separated ack modes")
-    p.add_argument("--dir", type=Path, default=Path("/var/tmp"), help="where to work (one disk for all)")
+    disk.add_arguments(p, fresh_gib=0)
     args = p.parse_args(argv)
     sizes = QUICK if args.quick else FULL
     print(f"# {' '.join(['python -m bench.replication', *(argv or sys.argv[1:])])}")
-    print(f"# {machine()}\n")
-    with tempfile.TemporaryDirectory(prefix="tandem-bench-", dir=args.dir) as tmp:
+    print(f"# {machine()} {disk.describe(args.dir, args.fresh_fs)}\n")
+    with disk.work_dir(args.dir, "tandem-bench-", args.fresh_fs) as tmp:
         for ack in args.modes.split(","):
-            rows, rss = run_mode(Path(tmp), ack, sizes)
+            rows, rss = run_mode(tmp, ack, sizes)
             print(render(ack, rows, rss), "\n", flush=True)
 
 

@@ -8,18 +8,16 @@ Then the resync of the unchanged tree (the primary restarted) and after changing
 from __future__ import annotations
 
 import argparse
-import contextlib
 import os
 import random
-import shutil
 import subprocess
 import sys
-import tempfile
 import time
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from bench import disk
 from bench.replication import machine
 from tests.integration.replication.pairs import Pair, mounted, unmount
 
@@ -213,7 +211,7 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--files", type=int, help="small files (default 100,000)")
     p.add_argument("--large-mib", type=int, help="MiB in large files (default 2048)")
     p.add_argument("--caches", choices=["warm", "drop"], default="warm", help="page caches before each copy")
-    p.add_argument("--dir", type=Path, default=Path("/var/tmp"), help="where to work (one disk for all)")
+    disk.add_arguments(p, fresh_gib=0)
     args = p.parse_args(argv)
     files = args.files if args.files is not None else (10_000 if args.quick else 100_000)
     large_mib = args.large_mib if args.large_mib is not None else (256 if args.quick else 2048)
@@ -223,16 +221,15 @@ def main(argv: list[str] | None = None) -> None:
         else "source read once beforehand (warm page cache), sync before each copy"
     )
     print(f"# {' '.join(['python -m bench.sync', *(argv if argv is not None else sys.argv[1:])])}")
-    print(f"# {machine()} disk={args.dir} caches: {cache_line}; Tandem ack=received, secondary mounted\n", flush=True)
-    base = Path(tempfile.mkdtemp(prefix="tandem-sync-", dir=args.dir))
-    try:
-        lines = run(base, files, large_mib, args.caches, full_diff=args.quick or files <= 20_000)
-    finally:
-        for d in (base / "src", base / "tandem-dst"):
-            if mounted(d):
-                unmount(d)
-        with contextlib.suppress(FileNotFoundError):
-            shutil.rmtree(base)
+    where = disk.describe(args.dir, args.fresh_fs)
+    print(f"# {machine()} {where} caches: {cache_line}; Tandem ack=received, secondary mounted\n", flush=True)
+    with disk.work_dir(args.dir, "tandem-sync-", args.fresh_fs) as base:
+        try:
+            lines = run(base, files, large_mib, args.caches, full_diff=args.quick or files <= 20_000)
+        finally:
+            for d in (base / "src", base / "tandem-dst"):
+                if mounted(d):
+                    unmount(d)
     print("\n".join(lines))
 
 
