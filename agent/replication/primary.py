@@ -25,8 +25,9 @@ CACHE_SECONDS = 300.0
 class ReplicatedFS(Passthrough):
     """The primary's passthrough over the directory it is mounted on; every change goes to the Sender.
 
-    With `writeback` (ack mode `fsync`) the kernel caches writes; each write that reaches us is shipped
-    without waiting for its ack, and flush (close) and fsync wait until the peer has them.
+    With `writeback` (ack mode `fsync`, the promise of a local disk) the kernel caches writes, and
+    every operation is shipped without waiting for its ack: flush (close), fsync and fsyncdir wait
+    until the peer has everything shipped before them.
     """
 
     def __init__(
@@ -36,8 +37,8 @@ class ReplicatedFS(Passthrough):
         self.sender = sender
         self.enable_writeback_cache = writeback
         self._unsynced: dict[int, int] = {}
-        # writeback: the last shipped write of each inode whose ack flush has not awaited yet.
-        self._inflight: dict[int, asyncio.Future[m.Message]] = {}
+        # writeback: the last operation shipped; acks come in order, so its ack covers all before it.
+        self._last: asyncio.Future[m.Message] | None = None
 
     def _fix(self, *inos: int | None) -> m.Times:
         fixes = []
@@ -49,8 +50,19 @@ class ReplicatedFS(Passthrough):
         return tuple(fixes)
 
     async def _ship(self, msg: m.Message | None) -> None:
-        if msg is not None:
+        if msg is None:
+            return
+        if not self.enable_writeback_cache:
             await self.sender.replicate(msg)
+            return
+        fut = self.sender.submit(msg)
+        if fut is not None:
+            self._last = fut
+            await self.sender.drain()
+
+    async def _settled(self) -> None:
+        """writeback: wait until the peer acknowledged every operation shipped so far."""
+        await self.sender.wait(self._last)
 
     @passes_errors
     async def lookup(self, parent_inode: int, name: bytes, ctx: pyfuse3.RequestContext) -> pyfuse3.EntryAttributes:
@@ -69,7 +81,6 @@ class ReplicatedFS(Passthrough):
         for ino, _ in inode_list:
             if not self.inodes.known(ino):
                 self._unsynced.pop(ino, None)
-                self._inflight.pop(ino, None)
 
     @passes_errors
     async def fsyncdir(self, fh: int, datasync: bool) -> None:
@@ -234,13 +245,7 @@ class ReplicatedFS(Passthrough):
         atime, mtime = self._set_times(fd, attr, fields)
         path = self.inodes.path(inode)
         if path is not None:
-            msg = m.Setattr(path, mode, uid, gid, size, atime, mtime, self._fix(inode))
-            if self.enable_writeback_cache and (uid, gid, mode, size) == (None, None, None, None):
-                # The writeback cache sends the times of cached writes this way: they travel with
-                # those writes, covered by the next flush or fsync.
-                await self._ship_cached(inode, msg)
-            else:
-                await self._ship(msg)
+            await self._ship(m.Setattr(path, mode, uid, gid, size, atime, mtime, self._fix(inode)))
         return self._attr(inode, os.fstat(fd))
 
     def _truncate(self, fd: int, fh: int | None, size: int) -> None:
@@ -306,26 +311,14 @@ class ReplicatedFS(Passthrough):
         path = self.inodes.path(inode)
         if path is None:
             return written
-        msg = m.Write(path, off, bytes(buf[:written]), self._fix(inode))
-        if self.enable_writeback_cache:
-            await self._ship_cached(inode, msg)
-        else:
-            await self._ship(msg)
+        await self._ship(m.Write(path, off, bytes(buf[:written]), self._fix(inode)))
         return written
 
-    async def _ship_cached(self, inode: int, msg: m.Message) -> None:
-        """writeback: send without waiting for the ack; the inode's next flush or fsync waits for it."""
-        fut = self.sender.submit(msg)
-        if fut is not None:
-            self._inflight[inode] = fut
-            await self.sender.drain()
-
     async def flush(self, fh: int) -> None:
-        # The kernel wrote the file's dirty pages back before this flush: once the peer acknowledged the
-        # last of those writes (acks come in order), the closed file is on both nodes.
-        entry = self._files.get(fh)
-        if entry is not None:
-            await self.sender.wait(self._inflight.pop(entry[1], None))
+        # The kernel wrote the file's dirty pages back before this flush: once the peer acknowledged
+        # what was shipped so far, the closed file (and its creation) is on both nodes.
+        if self.enable_writeback_cache:
+            await self._settled()
 
     @passes_errors
     async def fsync(self, fh: int, datasync: bool) -> None:
@@ -346,8 +339,7 @@ class ReplicatedFS(Passthrough):
         finally:
             if fd is None:
                 os.close(own)
-        # The Fsync is answered after everything before it was applied: it covers the writes in flight.
-        self._inflight.pop(inode, None)
+        # The Fsync is answered after everything before it was applied: it covers what is in flight.
         await self.sender.wait(fut)
 
 
