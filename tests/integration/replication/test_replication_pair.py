@@ -157,6 +157,16 @@ def test_fsync_mode_caches_writes_and_ships_them_by_fsync_and_close(pair: Pair) 
         f.write(b"tail")
     # close shipped it: received by the secondary when close returned, applied right after
     wait_for("the closed file on the secondary", lambda: copy.read_bytes() == b"x" * 2000 + b"tail")
+    # Metadata is shipped without waiting too; an fsync of the directory covers it, as on a local disk.
+    (pair.primary_dir / "empty").touch()
+    os.rename(pair.primary_dir / "cached", pair.primary_dir / "moved")
+    dir_fd = os.open(pair.primary_dir, os.O_RDONLY | os.O_DIRECTORY)
+    try:
+        os.fsync(dir_fd)
+    finally:
+        os.close(dir_fd)
+    assert (pair.secondary_dir / "empty").exists() and (pair.secondary_dir / "moved").exists()
+    assert not copy.exists()
     assert pair.stop("primary") == 0
     shipped = re.search(r"(\d+) operations on the last stream", pair.log("primary"))
     assert shipped is not None and int(shipped.group(1)) < 50, pair.log("primary")
