@@ -317,8 +317,9 @@ class ReplicatedFS(Passthrough):
     async def flush(self, fh: int) -> None:
         # The kernel wrote the file's dirty pages back before this flush: once the peer acknowledged
         # what was shipped so far, the closed file (and its creation) is on both nodes.
-        if self.enable_writeback_cache:
-            await self._settled()
+        if not self.enable_writeback_cache:
+            await super().flush(fh)
+        await self._settled()
 
     @passes_errors
     async def fsync(self, fh: int, datasync: bool) -> None:
