@@ -1,0 +1,67 @@
+"""FrameConnection over a real socket pair: read-ahead bound, delivery order, ends of stream."""
+
+from __future__ import annotations
+
+import asyncio
+import socket
+from collections.abc import AsyncIterator
+
+import pytest
+
+from agent.replication import messages as m
+from agent.replication import wire
+from agent.replication.connection import FrameConnection
+
+
+@pytest.fixture
+async def ends() -> AsyncIterator[tuple[FrameConnection, FrameConnection]]:
+    left, right = socket.socketpair()
+    loop = asyncio.get_running_loop()
+    _, sender = await loop.create_connection(FrameConnection, sock=left)
+    _, receiver = await loop.connect_accepted_socket(FrameConnection, sock=right)
+    try:
+        yield sender, receiver
+    finally:
+        for end in (sender, receiver):
+            end.close()
+            await end.wait_closed()
+
+
+async def test_a_flood_before_delivery_pauses_reading_and_loses_nothing(
+    ends: tuple[FrameConnection, FrameConnection],
+) -> None:
+    sender, receiver = ends
+    for seq in range(1, 301):
+        sender.send_nowait(wire.Frame(seq, m.Unlink(b"f%d" % seq)))
+    await sender.drain()
+    await asyncio.sleep(0.1)
+    assert receiver.transport.is_reading() is False  # 64 frames buffered, the socket holds the rest
+    first = await receiver.read()
+    assert first is not None and first.seq == 1
+    got: list[int] = []
+    done = asyncio.get_running_loop().create_future()
+    receiver.deliver(lambda f: got.append(f.seq), lambda why: done.set_result(why))
+    assert receiver.transport.is_reading()
+    for _ in range(500):  # at most 5 s
+        if len(got) == 299:
+            break
+        await asyncio.sleep(0.01)
+    assert got == list(range(2, 301))
+    sender.close()
+    assert await asyncio.wait_for(done, 5) is None  # a clean end between frames
+
+
+async def test_a_protocol_error_from_the_handler_ends_the_stream_with_it(
+    ends: tuple[FrameConnection, FrameConnection],
+) -> None:
+    sender, receiver = ends
+    done = asyncio.get_running_loop().create_future()
+
+    def refuse(frame: wire.Frame) -> None:
+        raise wire.ProtocolError(f"no thanks: seq {frame.seq}")
+
+    receiver.deliver(refuse, lambda why: done.set_result(why))
+    sender.send_nowait(wire.Frame(7, m.Unlink(b"x")))
+    why = await asyncio.wait_for(done, 5)
+    assert isinstance(why, wire.ProtocolError) and "seq 7" in str(why)
+    assert await asyncio.wait_for(sender.read(), 5) is None  # the receiver closed its end
