@@ -139,13 +139,19 @@ def _subnet_interface(vip: IPInterface, links: dict[int, _LinkInfo], addresses: 
 
 
 async def ensure_present(
-    address_cidr: str, interface: str | None = None, *, ledger: Ledger, announce: bool = False
+    address_cidr: str,
+    interface: str | None = None,
+    *,
+    ledger: Ledger,
+    announce: bool = False,
+    arp: ArpSocket | None = None,
 ) -> Held:
     """Hold the address on the interface (found from the subnet when not given); a no-op when already there.
 
-    With ``announce``, one announcement follows at once, whether the address was added or already held:
-    a takeover reads the interface, its addresses and its hardware address in one netlink exchange and
-    sends the first gratuitous ARP without another one, because clients move only when it arrives.
+    With ``announce``, one announcement follows at once (through ``arp`` if given), whether the address
+    was added or already held: a takeover reads the interface, its addresses and its hardware address in
+    one netlink exchange and sends the first gratuitous ARP without another, because clients move only
+    when it arrives.
     """
     vip = parse(address_cidr)
     async with AsyncIPRoute() as ipr:
@@ -171,7 +177,7 @@ async def ensure_present(
         log.info("Added virtual IP. address=%s interface=%s", vip, name)
     if announce:
         try:
-            await _announce(vip, name, index, links[index].mac, count=1, interval=0.0)
+            await _announce(vip, name, index, links[index].mac, count=1, interval=0.0, arp=arp)
         except (VipError, OSError) as exc:  # the address is held; a lost announcement is not a failed takeover
             log.warning("Could not announce the virtual IP. address=%s interface=%s reason=%s", vip, name, exc)
     return held
@@ -228,8 +234,13 @@ async def link_up(interface: str) -> bool:
     return bool(flags & IFF_UP and flags & IFF_RUNNING)
 
 
-async def announce(address_cidr: str, interface: str | None = None, *, count: int, interval: float) -> int:
-    """Tell the segment that this node's MAC now owns the VIP: gratuitous ARP (IPv4) or unsolicited NA (IPv6)."""
+async def announce(
+    address_cidr: str, interface: str | None = None, *, count: int, interval: float, arp: ArpSocket | None = None
+) -> int:
+    """Tell the segment that this node's MAC now owns the VIP: gratuitous ARP (IPv4) or unsolicited NA (IPv6).
+
+    ``arp``: the agent's long-lived packet socket; without it, one is opened and closed for this call.
+    """
     vip = parse(address_cidr)
     async with AsyncIPRoute() as ipr:
         links = await _links(ipr)
@@ -237,16 +248,20 @@ async def announce(address_cidr: str, interface: str | None = None, *, count: in
     index = next((i for i, link in links.items() if link.name == name), None)
     if index is None:
         raise VipError(f"interface {name!r} does not exist on this node: check the VirtualIP's interface")
-    return await _announce(vip, name, index, links[index].mac, count=count, interval=interval)
+    return await _announce(vip, name, index, links[index].mac, count=count, interval=interval, arp=arp)
 
 
-async def _announce(vip: IPInterface, name: str, index: int, mac_text: str, *, count: int, interval: float) -> int:
+async def _announce(
+    vip: IPInterface, name: str, index: int, mac_text: str, *, count: int, interval: float, arp: ArpSocket | None
+) -> int:
     if not mac_text or mac_text == "00:00:00:00:00:00":
         log.info("Interface has no hardware address, nothing to announce. address=%s interface=%s", vip, name)
         return 0
     mac = bytes.fromhex(mac_text.replace(":", ""))
     sender = (
-        _ArpSender(name, mac, vip.ip) if isinstance(vip, ipaddress.IPv4Interface) else _NaSender(index, mac, vip.ip)
+        _ArpSender(name, mac, vip.ip, arp)
+        if isinstance(vip, ipaddress.IPv4Interface)
+        else _NaSender(index, mac, vip.ip)
     )
     sent = 0
     with sender:
@@ -273,27 +288,51 @@ def neighbour_advertisement(mac: bytes, ip: ipaddress.IPv6Address) -> bytes:
     return header + ip.packed + struct.pack("!BB", ND_OPT_TARGET_LINKADDR, 1) + mac
 
 
-class _ArpSender:
-    """A raw packet socket bound to one interface, sending ARP announcements."""
+class ArpSocket:
+    """One raw packet socket for every gratuitous ARP of this agent, kept open for the agent's lifetime.
 
-    def __init__(self, interface: str, mac: bytes, ip: ipaddress.IPv4Address) -> None:
-        self.frame = arp_announcement(mac, ip)
-        self.sock = socket.socket(socket.AF_PACKET, socket.SOCK_RAW, socket.htons(ETH_P_ARP))
+    Opened with protocol 0 and never bound, it receives nothing; frames go out with ``sendto`` naming the
+    interface. Kept open because the kernel waits for an RCU grace period (``synchronize_net``) when a
+    packet socket is closed or re-bound: 10-30 ms of a blocked event loop, on the takeover path.
+    """
+
+    def __init__(self) -> None:
+        self._sock: socket.socket | None = None
+
+    async def send(self, interface: str, frame: bytes) -> None:
+        if self._sock is None:
+            sock = socket.socket(socket.AF_PACKET, socket.SOCK_RAW, 0)
+            sock.setblocking(False)
+            self._sock = sock
         try:
-            self.sock.bind((interface, ETH_P_ARP))
-            self.sock.setblocking(False)
+            await asyncio.get_running_loop().sock_sendto(self._sock, frame, (interface, ETH_P_ARP))
         except OSError as exc:
-            self.sock.close()
             raise VipError(f"cannot send gratuitous ARP on {interface}: {exc.strerror}") from exc
 
+    def close(self) -> None:
+        if self._sock is not None:
+            self._sock.close()
+            self._sock = None
+
+
+class _ArpSender:
+    """Gratuitous ARP announcements of one address on one interface, through an ArpSocket."""
+
+    def __init__(self, interface: str, mac: bytes, ip: ipaddress.IPv4Address, arp: ArpSocket | None) -> None:
+        self.frame = arp_announcement(mac, ip)
+        self.interface = interface
+        self.arp = arp or ArpSocket()
+        self.own = arp is None  # a socket of its own for one announcement: closed when done
+
     async def send(self) -> None:
-        await asyncio.get_running_loop().sock_sendall(self.sock, self.frame)
+        await self.arp.send(self.interface, self.frame)
 
     def __enter__(self) -> _ArpSender:
         return self
 
     def __exit__(self, *exc: object) -> None:
-        self.sock.close()
+        if self.own:
+            self.arp.close()
 
 
 class _NaSender:

@@ -52,6 +52,7 @@ class Actuators:
     node: str
     state_dir: Path
     ledger: vip.Ledger = field(init=False)
+    arp: vip.ArpSocket = field(default_factory=vip.ArpSocket)
     _runners: dict[str, ScriptRunner] = field(default_factory=dict)
     replicators: dict[str, list[Replicator]] = field(default_factory=dict)  # by module
     _background: set[asyncio.Task[None]] = field(default_factory=set)
@@ -88,9 +89,12 @@ class Actuators:
             await self._start(module, str(step), role)
 
     async def replicate(self, ctx: ModuleContext, role: str) -> None:
-        """Stop the module's replicators, then start them in ``role`` (primary, secondary or none)."""
-        for replicator in self.replicators.pop(ctx.module.name, []):
-            await replicator.stop()
+        """Stop the module's replicators, then start them in ``role`` (primary, secondary or none).
+
+        The directories are independent of each other: they stop together and start together, so a
+        module's takeover costs one replicator start, not one per directory.
+        """
+        await asyncio.gather(*(r.stop() for r in self.replicators.pop(ctx.module.name, [])))
         if role == "none" or not ctx.dirs:
             return
         if ctx.address is None or ctx.peer_address is None:
@@ -100,22 +104,40 @@ class Actuators:
         secret = self.state_dir / "cluster.key"
         started: list[Replicator] = []
         self.replicators[ctx.module.name] = started
-        for rdir, port in ctx.dirs:
-            replicator = Replicator(
-                directory=Path(rdir.spec.path),
-                role="primary" if role == "prim" else "secondary",
-                node=self.node,
-                peer=(ctx.peer_address, port) if role == "prim" else None,
-                listen=(ctx.address, port) if role != "prim" else None,
-                ack=rdir.spec.ack,
-                secret_file=secret if secret.exists() else None,
-                log_path=self.state_dir / "logs" / f"{rdir.name}.replicator.log",
+        replicators = [
+            (
+                rdir,
+                Replicator(
+                    directory=Path(rdir.spec.path),
+                    role="primary" if role == "prim" else "secondary",
+                    node=self.node,
+                    peer=(ctx.peer_address, port) if role == "prim" else None,
+                    listen=(ctx.address, port) if role != "prim" else None,
+                    ack=rdir.spec.ack,
+                    secret_file=secret if secret.exists() else None,
+                    log_path=self.state_dir / "logs" / f"{rdir.name}.replicator.log",
+                ),
             )
-            try:
-                await replicator.start()
-            except ReplicatorError as exc:
-                raise StepFailed(f"ReplicatedDir {rdir.name}: {exc}") from None
-            started.append(replicator)
+            for rdir, port in ctx.dirs
+        ]
+        results = await asyncio.gather(*(r.start() for _, r in replicators), return_exceptions=True)
+        failed: list[str] = []
+        bugs: list[BaseException] = []
+        for (rdir, replicator), result in zip(replicators, results, strict=True):
+            if isinstance(result, ReplicatorError):
+                failed.append(f"ReplicatedDir {rdir.name}: {result}")
+            elif isinstance(result, BaseException):
+                bugs.append(result)
+            else:
+                started.append(replicator)
+        if bugs or failed:
+            # All the directories take the role or none does: a half-promoted module must not look replicated.
+            await asyncio.gather(*(r.stop() for r in started))
+            started.clear()
+        if bugs:
+            raise bugs[0]
+        if failed:
+            raise StepFailed("; ".join(failed))
 
     def replication_state(self, module: str, *, replicated: bool) -> tuple[str, int, bool | None]:
         """(state for decide, bytes left to sync, whether the secondary was in sync when it lost its peer)."""
@@ -134,31 +156,35 @@ class Actuators:
 
     async def _vip_up(self, address: VirtualIP) -> None:
         spec = address.spec
+        garp = spec.gratuitous_arp
         try:
-            await vip.ensure_present(spec.address, spec.interface, ledger=self.ledger)
+            # The first announcement goes out with the add: clients move when it arrives, and startPrim
+            # follows at once; the repeats (for lost frames) run in the background.
+            held = await vip.ensure_present(
+                spec.address, spec.interface, ledger=self.ledger, announce=garp.count > 0, arp=self.arp
+            )
         except vip.VipError as exc:
             raise StepFailed(f"VirtualIP {address.name}: {exc}") from None
-        # The first announcement moves the clients; the repeats (for lost frames) must not delay startPrim.
-        await self.announce(address, count=min(1, address.spec.gratuitous_arp.count))
-        if address.spec.gratuitous_arp.count > 1:
-            repeats = asyncio.create_task(self._announce_repeats(address), name=f"garp-{address.name}")
+        if garp.count > 1:
+            repeats = asyncio.create_task(self._announce_repeats(address, held.interface), name=f"garp-{address.name}")
             self._background.add(repeats)
             repeats.add_done_callback(self._background.discard)
 
-    async def _announce_repeats(self, address: VirtualIP) -> None:
+    async def _announce_repeats(self, address: VirtualIP, interface: str) -> None:
         garp = address.spec.gratuitous_arp
         await asyncio.sleep(parse_duration(garp.interval))
-        await self.announce(address, count=garp.count - 1)
+        await self.announce(address, count=garp.count - 1, interface=interface)
 
-    async def announce(self, address: VirtualIP, *, count: int | None = None) -> None:
+    async def announce(self, address: VirtualIP, *, count: int | None = None, interface: str | None = None) -> None:
         """Gratuitous ARP (or neighbour advertisement) for an address this node holds."""
         garp = address.spec.gratuitous_arp
         try:
             await vip.announce(
                 address.spec.address,
-                address.spec.interface,
+                interface or address.spec.interface,
                 count=garp.count if count is None else count,
                 interval=parse_duration(garp.interval),
+                arp=self.arp,
             )
         except (vip.VipError, OSError) as exc:
             log.warning("Could not announce the virtual IP. vip=%s reason=%s", address.name, exc)
@@ -205,6 +231,7 @@ class Actuators:
         self.replicators.clear()
         for runner in self._runners.values():
             await runner.aclose()
+        self.arp.close()
 
 
 def _attr(script: str) -> str:
