@@ -25,7 +25,7 @@ from controller.module_status import report, rfc3339
 from controller.resources import Cluster, Module, ReplicatedDir, VirtualIP
 from controller.resources.durations import parse_duration
 from controller.store import Store, StoreUnavailable
-from controller.transitions import Step, plan
+from controller.transitions import Step, plan, stages, undo
 
 log = logging.getLogger("tandem.reconcile")
 Command = Literal["start", "stop", "restart", "swap", "prim", "second", "failover-on", "failover-off"]
@@ -201,6 +201,9 @@ class Reconciler:
                 self._reconcile(rt.ctx, rt)
             except Exception:  # a bug in one module's tick must not stop the others
                 log.exception("Reconciling a module failed; it keeps its state. module=%s node=%s", name, self.node)
+        # A transition started this tick (a takeover) runs to its first wait before the status writes: those
+        # can wait a few milliseconds, the clients cannot.
+        await asyncio.sleep(0)
         for name, module in modules.items():
             await report(self.store, module, self.node, self._entry(self.modules[name]), lost=self._lost(module))
         for name in set(self.modules) - set(modules):
@@ -309,11 +312,18 @@ class Reconciler:
         target = rt.target or rt.state
         role = "prim" if target.serving else ("second" if target == State.SECOND else "none")
         done: list[Step] = []
+        attempted: set[Step] = set()
         try:
-            for step in steps:
-                rt.step = str(step)
-                await self.actuators.run(step, ctx, role=role)
-                done.append(step)
+            for stage in stages(steps):
+                rt.step = "+".join(stage)
+                attempted.update(stage)
+                results = await asyncio.gather(
+                    *(self.actuators.run(step, ctx, role=role) for step in stage), return_exceptions=True
+                )
+                done += [step for step, result in zip(stage, results, strict=True) if result is None]
+                failure = next((r for r in results if isinstance(r, BaseException)), None)
+                if failure is not None:
+                    raise failure
         except Exception as exc:  # StepFailed, or a bug: either way the module must not be left half-started
             if not isinstance(exc, StepFailed):
                 log.exception(
@@ -331,12 +341,7 @@ class Reconciler:
                 target,
                 exc,
             )
-            undo = (
-                plan(target, State.WAIT, replicated=bool(ctx.dirs))
-                if Step.REPLICATION in done or Step.VIP_UP in done
-                else []
-            )
-            for step in undo:
+            for step in undo(target, done=done, attempted=attempted, replicated=bool(ctx.dirs)):
                 with contextlib.suppress(StepFailed):
                     await self.actuators.run(step, ctx, role="none")
             self._set_state(module, rt, State.WAIT if rt.state != State.SECOND else State.SECOND)

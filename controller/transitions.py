@@ -1,9 +1,9 @@
 """What it takes to go from one module state to another on a node: an ordered list of steps. Pure.
 
-The reconcile loop carries the steps out in the module's action slot, one at a time. Starting to
-serve brings the address up before the application starts (it may bind to it) and announces it
-after; stopping to serve stops the application before the address goes, so no client reaches a
-half-stopped service through it.
+The reconcile loop carries the steps out in the module's action slot, stage by stage (``stages``).
+Starting to serve brings the address up before the application starts (it may bind to it) and
+announces it at once; stopping to serve stops the application before the address goes, so no client
+reaches a half-stopped service through it.
 """
 
 from __future__ import annotations
@@ -55,4 +55,34 @@ def plan(current: State, target: State, *, restart: bool = False, replicated: bo
         steps += [Step.STOP_BOTH, Step.POSTSTOP]
     if target.serving and not current.serving:
         steps += [Step.VIP_UP, Step.START_PRIM]
+    return steps
+
+
+def stages(steps: list[Step]) -> list[tuple[Step, ...]]:
+    """The steps in the order they run: each stage's steps run together, the stages one after another.
+
+    Taking over, the address comes up while the replicated directories change role: the two touch
+    different things, and only startPrim, the next stage, needs both in place. Everything else keeps
+    the plan's order.
+    """
+    out: list[tuple[Step, ...]] = []
+    for step in steps:
+        if step == Step.VIP_UP and out and out[-1] == (Step.REPLICATION,):
+            out[-1] = (Step.REPLICATION, Step.VIP_UP)
+        else:
+            out.append((step,))
+    return out
+
+
+def undo(target: State, *, done: list[Step], attempted: set[Step], replicated: bool = False) -> list[Step]:
+    """After a failed transition towards ``target``: the steps that take back what was done.
+
+    Only a transition that brought the address up or changed the replication role has anything to
+    take back; stopPrim runs only if startPrim was attempted (it may have started part of the app).
+    """
+    if Step.REPLICATION not in done and Step.VIP_UP not in done:
+        return []
+    steps = plan(target, State.WAIT, replicated=replicated)
+    if Step.START_PRIM not in attempted:
+        steps = [step for step in steps if step != Step.STOP_PRIM]
     return steps
