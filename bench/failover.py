@@ -11,9 +11,22 @@ What is measured, the same way for every system:
   node1's cables are cut (`Lab.isolate`);
 - failover = first reply from node2 through the VIP (end of that request) minus the moment of the failure.
 
-Tandem: two nodes, pulse 100 ms, timeout 1 s (tests/e2e/lab_cluster.py). keepalived: VRRPv3 on `lan` only,
-unicast peers inside the lab, the same app running on both nodes, once with `advert_int` 0.1 (the same
-pulse as Tandem) and once with the advert that gives the same ~1 s detection as Tandem's timeout.
+Tandem: two nodes, pulse 100 ms, timeout 1 s (tests/e2e/lab_cluster.py), the sample app started by startPrim at
+takeover (cold standby: the data is replicated and must not be written on the secondary). A variant adds a
+ReplicatedDir under the demo's notes app (controller/demoapp.py, SQLite), so the takeover also promotes
+replication (stop the secondary replicator, mount the primary one).
+
+keepalived (VRRPv3 on `lan` only, unicast peers inside the lab), at three advert intervals:
+- the same *expected* detection as Tandem (the like-for-like setting): Tandem declares its peer lost `timeout`
+  after the last heartbeat, heartbeats come every `pulse`, so a failure at a random phase is detected after
+  timeout - pulse/2 on average; keepalived declares the master down 3 x advert_int + skew after the last advert
+  (skew = (256 - priority)/256 x advert_int; keepalived/include/vrrp.h, VRRP_MS_DOWN_TIMER), i.e. after that
+  minus advert_int/2 on average; the advert is the centisecond value whose expected detection is closest;
+- the same nominal timeout (master-down interval closest to Tandem's timeout) and the same pulse (advert = pulse),
+  as context.
+Each with the same app running on both nodes all the time (hot standby, keepalived's usual stateless setup), and
+at the like-for-like advert also cold: `notify_master` starts the same app with the same commands as Tandem's
+startPrim, `notify_backup`/`notify_fault` stop it, as a keepalived user runs a stateful service.
 Partition heal (Tandem): isolate node1 without killing it, wait until node2 serves, heal, and measure
 until the client gets answers steadily again.
 
@@ -52,13 +65,14 @@ if str(REPO) not in sys.path:  # tests/ is a namespace package found from the re
 
 from agent.lab import Lab, LabProcess, cleanup_stale  # noqa: E402
 from tests.daemons import wait_for  # noqa: E402
-from tests.e2e.lab_cluster import APP_PORT, LabCluster  # noqa: E402
+from tests.e2e.lab_cluster import APP_PORT, START_APP, STOP_APP, LabCluster  # noqa: E402
 
 PREFIX = "tbfo-"
 KEEPALIVED = "/usr/sbin/keepalived"
 POLL_INTERVAL = 0.02
 POLL_TIMEOUT = 1.0
 STEADY = 25  # consecutive answers from one node (0.5 s) count as "serving steadily"
+TANDEM_PULSE = 0.1
 TANDEM_TIMEOUT = 1.0
 
 # The client: a new TCP connection to the VIP every INTERVAL, one thread per attempt, bounded in count
@@ -82,7 +96,8 @@ POLLER = textwrap.dedent(
                     data += chunk
             head, _, body = data.partition(b"\\r\\n\\r\\n")
             status = head.split(b" ", 2)[1].decode() if head else "?"
-            result = body.decode().strip() if status == "200" else "!http" + status
+            words = body.decode().split()
+            result = (words[0].rstrip(":") if words else "") if status == "200" else "!http" + status
         except OSError as exc:
             result = "!" + type(exc).__name__
         end = time.monotonic()
@@ -105,6 +120,24 @@ APP = (
     " && exec {python} -m http.server {port} --bind 0.0.0.0 --directory {www}/{node}"
 )
 
+# keepalived's notify script for the cold-standby variant: start = Tandem's startPrim (tests/e2e/lab_cluster.py)
+# word for word, stop = its stopPrim.
+NOTIFY = textwrap.dedent(
+    """\
+    #!/bin/sh
+    TANDEM_NODE={node}
+    case "$1" in
+    start)
+    {start}
+        ;;
+    stop)
+        [ -f {www}/$TANDEM_NODE.pid ] && {stop}
+        ;;
+    esac
+    exit 0
+    """
+)
+
 KEEPALIVED_CONF = textwrap.dedent(
     """\
     global_defs {{
@@ -125,7 +158,7 @@ KEEPALIVED_CONF = textwrap.dedent(
         virtual_ipaddress {{
             {vip}/24 dev lan
         }}
-    }}
+    {notify}}}
     """
 )
 
@@ -163,8 +196,16 @@ class Poller:
 @dataclass
 class Result:
     system: str
+    job: Callable[[Path], dict[str, Any]]
+    standby: str  # cold: the app starts at takeover; hot: it runs on both nodes all the time
+    nominal: float  # Tandem's timeout; keepalived's master-down interval
+    expected: float  # mean failure -> detection at a random phase of the pulse / advert
     failover: list[float] = field(default_factory=list)
     details: list[dict[str, Any]] = field(default_factory=list)
+
+    @property
+    def median(self) -> float:
+        return statistics.median(self.failover)
 
 
 def start_poller(lab: Lab, vip: str, work: Path, name: str, duration: float) -> Poller:
@@ -249,15 +290,33 @@ def measure_failover(lab: Lab, poller: Poller, kill: Callable[[], None]) -> dict
 # --- Tandem ---------------------------------------------------------------------------------------------
 
 
-def tandem_cluster(lab: Lab, work: Path, garp_count: int | None = None) -> LabCluster:
-    cluster = LabCluster(lab, work, pulse="100ms", timeout="1s")
-    manifests = cluster.manifests()
-    if garp_count is not None:  # a variant: fewer gratuitous ARPs, so no repeats are awaited before startPrim
-        docs = list(yaml.safe_load_all(manifests.read_text()))
+NOTES = "/var/lib/tandem-bench/notes"  # the replicated variant's data: each node's own copy (Lab.private_path)
+
+
+def tandem_cluster(lab: Lab, work: Path, garp_count: int | None = None, *, replicated: bool = False) -> LabCluster:
+    cluster = LabCluster(lab, work, pulse=f"{TANDEM_PULSE * 1000:g}ms", timeout=f"{TANDEM_TIMEOUT:g}s")
+    module: dict[str, Any] = {}
+    if replicated:  # the demo's notes app (SQLite) on a ReplicatedDir: the takeover also promotes replication
+        lab.private_path(NOTES)
+        app = f"nohup {sys.executable} -m controller.demoapp --db {NOTES}/notes.db --port {APP_PORT}"
+        pidfile = f"{cluster.www}/$TANDEM_NODE.pid"
+        module["scripts"] = {"startPrim": f"mkdir -p {cluster.www}; {app} > /dev/null 2>&1 & echo $! > {pidfile}"}
+    manifests = cluster.manifests(**module)
+    docs = list(yaml.safe_load_all(manifests.read_text()))
+    if garp_count is not None:  # a variant: fewer gratuitous ARPs
         for doc in docs:
             if doc["kind"] == "VirtualIP":
                 doc["spec"]["gratuitousArp"] = {"count": garp_count, "interval": "200ms"}
-        manifests.write_text(yaml.safe_dump_all(docs))
+    if replicated:
+        docs.append(
+            {
+                "apiVersion": "tandem.dev/v1alpha1",
+                "kind": "ReplicatedDir",
+                "metadata": {"name": "notes-data"},
+                "spec": {"module": "app", "path": NOTES},
+            }
+        )
+    manifests.write_text(yaml.safe_dump_all(docs))
     cluster.start("node1")
     cluster.start("node2")
     cluster.cli("node1", "apply", "-f", str(manifests))
@@ -291,9 +350,9 @@ def tandem_timeline(log_path: Path, wall0: float, until: float = 10.0) -> list[s
     return out
 
 
-def run_tandem(work: Path, garp_count: int | None = None) -> dict[str, Any]:
+def run_tandem(work: Path, garp_count: int | None = None, *, replicated: bool = False) -> dict[str, Any]:
     with Lab(PREFIX, nodes=["node1", "node2"], networks=["lan", "backup"], client=True) as lab:
-        cluster = tandem_cluster(lab, work, garp_count)
+        cluster = tandem_cluster(lab, work, garp_count, replicated=replicated)
         poller = start_poller(lab, cluster.vip, work, "poller", 60)
 
         def kill() -> None:
@@ -307,8 +366,10 @@ def run_tandem(work: Path, garp_count: int | None = None) -> dict[str, Any]:
 
 MARKS = {
     "lost": "lost, no heartbeat on any network",
+    "decided": "serves alone: its peer is silent for",
     "vip_added": "Added virtual IP",
     "garp_done": "Announced virtual IP",
+    "primary_mounted": "Replicator started",  # the replicated variant: the primary replicator's mount is ready
     "start_done": "Script startPrim succeeded",
 }
 
@@ -386,20 +447,64 @@ def run_tandem_heal(work: Path) -> dict[str, Any]:
 # --- keepalived -----------------------------------------------------------------------------------------
 
 
-def detection(advert: float, priority: int) -> float:
+BACKUP_PRIORITY = 100
+
+
+def detection(advert: float, priority: int = BACKUP_PRIORITY) -> float:
     """VRRPv3 master down interval for the backup: 3 x advert + skew, skew = (256 - priority) x advert / 256."""
     return 3 * advert + (256 - priority) * advert / 256
 
 
-def run_keepalived(work: Path, advert: float) -> dict[str, Any]:
+def expected_detection(advert: float, priority: int = BACKUP_PRIORITY) -> float:
+    """Mean failure -> master down: the failure lands uniformly within an advert interval after the last advert."""
+    return detection(advert, priority) - advert / 2
+
+
+def tandem_expected_detection(pulse: float = TANDEM_PULSE, timeout: float = TANDEM_TIMEOUT) -> float:
+    """Mean failure -> peer lost: `timeout` after the last heartbeat, which came up to one pulse before the failure."""
+    return timeout - pulse / 2
+
+
+def centisecond_advert(target: float, of: Callable[[float], float]) -> float:
+    """The advert_int in centiseconds (VRRPv3's unit) whose ``of(advert)`` is closest to ``target``."""
+    return min((c / 100 for c in range(5, 100)), key=lambda x: abs(of(x) - target))
+
+
+def advert_for(name: str) -> float:
+    """`expected`: same expected detection as Tandem; `nominal`: master-down closest to the timeout; `pulse`."""
+    if name == "expected":
+        return centisecond_advert(tandem_expected_detection(), expected_detection)
+    if name == "nominal":
+        return centisecond_advert(TANDEM_TIMEOUT, detection)
+    if name == "pulse":
+        return TANDEM_PULSE
+    return float(name)
+
+
+def run_keepalived(work: Path, advert: float, cold: bool = False) -> dict[str, Any]:
+    """keepalived with the app on both nodes (hot), or started by notify_master and stopped by notify_backup (cold)."""
     with Lab(PREFIX, nodes=["node1", "node2"], networks=["lan", "backup"], client=True) as lab:
         vip = lab.network("lan").address(250)
         www = work / "www"
         apps: dict[str, LabProcess] = {}
         daemons: dict[str, LabProcess] = {}
-        for node, peer, state, prio in (("node1", "node2", "MASTER", 200), ("node2", "node1", "BACKUP", 100)):
+        for node, peer, state, prio in (
+            ("node1", "node2", "MASTER", 200),
+            ("node2", "node1", "BACKUP", BACKUP_PRIORITY),
+        ):
             d = work / node
             d.mkdir(parents=True, exist_ok=True)
+            notify = ""
+            if cold:
+                fmt = {"www": www, "python": sys.executable, "port": APP_PORT}
+                start = textwrap.indent(START_APP.format(**fmt), "    ")
+                script = d / "notify.sh"
+                script.write_text(NOTIFY.format(node=node, www=www, start=start, stop=STOP_APP.format(**fmt)))
+                script.chmod(0o755)
+                notify = "".join(
+                    f'    {key} "{script} {verb}"\n'
+                    for key, verb in (("notify_master", "start"), ("notify_backup", "stop"), ("notify_fault", "stop"))
+                )
             conf = d / "keepalived.conf"
             conf.write_text(
                 KEEPALIVED_CONF.format(
@@ -410,10 +515,12 @@ def run_keepalived(work: Path, advert: float) -> dict[str, Any]:
                     src=lab[node].address("lan"),
                     peer=lab[peer].address("lan"),
                     vip=vip,
+                    notify=notify,
                 )
             )
-            app = APP.format(www=www, node=node, python=sys.executable, port=APP_PORT)
-            apps[node] = lab[node].spawn(app, d / "app.log")
+            if not cold:
+                app = APP.format(www=www, node=node, python=sys.executable, port=APP_PORT)
+                apps[node] = lab[node].spawn(app, d / "app.log")
             cmd = [
                 KEEPALIVED,
                 "-n",
@@ -438,7 +545,8 @@ def run_keepalived(work: Path, advert: float) -> dict[str, Any]:
         poller = start_poller(lab, vip, work, "poller", 60)
 
         def kill() -> None:
-            kill_group_and_pid(daemons["node1"], None, apps["node1"])
+            # cold: the app notify_master started, by its pid file, as for Tandem
+            kill_group_and_pid(daemons["node1"], www / "node1.pid" if cold else None, apps.get("node1"))
 
         figures = measure_failover(lab, poller, kill)
         for node in daemons:
@@ -469,11 +577,65 @@ def machine() -> str:
     return f"nproc {os.cpu_count()}, kernel {kernel}, {cpu}; {version}; Python {platform.python_version()}"
 
 
+def variants(args: argparse.Namespace) -> tuple[list[Result], Result | None]:
+    """Every system measured, and the keepalived one that is like-for-like with Tandem (if measured)."""
+    t_nominal, t_expected = TANDEM_TIMEOUT, tandem_expected_detection()
+    name = f"tandem pulse {TANDEM_PULSE:g}s timeout {TANDEM_TIMEOUT:g}s"
+    out = [Result(name, run_tandem, "cold", t_nominal, t_expected)]
+    if not args.no_replicated:
+        out.append(
+            Result(
+                "tandem + ReplicatedDir (notes app)",
+                lambda w: run_tandem(w, replicated=True),
+                "cold+repl",
+                t_nominal,
+                t_expected,
+            )
+        )
+    if args.garp_count is not None:
+        out.append(
+            Result(
+                f"tandem gratuitousArp.count {args.garp_count}",
+                lambda w: run_tandem(w, args.garp_count),
+                "cold",
+                t_nominal,
+                t_expected,
+            )
+        )
+    like: Result | None = None
+    for names, cold in ((args.adverts, False), (args.cold_adverts, True)):
+        for name in filter(None, names.split(",")):
+            a = advert_for(name)
+            setting = {"expected": "same expected detection", "nominal": "same nominal timeout", "pulse": "same pulse"}
+            res = Result(
+                f"keepalived advert_int {a:g} {'cold' if cold else 'hot'} ({setting.get(name, 'as given')})",
+                lambda w, a=a, cold=cold: run_keepalived(w, a, cold),
+                "cold" if cold else "hot",
+                detection(a),
+                expected_detection(a),
+            )
+            out.append(res)
+            if cold and name == "expected":
+                like = res
+    return out, like
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--runs", type=int, default=5, help="runs per system (default 5)")
     parser.add_argument("--quick", action="store_true", help="2 runs per system")
-    parser.add_argument("--adverts", default="0.1,auto", help="keepalived advert_int values; auto = ~1 s detection")
+    parser.add_argument(
+        "--adverts",
+        default="expected,nominal,pulse",
+        help="keepalived advert_int values with the app on both nodes (hot): expected = same expected detection"
+        " as Tandem, nominal = master-down closest to Tandem's timeout, pulse = Tandem's pulse, or seconds",
+    )
+    parser.add_argument(
+        "--cold-adverts",
+        default="expected",
+        help="keepalived advert_int values with the app started by notify_master (cold standby), as --adverts",
+    )
+    parser.add_argument("--no-replicated", action="store_true", help="skip the Tandem variant with a ReplicatedDir")
     parser.add_argument(
         "--garp-count", type=int, help="also run Tandem with VirtualIP gratuitousArp.count=N (default: not run)"
     )
@@ -489,14 +651,8 @@ def main(argv: list[str] | None = None) -> int:
     if not Path(KEEPALIVED).exists():
         print(f"{KEEPALIVED} is missing: apt-get install -y keepalived", file=sys.stderr)
         return 2
-    adverts = []
-    for a in args.adverts.split(","):
-        # auto: the centisecond advert whose master-down interval (backup priority 100) is closest to 1 s
-        adverts.append(
-            min((c / 100 for c in range(5, 100)), key=lambda x: abs(detection(x, 100) - TANDEM_TIMEOUT))
-            if a == "auto"
-            else float(a)
-        )
+    systems, like = variants(args)
+    tandem = systems[0]
 
     def on_signal(signum: int, frame: object) -> None:
         # The first Ctrl-C or SIGTERM unwinds every `with Lab` (Lab.down); later ones must not interrupt that.
@@ -510,29 +666,26 @@ def main(argv: list[str] | None = None) -> int:
     cleanup_stale(PREFIX)
     base = args.keep or Path(tempfile.mkdtemp(prefix="tandem-bench-failover-"))
     base.mkdir(parents=True, exist_ok=True)
-    tandem = Result("tandem")
-    variant = Result(f"tandem garp count {args.garp_count}") if args.garp_count is not None else None
-    kas = {a: Result(f"keepalived advert_int {a}") for a in adverts}
     heals: list[dict[str, Any]] = []
     started = datetime.datetime.now().astimezone()
+    load_before = os.getloadavg()
     cmd = " ".join([".venv/bin/python -m bench.failover", *(argv if argv is not None else sys.argv[1:])])
+    width = max(len(r.system) for r in systems) + 1
     try:
         for i in range(runs):
-            jobs: list[tuple[Result, Callable[[Path], dict[str, Any]]]] = [(tandem, run_tandem)]
-            if variant is not None:
-                jobs.append((variant, lambda w: run_tandem(w, args.garp_count)))
-            jobs += [(kas[a], lambda w, a=a: run_keepalived(w, a)) for a in adverts]
+            jobs = list(systems)
             random.shuffle(jobs)
-            for res, job in jobs:
-                work = base / f"{res.system.replace(' ', '-')}-{i + 1}"
+            for res in jobs:
+                # the work dir appears in shell scripts (startPrim, notify): letters, digits, dots and dashes only
+                work = base / f"{re.sub(r'[^A-Za-z0-9.]+', '-', res.system).strip('-')}-{i + 1}"
                 work.mkdir(parents=True, exist_ok=True)
-                fig = job(work)
+                fig = res.job(work)
                 res.failover.append(fig["failover"])
                 res.details.append(fig)
                 marks = " ".join(f"{k}=+{fig[k]:.3f}" for k in MARKS if k in fig)
                 marks = f" node2 log: {marks}" if marks else ""
                 print(
-                    f"run {i + 1}/{runs} {res.system:<28} failover {fig['failover']:.3f} s"
+                    f"run {i + 1}/{runs} {res.system:<{width}} failover {fig['failover']:.3f} s"
                     f" (VIP moved +{fig['vip_moved']:.3f} s, last node1 answer +{fig['last_node1_answer']:.3f} s,"
                     f" {fig['failed_attempts']} failed attempts {','.join(fig['errors'])}){marks}",
                     flush=True,
@@ -547,7 +700,7 @@ def main(argv: list[str] | None = None) -> int:
                 r = "never" if h["reachable"] is None else f"{h['reachable']:.3f} s"
                 sw = f"+{h['switch_at']:.3f} s" if h["switch_at"] is not None else "no"
                 print(
-                    f"run {i + 1}/{runs} tandem partition heal        reachable steadily after {r}"
+                    f"run {i + 1}/{runs} {'tandem partition heal':<{width}} reachable steadily after {r}"
                     f" ({h['failed_attempts']} failed attempts, served by {h['served_by']},"
                     f" client switched node {sw}, roles settled +{h['settled']:.2f} s, during split {h['split']})",
                     flush=True,
@@ -562,57 +715,88 @@ def main(argv: list[str] | None = None) -> int:
         if args.keep is None:
             shutil.rmtree(base, ignore_errors=True)
         cleanup_stale(PREFIX)
-
-    print()
-    print(f"# {cmd}")
-    print(f"# {started:%Y-%m-%d %H:%M %Z}; {machine()}")
-    print(f"failover: failure -> first answer from node2 through the VIP, {runs} runs each (min / median / max, s)")
-    print(f"{'system':<44} {'min / median / max':<22} ratio to Tandem (median)")
-    tm = statistics.median(tandem.failover)
-    print(f"{'tandem pulse 100ms timeout 1s':<44} {fmt_stats(tandem.failover):<22} 1.00")
-    if variant is not None:
-        label = f"tandem, gratuitousArp.count {args.garp_count}"
-        print(f"{label:<44} {fmt_stats(variant.failover):<22} {tm / statistics.median(variant.failover):.2f}")
-    for a, res in kas.items():
-        label = f"keepalived VRRPv3 advert_int {a} (detect {detection(a, 100):.2f}s)"
-        print(f"{label:<44} {fmt_stats(res.failover):<22} {tm / statistics.median(res.failover):.2f}")
-    moved = [
-        f"{res.system}: {statistics.median(d['vip_moved'] for d in res.details):.2f}"
-        for res in [tandem, *([variant] if variant else []), *kas.values()]
-    ]
-    print(f"median failure -> VIP answers from node2 (reply or RST, app up or not): {'; '.join(moved)}")
-    for res in [tandem, *([variant] if variant else [])]:
-        parts = [(k, [d[k] for d in res.details if k in d]) for k in MARKS]
-        print(
-            f"{res.system}, node2's log, median time since the failure: "
-            + ", ".join(f"{k} +{statistics.median(v):.3f} s" for k, v in parts if v)
-        )
-    if heals:
-        vals = [h["reachable"] for h in heals if h["reachable"] is not None]
-        never = sum(h["reachable"] is None for h in heals)
-        nev = f", {never} never recovered" if never else ""
-        print(
-            f"{'tandem partition heal -> VIP steadily reachable':<44} {fmt_stats(vals):<22}"
-            f" ({sum(h['failed_attempts'] for h in heals)} failed attempts in {len(heals)} heals{nev})"
-        )
-    target = TANDEM_TIMEOUT + 0.5
-    print(
-        f"target median <= timeout + 0.5 s = {target:.1f} s: {'met' if tm <= target else 'NOT met'} ({tm:.2f} s);"
-        f" no worse than keepalived at equal detection: "
-        + ", ".join(f"advert {a}: {'yes' if tm <= statistics.median(r.failover) else 'no'}" for a, r in kas.items())
-    )
+    report(systems, like, heals, runs=runs, cmd=cmd, started=started, load=(load_before, os.getloadavg()))
     if args.json:
         data = {
             "command": cmd,
             "date": started.isoformat(),
             "machine": machine(),
-            "tandem": tandem.details,
-            "tandem_variant": variant.details if variant else None,
-            "keepalived": {str(a): r.details for a, r in kas.items()},
+            "systems": {
+                r.system: {"standby": r.standby, "nominal": r.nominal, "expected": r.expected, "runs": r.details}
+                for r in systems
+            },
+            "like_for_like": [tandem.system, like.system] if like else None,
             "heal": heals,
         }
         args.json.write_text(json.dumps(data, indent=1, default=str))
     return 0
+
+
+def report(
+    systems: list[Result],
+    like: Result | None,
+    heals: list[dict[str, Any]],
+    *,
+    runs: int,
+    cmd: str,
+    started: datetime.datetime,
+    load: tuple[tuple[float, ...], tuple[float, ...]],
+) -> None:
+    """The summary: every system with its detection, then the like-for-like verdict."""
+    tandem = systems[0]
+    tm = tandem.median
+    print()
+    print(f"# {cmd}")
+    print(f"# {started:%Y-%m-%d %H:%M %Z}; {machine()}")
+    print(
+        "# machine shared with other benchmarks: load average (1 min) "
+        f"{load[0][0]:.2f} at the start, {load[1][0]:.2f} at the end"
+    )
+    print(f"failover: failure -> first answer from node2 through the VIP, {runs} runs each (s)")
+    print(
+        "detection: nominal = Tandem's timeout / keepalived's master-down interval (3 x advert + skew);"
+        " expected = its mean at a random failure phase (timeout - pulse/2; master-down - advert/2)"
+    )
+    width = max(len(r.system) for r in systems) + 1
+    print(
+        f"{'system':<{width}} {'standby':<9} {'detection nominal/expected':<27} {'min / median / max':<20}"
+        f" {'median - expected detection':<28} {'Tandem median - this':<21} comparison"
+    )
+    for r in systems:
+        kind = "Tandem" if r is tandem else ("LIKE-FOR-LIKE" if r is like else "context")
+        print(
+            f"{r.system:<{width}} {r.standby:<9} {f'{r.nominal:.3f} / {r.expected:.3f}':<27}"
+            f" {fmt_stats(r.failover):<20} {f'{r.median - r.expected:+.3f}':<28} {f'{tm - r.median:+.3f}':<21} {kind}"
+        )
+    moved = [f"{r.system}: {statistics.median(d['vip_moved'] for d in r.details):.3f}" for r in systems]
+    print(f"median failure -> VIP answers from node2 (a reply or an RST, app up or not): {'; '.join(moved)}")
+    for r in systems:
+        parts = [(k, [d[k] for d in r.details if k in d]) for k in MARKS]
+        if any(v for _, v in parts):
+            print(
+                f"{r.system}, node2's log, median time since the failure: "
+                + ", ".join(f"{k} +{statistics.median(v):.3f}" for k, v in parts if v)
+            )
+    if heals:
+        vals = [h["reachable"] for h in heals if h["reachable"] is not None]
+        never = sum(h["reachable"] is None for h in heals)
+        nev = f", {never} never recovered" if never else ""
+        print(
+            f"tandem partition heal -> VIP steadily reachable: {fmt_stats(vals)} s"
+            f" ({sum(h['failed_attempts'] for h in heals)} failed attempts in {len(heals)} heals{nev})"
+        )
+    print(
+        "like-for-like: Tandem (cold) vs keepalived cold at the same expected detection: the same app started at"
+        " takeover by the same commands. keepalived hot (app already running on the backup, a stateless service)"
+        " and the nominal-timeout / same-pulse settings are context, not like-for-like."
+    )
+    target = TANDEM_TIMEOUT + 0.5
+    verdict = f"target median <= timeout + 0.5 s = {target:.1f} s: {'met' if tm <= target else 'NOT met'} ({tm:.3f} s)"
+    if like is not None:
+        lm = like.median
+        word = "met" if tm <= lm else f"NOT met, Tandem {tm - lm:.3f} s slower"
+        verdict += f"; no worse than keepalived (like-for-like, {like.system}): {word} ({tm:.3f} vs {lm:.3f} s)"
+    print(verdict)
 
 
 if __name__ == "__main__":
