@@ -12,7 +12,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from agent import vip
-from agent.replication.supervisor import Replicator, ReplicatorError
+from agent.replication.supervisor import Replicator, ReplicatorError, Spares
 from agent.scripts import ScriptRunner
 from controller.resources import Module, ReplicatedDir, VirtualIP
 from controller.resources.durations import parse_duration
@@ -53,6 +53,7 @@ class Actuators:
     state_dir: Path
     ledger: vip.Ledger = field(init=False)
     arp: vip.ArpSocket = field(default_factory=vip.ArpSocket)
+    spares: Spares = field(default_factory=Spares)  # a replicator process started ahead of the next role change
     _runners: dict[str, ScriptRunner] = field(default_factory=dict)
     replicators: dict[str, list[Replicator]] = field(default_factory=dict)  # by module
     _background: set[asyncio.Task[None]] = field(default_factory=set)
@@ -116,6 +117,7 @@ class Actuators:
                     ack=rdir.spec.ack,
                     secret_file=secret if secret.exists() else None,
                     log_path=self.state_dir / "logs" / f"{rdir.name}.replicator.log",
+                    spares=self.spares,
                 ),
             )
             for rdir, port in ctx.dirs
@@ -229,6 +231,7 @@ class Actuators:
             for replicator in replicators:
                 await replicator.stop()
         self.replicators.clear()
+        await self.spares.aclose()
         for runner in self._runners.values():
             await runner.aclose()
         self.arp.close()

@@ -8,6 +8,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import contextlib
+import json
 import logging
 import os
 import signal
@@ -56,6 +57,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         help="secondary: mount the directory read-only for local processes (default: yes)",
     )
     p.add_argument("--debug-fuse", action="store_true")
+    p.add_argument("--log-file", type=Path, help="append the logs (stderr) to this file")
     args = p.parse_args(argv)
     if args.role == "primary" and args.peer is None:
         p.error("--role primary needs --peer HOST:PORT")
@@ -132,9 +134,31 @@ async def _serve_secondary(args: argparse.Namespace, root_fd: int, events: Event
         await fuse
 
 
+SPARE = "--spare"
+
+
+def _spare_argv() -> list[str] | None:
+    """A spare: everything is imported; wait for the real command line, one JSON list on stdin."""
+    line = sys.stdin.readline()
+    if not line:
+        return None  # the agent let its spare go
+    argv = json.loads(line)
+    if not isinstance(argv, list) or not all(isinstance(a, str) for a in argv):
+        raise SystemExit(f"a spare replicator expects a JSON list of arguments on stdin, got {line[:200]!r}")
+    return argv
+
+
 def main(argv: list[str] | None = None) -> None:
-    """Run one replicator."""
+    """Run one replicator (with --spare: started ahead of time, its arguments come on stdin)."""
+    if argv is None and sys.argv[1:] == [SPARE]:
+        argv = _spare_argv()
+        if argv is None:
+            return
     args = parse_args(argv)
+    if args.log_file is not None:
+        log_fd = os.open(args.log_file, os.O_WRONLY | os.O_APPEND | os.O_CREAT | os.O_CLOEXEC, 0o640)
+        os.dup2(log_fd, 2)
+        os.close(log_fd)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s", stream=sys.stderr)
     use_asyncio()
     events = Events(sys.stdout)

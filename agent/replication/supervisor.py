@@ -21,12 +21,69 @@ from typing import Any, Literal
 
 log = logging.getLogger("tandem.replication")
 Role = Literal["primary", "secondary"]
+_COMMAND = (sys.executable, "-m", "agent.replication.replicator")
 MOUNT_DEADLINE = 20.0
 STOP_DEADLINE = 15.0
 
 
 class ReplicatorError(Exception):
     """The replicator could not start or failed; the message names the directory and the cause."""
+
+
+class Spares:
+    """One replicator interpreter started ahead of time, its imports done, waiting for a command line.
+
+    A new Python process spends ~0.35 s importing (pyfuse3 and trio, asyncio, the codec) before it
+    can mount: on a takeover that is most of the time after detection. The spare has paid it already.
+    """
+
+    def __init__(self) -> None:
+        self._spawning: asyncio.Task[asyncio.subprocess.Process] | None = None
+
+    def refill(self) -> None:
+        """Start a spare in the background unless one is there."""
+        if self._spawning is None:
+            self._spawning = asyncio.create_task(self._spawn(), name="replicator-spare")
+
+    @staticmethod
+    async def _spawn() -> asyncio.subprocess.Process:
+        return await asyncio.create_subprocess_exec(
+            *_COMMAND,
+            "--spare",
+            stdin=asyncio.subprocess.PIPE,
+            stdout=asyncio.subprocess.PIPE,
+            stderr=asyncio.subprocess.DEVNULL,
+            start_new_session=True,
+        )
+
+    async def take(self) -> asyncio.subprocess.Process | None:
+        """The spare, if one is alive (and another one starts); None: spawn the usual way."""
+        spawning, self._spawning = self._spawning, None
+        self.refill()
+        if spawning is None:
+            return None
+        try:
+            proc = await spawning
+        except OSError as exc:
+            log.warning("A spare replicator could not start: %s", exc)
+            return None
+        return proc if proc.returncode is None else None
+
+    async def aclose(self) -> None:
+        """Let the spare go: its stdin closes and it exits without doing anything."""
+        spawning, self._spawning = self._spawning, None
+        if spawning is None:
+            return
+        with contextlib.suppress(OSError):
+            proc = await spawning
+            if proc.stdin is not None:
+                proc.stdin.close()
+            try:
+                await asyncio.wait_for(proc.wait(), STOP_DEADLINE)
+            except TimeoutError:
+                with contextlib.suppress(ProcessLookupError):
+                    proc.kill()
+                await proc.wait()
 
 
 @dataclass
@@ -51,16 +108,19 @@ class Replicator:
     ack: str = "received"
     secret_file: Path | None = None
     log_path: Path | None = None
+    spares: Spares | None = None
     status: ReplicationStatus = field(default_factory=ReplicationStatus)
     _proc: asyncio.subprocess.Process | None = None
     _reader: asyncio.Task[None] | None = None
     _mounted: asyncio.Event = field(default_factory=asyncio.Event)
 
     def argv(self) -> list[str]:
+        """The replicator's command line (the interpreter and module first)."""
+        return [*_COMMAND, *self.args()]
+
+    def args(self) -> list[str]:
+        """The replicator's arguments."""
         argv = [
-            sys.executable,
-            "-m",
-            "agent.replication.replicator",
             "--role",
             self.role,
             "--dir",
@@ -87,18 +147,14 @@ class Replicator:
         self.directory.mkdir(parents=True, exist_ok=True)
         if self.log_path is not None:
             self.log_path.parent.mkdir(parents=True, exist_ok=True)
-        stderr = open(self.log_path, "ab") if self.log_path else asyncio.subprocess.DEVNULL  # noqa: SIM115
-        try:
-            self._proc = await asyncio.create_subprocess_exec(
-                *self.argv(),
-                stdin=asyncio.subprocess.DEVNULL,
-                stdout=asyncio.subprocess.PIPE,
-                stderr=stderr,
-                start_new_session=True,
-            )
-        finally:
-            if self.log_path:
-                stderr.close()  # type: ignore[union-attr]
+        spare = await self.spares.take() if self.spares is not None else None
+        if spare is not None and spare.stdin is not None:
+            log_args = ["--log-file", str(self.log_path)] if self.log_path else []
+            spare.stdin.write(json.dumps([*self.args(), *log_args]).encode() + b"\n")
+            spare.stdin.close()
+            self._proc = spare
+        else:
+            self._proc = await self._spawn()
         self._reader = asyncio.create_task(self._read_events(), name=f"replicator-{self.directory}")
         waiting = asyncio.create_task(self._mounted.wait())
         done, _ = await asyncio.wait({waiting, self._reader}, timeout=MOUNT_DEADLINE, return_when="FIRST_COMPLETED")
@@ -108,6 +164,20 @@ class Replicator:
             cause = self.status.error or "it did not report its mount in time"
             raise ReplicatorError(f"the {self.role} replicator of {self.directory} did not start: {cause}")
         log.info("Replicator started. dir=%s role=%s pid=%d", self.directory, self.role, self._proc.pid)
+
+    async def _spawn(self) -> asyncio.subprocess.Process:
+        stderr = open(self.log_path, "ab") if self.log_path else asyncio.subprocess.DEVNULL  # noqa: SIM115
+        try:
+            return await asyncio.create_subprocess_exec(
+                *self.argv(),
+                stdin=asyncio.subprocess.DEVNULL,
+                stdout=asyncio.subprocess.PIPE,
+                stderr=stderr,
+                start_new_session=True,
+            )
+        finally:
+            if self.log_path:
+                stderr.close()  # type: ignore[union-attr]
 
     async def _read_events(self) -> None:
         assert self._proc is not None and self._proc.stdout is not None
