@@ -20,7 +20,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from bench import disk
-from bench.replication import machine, replicated_pair
+from bench.replication import calibration, machine, replicated_pair
 from controller.demo import pid_alive
 from tests.postgres import Postgres
 from tests.postgres import pg_bin as find_pg_bin
@@ -232,7 +232,8 @@ def main(argv: list[str] | None = None) -> None:
     if pg_bin is None:
         sys.exit("PostgreSQL is missing: apt-get install -y postgresql")
     print(f"# {' '.join(['python -m bench.pgbench', *(argv if argv is not None else sys.argv[1:])])}")
-    print(f"# {machine()} postgresql={pg_bin.parent.name} {disk.describe(args.dir, args.fresh_fs)}\n", flush=True)
+    print(f"# {machine()} postgresql={pg_bin.parent.name} {disk.describe(args.dir, args.fresh_fs)}", flush=True)
+    print(f"# {calibration()}\n", flush=True)
     with disk.work_dir(args.dir, "tandem-pgbench-", args.fresh_fs) as base:
         base.chmod(0o755)  # the postgres user must traverse it
         try:

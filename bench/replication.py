@@ -251,6 +251,34 @@ def machine() -> str:
     return f"nproc={os.cpu_count()} kernel={platform.release()} python={platform.python_version()}"
 
 
+def calibration(rounds: int = 2000) -> str:
+    """How fast this machine is right now: a ping-pong between two processes, p50, and the load.
+
+    A shared or throttled VM moves every figure; this line says how much, next to the figures.
+    """
+    left, right = socket.socketpair()
+    pid = os.fork()
+    if pid == 0:  # the echo side
+        left.close()
+        with contextlib.suppress(OSError):
+            while data := right.recv(64):
+                right.sendall(data)
+        os._exit(0)
+    right.close()
+    lat = []
+    try:
+        for _ in range(rounds):
+            t0 = time.perf_counter()
+            left.sendall(b"x")
+            left.recv(64)
+            lat.append(time.perf_counter() - t0)
+    finally:
+        left.close()
+        os.waitpid(pid, 0)
+    load = os.getloadavg()[0]
+    return f"calibration: process ping-pong p50 {statistics.median(lat) * 1e6:.0f} µs, load {load:.2f}"
+
+
 def render(ack: str, rows: list[Row], rss: float) -> str:
     """A markdown table of one mode's results."""
     out = [f"### ack: {ack}", "", "| benchmark | unit | local | replicated | ratio |", "|---|---|---|---|---|"]
@@ -269,7 +297,8 @@ def main(argv: list[str] | None = None) -> None:
     args = p.parse_args(argv)
     sizes = QUICK if args.quick else FULL
     print(f"# {' '.join(['python -m bench.replication', *(argv or sys.argv[1:])])}")
-    print(f"# {machine()} {disk.describe(args.dir, args.fresh_fs)}\n")
+    print(f"# {machine()} {disk.describe(args.dir, args.fresh_fs)}")
+    print(f"# {calibration()}\n")
     with disk.work_dir(args.dir, "tandem-bench-", args.fresh_fs) as tmp:
         for ack in args.modes.split(","):
             rows, rss = run_mode(tmp, ack, sizes)

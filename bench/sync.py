@@ -18,7 +18,7 @@ from pathlib import Path
 from typing import Any
 
 from bench import disk
-from bench.replication import machine
+from bench.replication import calibration, machine
 from tests.integration.replication.pairs import Pair, mounted, unmount
 
 DIR_ENTRIES = 1000
@@ -222,7 +222,8 @@ def main(argv: list[str] | None = None) -> None:
     )
     print(f"# {' '.join(['python -m bench.sync', *(argv if argv is not None else sys.argv[1:])])}")
     where = disk.describe(args.dir, args.fresh_fs)
-    print(f"# {machine()} {where} caches: {cache_line}; Tandem ack=received, secondary mounted\n", flush=True)
+    print(f"# {machine()} {where} caches: {cache_line}; Tandem ack=received, secondary mounted", flush=True)
+    print(f"# {calibration()}\n", flush=True)
     with disk.work_dir(args.dir, "tandem-sync-", args.fresh_fs) as base:
         try:
             lines = run(base, files, large_mib, args.caches, full_diff=args.quick or files <= 20_000)
