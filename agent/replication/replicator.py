@@ -102,11 +102,15 @@ async def run_secondary(args: argparse.Namespace, events: Events) -> None:
     """Mount the directory read-only, accept the primary's stream and apply it beneath the directory fd."""
     # Opened before mounting: the applier writes the real tree, local processes see it through the mount.
     root_fd = os.open(args.dir, os.O_PATH | os.O_DIRECTORY | os.O_CLOEXEC)
+    # Before the mount: a stop that comes at any moment after it unmounts cleanly.
+    stop = asyncio.Event()
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        asyncio.get_running_loop().add_signal_handler(sig, stop.set)
     if args.mount:
         mount(ReadOnlyFS(root_fd), str(args.dir), read_only=True, debug=args.debug_fuse)
         events.emit("mounted", dir=str(args.dir), readOnly=True)
     try:
-        await _serve_secondary(args, root_fd, events)
+        await _serve_secondary(args, root_fd, events, stop)
     finally:
         if args.mount:
             pyfuse3.close(unmount=True)
@@ -115,13 +119,9 @@ async def run_secondary(args: argparse.Namespace, events: Events) -> None:
     log.info("Secondary stopped dir=%s", args.dir)
 
 
-async def _serve_secondary(args: argparse.Namespace, root_fd: int, events: Events) -> None:
+async def _serve_secondary(args: argparse.Namespace, root_fd: int, events: Events, stop: asyncio.Event) -> None:
     receiver = Receiver(Applier(root_fd), node=args.node, secret=_secret(args.secret_file), events=events)
-    loop = asyncio.get_running_loop()
-    server = await loop.create_server(receiver.connection, *args.listen)
-    stop = asyncio.Event()
-    for sig in (signal.SIGTERM, signal.SIGINT):
-        loop.add_signal_handler(sig, stop.set)
+    server = await asyncio.get_running_loop().create_server(receiver.connection, *args.listen)
     fuse = asyncio.create_task(pyfuse3.main()) if args.mount else None
     log.info("Secondary listening on %s:%d dir=%s mounted=%s", *args.listen, args.dir, args.mount)
     events.emit("listening", address=f"{args.listen[0]}:{args.listen[1]}")
