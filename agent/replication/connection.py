@@ -76,6 +76,7 @@ class FrameConnection(asyncio.Protocol):
         self._ended = False
         self._end: BaseException | None = None
         self._paused = False
+        self._corked: list[bytes] | None = None
         self._drainers: list[asyncio.Future[None]] = []
         self._closed = asyncio.get_running_loop().create_future()
         self.peername: object = None
@@ -92,6 +93,8 @@ class FrameConnection(asyncio.Protocol):
     def data_received(self, data: bytes) -> None:
         if self._ended:
             return
+        # Answers written while these frames are handled leave in one send, not one each.
+        self._corked = []
         try:
             for frame in self._parser.feed(data):
                 if self._on_frame is not None:
@@ -101,10 +104,17 @@ class FrameConnection(asyncio.Protocol):
                     if len(self._frames) == _READ_AHEAD:
                         self.pause_reading()
         except ProtocolError as exc:
+            self._uncork()
             self._finish(exc)
             self.close()
             return
+        self._uncork()
         self._arrived.set()
+
+    def _uncork(self) -> None:
+        corked, self._corked = self._corked, None
+        if corked and self._transport is not None and not self._transport.is_closing():
+            self._transport.writelines(corked)
 
     def eof_received(self) -> bool:
         try:
@@ -201,7 +211,9 @@ class FrameConnection(asyncio.Protocol):
         head, data = encode_parts(frame)
         if self._transport is None or self._transport.is_closing():
             raise ConnectionResetError("replication connection is closed")
-        if len(data) >= _LARGE:
+        if self._corked is not None:
+            self._corked += (head, data) if data else (head,)
+        elif len(data) >= _LARGE:
             # Two sends instead of one joined copy of the data.
             self._transport.write(head)
             self._transport.write(data)
