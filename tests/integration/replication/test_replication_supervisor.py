@@ -3,19 +3,11 @@
 from __future__ import annotations
 
 import asyncio
-import os
 from pathlib import Path
 
 from agent.replication.supervisor import Replicator, Spares
+from controller.demo import pid_alive
 from tests.integration.replication.pairs import free_port, mounted
-
-
-def _alive(pid: int) -> bool:
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    return True
 
 
 async def test_a_replicator_started_from_a_spare_mounts_logs_and_stops(tmp_path: Path) -> None:
@@ -39,7 +31,7 @@ async def test_a_replicator_started_from_a_spare_mounts_logs_and_stops(tmp_path:
         await replicator.stop()
         await spares.aclose()
     assert not mounted(directory)
-    assert not _alive(pid)
+    assert not pid_alive(pid)
     assert "Secondary listening on 127.0.0.1" in log.read_text()  # its stderr went to the log file
 
 

@@ -3,28 +3,10 @@
 from __future__ import annotations
 
 import asyncio
-import socket
-from collections.abc import AsyncIterator
-
-import pytest
 
 from agent.replication import messages as m
 from agent.replication import wire
 from agent.replication.connection import FrameConnection
-
-
-@pytest.fixture
-async def ends() -> AsyncIterator[tuple[FrameConnection, FrameConnection]]:
-    left, right = socket.socketpair()
-    loop = asyncio.get_running_loop()
-    _, sender = await loop.create_connection(FrameConnection, sock=left)
-    _, receiver = await loop.connect_accepted_socket(FrameConnection, sock=right)
-    try:
-        yield sender, receiver
-    finally:
-        for end in (sender, receiver):
-            end.close()
-            await end.wait_closed()
 
 
 async def test_a_flood_before_delivery_pauses_reading_and_loses_nothing(

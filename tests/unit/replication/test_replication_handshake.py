@@ -3,8 +3,6 @@
 from __future__ import annotations
 
 import asyncio
-import socket
-from collections.abc import AsyncIterator
 
 import msgpack
 import pytest
@@ -15,20 +13,6 @@ from agent.replication.connection import FrameConnection
 
 STREAM = b"s" * 16
 Ends = tuple[FrameConnection, FrameConnection]
-
-
-@pytest.fixture
-async def ends() -> AsyncIterator[Ends]:
-    left, right = socket.socketpair()
-    loop = asyncio.get_running_loop()
-    _, client = await loop.create_connection(FrameConnection, sock=left)
-    _, server = await loop.connect_accepted_socket(FrameConnection, sock=right)
-    try:
-        yield client, server
-    finally:
-        for end in (client, server):
-            end.close()
-            await end.wait_closed()
 
 
 async def run(ends: Ends, client_secret: bytes | None, server_secret: bytes | None) -> list[object]:
