@@ -108,7 +108,8 @@ class FrameConnection(asyncio.Protocol):
             self._finish(exc)
             self.close()
             return
-        self._uncork()
+        finally:
+            self._uncork()
         self._arrived.set()
 
     def _uncork(self) -> None:
