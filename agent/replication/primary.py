@@ -20,6 +20,7 @@ from agent.replication.sender import Sender
 # Every change to the tree goes through this mount, so the kernel's entry and attribute caches stay
 # true for as long as it keeps them: a long timeout saves a LOOKUP or GETATTR request per operation.
 CACHE_SECONDS = 300.0
+_CAPS = b"security.capability"
 
 
 class ReplicatedFS(Passthrough):
@@ -37,6 +38,8 @@ class ReplicatedFS(Passthrough):
         self.sender = sender
         self.enable_writeback_cache = writeback
         self._unsynced: dict[int, int] = {}
+        # Inodes known to carry no file capability: the kernel asks before every write().
+        self._no_caps: set[int] = set()
         # writeback: the last operation shipped; acks come in order, so its ack covers all before it.
         self._last: asyncio.Future[m.Message] | None = None
 
@@ -81,6 +84,20 @@ class ReplicatedFS(Passthrough):
         for ino, _ in inode_list:
             if not self.inodes.known(ino):
                 self._unsynced.pop(ino, None)
+                self._no_caps.discard(ino)
+
+    async def getxattr(self, inode: int, name: bytes, ctx: pyfuse3.RequestContext) -> bytes:
+        if name != _CAPS:
+            return await super().getxattr(inode, name, ctx)
+        if inode in self._no_caps:
+            raise pyfuse3.FUSEError(errno.ENODATA)
+        try:
+            return await super().getxattr(inode, name, ctx)
+        except pyfuse3.FUSEError as exc:
+            # Only this mount sets xattrs on the tree, and setxattr/removexattr forget the answer.
+            if exc.errno == errno.ENODATA:
+                self._no_caps.add(inode)
+            raise
 
     @passes_errors
     async def fsyncdir(self, fh: int, datasync: bool) -> None:
@@ -272,6 +289,7 @@ class ReplicatedFS(Passthrough):
 
     @passes_errors
     async def setxattr(self, inode: int, name: bytes, value: bytes, ctx: pyfuse3.RequestContext) -> None:
+        self._no_caps.discard(inode)
         os.setxattr(_proc(self.inodes.fd(inode)), name, value)
         path = self.inodes.path(inode)
         if path is not None:
@@ -279,6 +297,7 @@ class ReplicatedFS(Passthrough):
 
     @passes_errors
     async def removexattr(self, inode: int, name: bytes, ctx: pyfuse3.RequestContext) -> None:
+        self._no_caps.discard(inode)
         os.removexattr(_proc(self.inodes.fd(inode)), name)
         path = self.inodes.path(inode)
         if path is not None:

@@ -5,6 +5,7 @@ from __future__ import annotations
 import os
 import re
 import stat
+import struct
 import subprocess
 from pathlib import Path
 
@@ -185,3 +186,18 @@ def test_losing_the_secondary_leaves_the_primary_serving(pair: Pair) -> None:
     assert not (pair.secondary_dir / "after").exists()
     assert "running alone (full resync needed)" in pair.log("primary")
     assert "unauthenticated" in pair.log("primary")
+
+
+@pytest.mark.slow
+def test_a_capability_set_after_writes_is_seen_and_replicated(pair: Pair) -> None:
+    pair.start("received", None)
+    target = pair.primary_dir / "tool"
+    target.write_bytes(b"#!/bin/sh\n")  # the kernel asks for security.capability before the write: none
+    with open(target, "ab") as f:
+        f.write(b"true\n")
+    # VFS_CAP_REVISION_2 with CAP_NET_BIND_SERVICE (bit 10) permitted, as `setcap cap_net_bind_service=p`.
+    caps = struct.pack("<IIIII", 0x02000000, 1 << 10, 0, 0, 0)
+    os.setxattr(target, "security.capability", caps)
+    assert os.getxattr(target, "security.capability") == caps
+    assert pair.stop("primary") == 0
+    assert os.getxattr(pair.secondary_dir / "tool", "security.capability") == caps
