@@ -23,6 +23,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from bench import disk
+from tests.integration.replication.pairs import free_port, mounted, unmount
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -57,19 +58,8 @@ class Row:
         return f"+{self.replicated - self.local:.0f} µs"
 
 
-def _mounted(path: Path) -> bool:
-    target = str(path).replace(" ", "\\040")
-    return any(line.split()[1] == target for line in Path("/proc/mounts").read_text().splitlines())
-
-
 def _in_sync(log: Path) -> bool:
     return '"state":"in-sync"' in log.read_text(errors="replace")
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
 
 
 @contextlib.contextmanager
@@ -78,7 +68,7 @@ def replicated_pair(base: Path, ack: str) -> Iterator[tuple[Path, subprocess.Pop
     primary_dir, secondary_dir = base / f"primary-{ack}", base / f"secondary-{ack}"
     primary_dir.mkdir()
     secondary_dir.mkdir()
-    port, cmd = _free_port(), [sys.executable, "-m", "agent.replication.replicator"]
+    port, cmd = free_port(), [sys.executable, "-m", "agent.replication.replicator"]
     log = open(base / f"replicators-{ack}.log", "ab")  # noqa: SIM115 - closed below
     secondary = subprocess.Popen(
         [*cmd, "--role", "secondary", "--dir", str(secondary_dir), "--listen", f"127.0.0.1:{port}"],
@@ -95,7 +85,7 @@ def replicated_pair(base: Path, ack: str) -> Iterator[tuple[Path, subprocess.Pop
     try:
         # Measured only once the first resync is done, so that it never races with the workload.
         deadline = time.monotonic() + 60
-        while not (_mounted(primary_dir) and _mounted(secondary_dir) and _in_sync(Path(log.name))):
+        while not (mounted(primary_dir) and mounted(secondary_dir) and _in_sync(Path(log.name))):
             if primary.poll() is not None or secondary.poll() is not None or time.monotonic() > deadline:
                 raise RuntimeError(f"replicators did not start or get in sync; see {log.name}")
             time.sleep(0.05)
@@ -114,8 +104,7 @@ def _stop(proc: subprocess.Popen[bytes], path: Path) -> None:
         except subprocess.TimeoutExpired:
             proc.kill()
             proc.wait(10)
-    if _mounted(path):
-        subprocess.run(["fusermount3", "-u", "-z", str(path)], check=False)
+    unmount(path)
 
 
 class RssSampler:
