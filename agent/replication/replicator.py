@@ -26,6 +26,7 @@ from agent.replication.primary import ReplicatedFS
 from agent.replication.readonly import ReadOnlyFS
 from agent.replication.receiver import Receiver
 from agent.replication.sender import Sender
+from agent.replication.wire import ACK_MODES
 
 log = logging.getLogger("agent.replication")
 
@@ -44,9 +45,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--dir", type=Path, required=True, help="the replicated directory (same path on every node)")
     p.add_argument("--peer", type=_address, help="primary: the secondary's HOST:PORT")
     p.add_argument("--listen", type=_address, help="secondary: HOST:PORT to accept the primary on")
-    p.add_argument(
-        "--ack", choices=["received", "durable", "fsync"], default="received", help="primary: ack mode asked"
-    )
+    p.add_argument("--ack", choices=ACK_MODES, default="received", help="primary: ack mode asked")
     p.add_argument("--node", default=socket.gethostname())
     p.add_argument("--secret-file", type=Path, help="shared secret; without it peers are unauthenticated")
     p.add_argument("--connect-timeout", type=float, default=30.0, help="ignored: the primary retries forever")
