@@ -14,6 +14,7 @@ import logging
 import os
 import socket
 import struct
+import time
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -24,6 +25,7 @@ from pyroute2.netlink.exceptions import NetlinkError
 log = logging.getLogger("tandem.vip")
 
 IPInterface = ipaddress.IPv4Interface | ipaddress.IPv6Interface
+Addresses = list[tuple[int, IPInterface]]  # (interface index, address with prefix)
 
 ETH_P_ARP = 0x0806
 ETH_ZLEN = 60
@@ -34,6 +36,7 @@ ND_NEIGHBOR_ADVERT = 136
 ND_NA_FLAG_OVERRIDE = 0x20000000
 ND_OPT_TARGET_LINKADDR = 2
 ALL_NODES = "ff02::1"
+PLACEMENT_SECONDS = 5.0  # how long a standby's reading of where its addresses go is trusted
 
 
 class VipError(Exception):
@@ -115,7 +118,7 @@ async def find_interface(address_cidr: str) -> str:
         return _subnet_interface(vip, links, await _addresses(ipr))
 
 
-def _subnet_interface(vip: IPInterface, links: dict[int, _LinkInfo], addresses: list[tuple[int, IPInterface]]) -> str:
+def _subnet_interface(vip: IPInterface, links: dict[int, _LinkInfo], addresses: Addresses) -> str:
     matches = sorted(
         {
             links[index].name
@@ -145,42 +148,138 @@ async def ensure_present(
     ledger: Ledger,
     announce: bool = False,
     arp: ArpSocket | None = None,
+    netlink: Netlink | None = None,
 ) -> Held:
     """Hold the address on the interface (found from the subnet when not given); a no-op when already there.
 
     With ``announce``, one announcement follows at once (through ``arp`` if given), whether the address
-    was added or already held: a takeover reads the interface, its addresses and its hardware address in
-    one netlink exchange and sends the first gratuitous ARP without another, because clients move only
-    when it arrives.
+    was added or already held. With ``netlink``, where the address goes was read ahead (``Netlink.prepare``)
+    and the takeover is one request on a session already open; without it, or when that reading is stale
+    or no longer true, the interfaces and addresses are read first.
     """
     vip = parse(address_cidr)
-    async with AsyncIPRoute() as ipr:
-        links = await _links(ipr)
-        addresses = await _addresses(ipr)
-        name = interface or _subnet_interface(vip, links, addresses)
-        index = next((i for i, link in links.items() if link.name == name), None)
-        if index is None:
-            raise VipError(f"interface {name!r} does not exist on this node: check the VirtualIP's interface")
-        held = Held(str(vip), name)
-        added = not any(i == index and a == vip for i, a in addresses)
-        if added:
-            ledger.record(held)
-            try:
-                # NODAD: a VIP must answer at once; duplicate detection would hold it tentative for a second or more.
-                flags = IFA_F_NODAD if vip.version == 6 else 0
-                await ipr.addr("add", index=index, address=str(vip.ip), prefixlen=vip.network.prefixlen, flags=flags)
-            except NetlinkError as exc:
-                if exc.code != errno.EEXIST:
-                    ledger.forget(held)
-                    raise VipError(f"cannot add {vip} on {name}: {os.strerror(exc.code)}") from exc
+    place = netlink.placement(vip, interface) if netlink is not None else None
+    added: bool | None = None
+    if place is not None and netlink is not None:
+        try:
+            added = await _add(await netlink.session(), vip, place, ledger)
+        except (VipError, OSError) as exc:  # the interface went since it was read, or the session broke
+            log.info(
+                "The address's interface as read ahead did not take it; reading again. address=%s reason=%s", vip, exc
+            )
+            if isinstance(exc, OSError):
+                netlink.close()
+    if added is None:
+        async with AsyncIPRoute() as ipr:
+            links = await _links(ipr)
+            addresses = await _addresses(ipr)
+            place = _place(vip, interface, links, addresses)
+            present = any(i == place.index and a == vip for i, a in addresses)
+            added = False if present else await _add(ipr, vip, place, ledger)
+        if netlink is not None:
+            netlink.remember(vip, interface, place)
+    assert place is not None
     if added:
-        log.info("Added virtual IP. address=%s interface=%s", vip, name)
+        log.info("Added virtual IP. address=%s interface=%s", vip, place.name)
     if announce:
         try:
-            await _announce(vip, name, index, links[index].mac, count=1, interval=0.0, arp=arp)
+            await _announce(vip, place.name, place.index, place.mac, count=1, interval=0.0, arp=arp)
         except (VipError, OSError) as exc:  # the address is held; a lost announcement is not a failed takeover
-            log.warning("Could not announce the virtual IP. address=%s interface=%s reason=%s", vip, name, exc)
-    return held
+            log.warning("Could not announce the virtual IP. address=%s interface=%s reason=%s", vip, place.name, exc)
+    return Held(str(vip), place.name)
+
+
+@dataclass(frozen=True)
+class Placement:
+    """Where an address goes: the interface's name, index and hardware address, as read at ``at`` (monotonic)."""
+
+    name: str
+    index: int
+    mac: str
+    at: float = 0.0
+
+
+def _place(vip: IPInterface, interface: str | None, links: dict[int, _LinkInfo], addresses: Addresses) -> Placement:
+    name = interface or _subnet_interface(vip, links, addresses)
+    index = next((i for i, link in links.items() if link.name == name), None)
+    if index is None:
+        raise VipError(f"interface {name!r} does not exist on this node: check the VirtualIP's interface")
+    return Placement(name, index, links[index].mac, time.monotonic())
+
+
+async def _add(ipr: AsyncIPRoute, vip: IPInterface, place: Placement, ledger: Ledger) -> bool:
+    """Add the address, on record in the ledger first; False when it was already there."""
+    held = Held(str(vip), place.name)
+    ours = held in ledger.held()
+    ledger.record(held)
+    try:
+        # NODAD: a VIP must answer at once; duplicate detection would hold it tentative for a second or more.
+        flags = IFA_F_NODAD if vip.version == 6 else 0
+        await ipr.addr("add", index=place.index, address=str(vip.ip), prefixlen=vip.network.prefixlen, flags=flags)
+    except NetlinkError as exc:
+        if not ours:  # not added by us: an address someone else put there is never ours to remove
+            ledger.forget(held)
+        if exc.code == errno.EEXIST:
+            return False
+        raise VipError(f"cannot add {vip} on {place.name}: {os.strerror(exc.code)}") from exc
+    return True
+
+
+class Netlink:
+    """The agent's own netlink session, and where each of its virtual IPs would go, read ahead of a takeover.
+
+    A standby node reads its addresses' interfaces every few seconds (``prepare``), so that taking an
+    address over is one netlink request on a session already open: reading every link and address first
+    costs 5-15 ms on a busy node, while clients wait. A reading older than ``fresh_for`` seconds is not
+    used; one that no longer holds (the interface is gone) makes the takeover read everything again.
+    """
+
+    def __init__(self, *, fresh_for: float = PLACEMENT_SECONDS) -> None:
+        self.fresh_for = fresh_for
+        self._ipr: AsyncIPRoute | None = None
+        self._placements: dict[tuple[str, str | None], Placement] = {}
+
+    async def session(self) -> AsyncIPRoute:
+        """The long-lived session, opened on first use."""
+        if self._ipr is None:
+            ipr = AsyncIPRoute(groups=0)  # requests only: no multicast group, so nothing queues up while idle
+            await ipr.setup_endpoint()
+            self._ipr = ipr
+        return self._ipr
+
+    def placement(self, vip: IPInterface, interface: str | None) -> Placement | None:
+        """Where the address goes, if read less than ``fresh_for`` seconds ago."""
+        place = self._placements.get((str(vip), interface))
+        if place is None or time.monotonic() - place.at > self.fresh_for:
+            return None
+        return place
+
+    def remember(self, vip: IPInterface, interface: str | None, place: Placement) -> None:
+        self._placements[(str(vip), interface)] = place
+
+    async def prepare(self, address_cidr: str, interface: str | None) -> None:
+        """Read where the address goes unless a fresh reading exists; ``VipError`` if it has nowhere to go."""
+        vip = parse(address_cidr)
+        known = self._placements.get((str(vip), interface))
+        if known is not None and time.monotonic() - known.at < self.fresh_for / 2:  # fresh at the next takeover
+            return
+        await self.session()  # open ahead too
+        # The readings use a session of their own: a netlink socket runs one dump at a time (EBUSY), and the
+        # takeover's request must never wait behind one.
+        async with AsyncIPRoute() as ipr:
+            try:
+                place = _place(vip, interface, await _links(ipr), await _addresses(ipr))
+            except (VipError, NetlinkError) as exc:
+                self._placements.pop((str(vip), interface), None)
+                if isinstance(exc, NetlinkError):
+                    raise VipError(f"cannot read the interfaces: {os.strerror(exc.code)}") from exc
+                raise
+        self.remember(vip, interface, place)
+
+    def close(self) -> None:
+        if self._ipr is not None:
+            self._ipr.close()
+            self._ipr = None
 
 
 async def ensure_absent(address_cidr: str, interface: str | None = None, *, ledger: Ledger) -> list[Held]:
@@ -244,11 +343,8 @@ async def announce(
     vip = parse(address_cidr)
     async with AsyncIPRoute() as ipr:
         links = await _links(ipr)
-        name = interface or _subnet_interface(vip, links, await _addresses(ipr))
-    index = next((i for i, link in links.items() if link.name == name), None)
-    if index is None:
-        raise VipError(f"interface {name!r} does not exist on this node: check the VirtualIP's interface")
-    return await _announce(vip, name, index, links[index].mac, count=count, interval=interval, arp=arp)
+        place = _place(vip, interface, links, [] if interface else await _addresses(ipr))
+    return await _announce(vip, place.name, place.index, place.mac, count=count, interval=interval, arp=arp)
 
 
 async def _announce(
@@ -385,9 +481,9 @@ async def _link_names(ipr: AsyncIPRoute) -> dict[int, str]:
     return {index: link.name for index, link in (await _links(ipr)).items()}
 
 
-async def _addresses(ipr: AsyncIPRoute) -> list[tuple[int, IPInterface]]:
+async def _addresses(ipr: AsyncIPRoute) -> Addresses:
     """Every address on every interface, as (interface index, address with prefix)."""
-    found: list[tuple[int, IPInterface]] = []
+    found: Addresses = []
     message: Any
     async for message in await ipr.addr("dump"):
         ip = message.get("IFA_LOCAL") or message.get("IFA_ADDRESS")

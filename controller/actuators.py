@@ -53,10 +53,12 @@ class Actuators:
     state_dir: Path
     ledger: vip.Ledger = field(init=False)
     arp: vip.ArpSocket = field(default_factory=vip.ArpSocket)
+    netlink: vip.Netlink = field(default_factory=vip.Netlink)  # where the addresses go, read ahead of a takeover
     spares: Spares = field(default_factory=Spares)  # a replicator process started ahead of the next role change
     _runners: dict[str, ScriptRunner] = field(default_factory=dict)
     replicators: dict[str, list[Replicator]] = field(default_factory=dict)  # by module
     _background: set[asyncio.Task[None]] = field(default_factory=set)
+    _preparing: asyncio.Task[None] | None = None
 
     def __post_init__(self) -> None:
         self.ledger = vip.Ledger(self.state_dir / "addresses.json")
@@ -163,7 +165,12 @@ class Actuators:
             # The first announcement goes out with the add: clients move when it arrives, and startPrim
             # follows at once; the repeats (for lost frames) run in the background.
             held = await vip.ensure_present(
-                spec.address, spec.interface, ledger=self.ledger, announce=garp.count > 0, arp=self.arp
+                spec.address,
+                spec.interface,
+                ledger=self.ledger,
+                announce=garp.count > 0,
+                arp=self.arp,
+                netlink=self.netlink,
             )
         except vip.VipError as exc:
             raise StepFailed(f"VirtualIP {address.name}: {exc}") from None
@@ -171,6 +178,24 @@ class Actuators:
             repeats = asyncio.create_task(self._announce_repeats(address, held.interface), name=f"garp-{address.name}")
             self._background.add(repeats)
             repeats.add_done_callback(self._background.discard)
+
+    def prepare(self, ctx: ModuleContext) -> None:
+        """While a module stands by: read where its addresses would go, in the background, one reading at a time.
+
+        The takeover then adds each address with one netlink request (``vip.Netlink``).
+        """
+        if not ctx.vips or (self._preparing is not None and not self._preparing.done()):
+            return
+        self._preparing = asyncio.create_task(self._prepare(ctx.vips), name=f"prepare-{ctx.module.name}")
+        self._background.add(self._preparing)
+        self._preparing.add_done_callback(self._background.discard)
+
+    async def _prepare(self, addresses: list[VirtualIP]) -> None:
+        for address in addresses:
+            try:
+                await self.netlink.prepare(address.spec.address, address.spec.interface)
+            except (vip.VipError, OSError) as exc:  # the takeover reads again and reports what is wrong
+                log.debug("Could not read ahead where a virtual IP goes. vip=%s reason=%s", address.name, exc)
 
     async def _announce_repeats(self, address: VirtualIP, interface: str) -> None:
         garp = address.spec.gratuitous_arp
@@ -235,6 +260,7 @@ class Actuators:
         for runner in self._runners.values():
             await runner.aclose()
         self.arp.close()
+        self.netlink.close()
 
 
 def _attr(script: str) -> str:

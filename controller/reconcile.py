@@ -88,6 +88,7 @@ class Reconciler:
         self.modules: dict[str, ModuleRuntime] = {}
         self._wake = asyncio.Event()
         self._announce = False  # membership changed: serving modules announce their addresses again
+        self._deferred = False  # the last tick started a transition and left the status writes to this one
         self._background: set[asyncio.Task[None]] = set()
 
     # --- what the rest of the daemon reads ------------------------------------------------------------
@@ -194,18 +195,25 @@ class Reconciler:
             log.warning("Store unavailable; modules keep their state this tick. reason=%s", exc)
             return
         modules = {r.name: r for r in resources if isinstance(r, Module) and self.node in r.spec.nodes}
+        started = False
         for name, module in modules.items():
             rt = self.modules.setdefault(name, ModuleRuntime(name, enabled=module.spec.boot_start))
             rt.ctx = self._context(module, resources)
             try:
-                self._reconcile(rt.ctx, rt)
+                started |= self._reconcile(rt.ctx, rt)
             except Exception:  # a bug in one module's tick must not stop the others
                 log.exception("Reconciling a module failed; it keeps its state. module=%s node=%s", name, self.node)
-        # A transition started this tick (a takeover) runs to its first wait before the status writes: those
-        # can wait a few milliseconds, the clients cannot.
-        await asyncio.sleep(0)
-        for name, module in modules.items():
-            await report(self.store, module, self.node, self._entry(self.modules[name]), lost=self._lost(module))
+        if started and not self._deferred:
+            # A transition started this tick (a takeover): the status writes wait for the next tick (at most
+            # tick_interval, or when the transition ends). Written now, their store work would compete with the
+            # takeover's first steps for this process (5-15 ms): the status can wait, the clients cannot.
+            # Never twice in a row, so transitions started tick after tick cannot hold the status back.
+            self._deferred = True
+            await asyncio.sleep(0)
+        else:
+            self._deferred = False
+            for name, module in modules.items():
+                await report(self.store, module, self.node, self._entry(self.modules[name]), lost=self._lost(module))
         for name in set(self.modules) - set(modules):
             self._retire(self.modules[name])
         if self._announce:
@@ -240,11 +248,12 @@ class Reconciler:
                     self._background.add(task)
                     task.add_done_callback(self._background.discard)
 
-    def _reconcile(self, ctx: ModuleContext, rt: ModuleRuntime) -> None:
+    def _reconcile(self, ctx: ModuleContext, rt: ModuleRuntime) -> bool:
+        """Decide for one module and start its transition if it needs one; True when one was started."""
         module = ctx.module
         if rt.busy:
             self._record(module, rt)
-            return
+            return False
         observed = self._observe(module, rt)
         decision = decide(observed)
         self._log(module, rt, decision)
@@ -253,10 +262,14 @@ class Reconciler:
         if decision.restart:
             rt.restarts.append(observed.now)
         rt.swap = rt.restart = False
-        if decision.state != rt.state or steps:
+        started = decision.state != rt.state or bool(steps)
+        if started:
             rt.target = decision.state
             rt.task = asyncio.create_task(self._transition(ctx, rt, steps), name=f"{module.name}-transition")
+        elif not rt.state.serving:
+            self.actuators.prepare(ctx)  # a standby reads ahead where its addresses would go
         self._record(module, rt)
+        return started
 
     def _observe(self, module: Module, rt: ModuleRuntime) -> Observed:
         spec = module.spec

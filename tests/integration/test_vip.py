@@ -111,6 +111,59 @@ async def test_no_or_several_candidate_interfaces_is_a_clear_error(lab: Lab) -> 
     assert not ledger.held()
 
 
+async def test_a_standby_reads_ahead_and_the_takeover_uses_that_reading(lab: Lab) -> None:
+    ledger = Ledger(lab.ledger_path)
+    netlink = vip.Netlink()
+    try:
+        await netlink.prepare(VIP, None)
+        # The subnet's address leaves veth0 after the reading: a takeover reading again would find no interface,
+        # one that uses the reading (fresh for netlink.fresh_for seconds) puts the VIP where it was to go.
+        lab.ip("addr", "del", "10.99.0.1/24", "dev", "veth0")
+        with pytest.raises(VipError, match="no interface has an address in the subnet"):
+            await vip.ensure_present(VIP, None, ledger=ledger)
+        assert await vip.ensure_present(VIP, None, ledger=ledger, netlink=netlink) == Held(VIP, "veth0")
+        assert VIP in lab.addresses()
+        assert recorded(lab) == [{"address": VIP, "interface": "veth0"}]
+        assert await vip.ensure_present(VIP, None, ledger=ledger, netlink=netlink) == Held(VIP, "veth0"), "idempotent"
+        assert recorded(lab) == [{"address": VIP, "interface": "veth0"}]
+    finally:
+        netlink.close()
+
+
+async def test_a_reading_that_no_longer_holds_is_replaced_by_a_new_one(lab: Lab, expected_logs: ExpectedLogs) -> None:
+    expected_logs.expect(r"did not take it; reading again")
+    ledger = Ledger(lab.ledger_path)
+    netlink = vip.Netlink()
+    try:
+        await netlink.prepare(VIP, "veth0")
+        # veth0 is replaced by a new interface of the same name (a new index): the add on the old index fails.
+        lab.ip("link", "del", "veth0")
+        lab.ip("link", "add", "veth0", "type", "veth", "peer", "name", "veth1")
+        lab.ip("link", "set", "veth0", "up")
+        assert await vip.ensure_present(VIP, "veth0", ledger=ledger, netlink=netlink) == Held(VIP, "veth0")
+        assert lab.addresses() == {VIP}
+        assert recorded(lab) == [{"address": VIP, "interface": "veth0"}]
+        with pytest.raises(VipError, match=r"interface 'nope0' does not exist"):
+            await netlink.prepare(VIP, "nope0")
+        assert netlink.placement(vip.parse(VIP), "nope0") is None
+    finally:
+        netlink.close()
+
+
+async def test_an_address_someone_else_added_is_not_recorded_by_the_read_ahead_path(lab: Lab) -> None:
+    lab.ip("addr", "add", VIP, "dev", "veth0")
+    ledger = Ledger(lab.ledger_path)
+    netlink = vip.Netlink()
+    try:
+        await netlink.prepare(VIP, "veth0")
+        assert await vip.ensure_present(VIP, "veth0", ledger=ledger, netlink=netlink) == Held(VIP, "veth0")
+    finally:
+        netlink.close()
+    assert not ledger.held(), "never ours to remove"
+    assert await vip.cleanup_stale(Ledger(lab.ledger_path), set()) == []
+    assert VIP in lab.addresses()
+
+
 async def test_cleanup_never_touches_addresses_it_did_not_record(lab: Lab) -> None:
     lab.ip("addr", "add", VIP, "dev", "veth0")
     ledger = Ledger(lab.ledger_path)
