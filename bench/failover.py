@@ -6,9 +6,13 @@ What is measured, the same way for every system:
 
 - a client host opens a new HTTP connection to the VIP every 20 ms (a small poller inside the client
   namespace, one thread per attempt, 1 s timeout) and logs start/end time, the answering node or the error;
-- once node1 has served steadily, after a random delay (uniform 0-1 s: a random phase of the heartbeat,
-  advert and reconcile cycles) node1's daemon (tandemd / keepalived) and its app get SIGKILL and all of
-  node1's cables are cut (`Lab.isolate`);
+- once node1 has served steadily, node1's daemon (tandemd / keepalived) and its app get SIGKILL and all of
+  node1's cables are cut (`Lab.isolate`), at a chosen phase of the sender's cycle: a packet socket on node2
+  sees node1's heartbeat (UDP) or advert (VRRP) arrive, and the failure follows a fraction of the pulse /
+  advert interval later. The N runs of each system take the N midpoints of N equal slices of the cycle, in
+  random order (stratified sampling of a uniformly random phase: the median of a few runs is then the
+  median of the distribution, not the luck of the draw; with advert_int 0.31 a random phase alone moves
+  the median of 7 runs by about +-0.04 s). `--phases random` keeps the old random 0-1 s delay;
 - failover = first reply from node2 through the VIP (end of that request) minus the moment of the failure.
 
 Tandem: two nodes, pulse 100 ms, timeout 1 s (tests/e2e/lab_cluster.py), the sample app started by startPrim at
@@ -39,14 +43,18 @@ from __future__ import annotations
 import argparse
 import contextlib
 import datetime
+import ipaddress
 import json
 import os
 import platform
 import random
 import re
+import select
 import shutil
 import signal
+import socket
 import statistics
+import struct
 import subprocess
 import sys
 import tempfile
@@ -66,6 +74,7 @@ if str(REPO) not in sys.path:  # tests/ is a namespace package found from the re
 from agent.lab import Lab, LabProcess, cleanup_stale  # noqa: E402
 from tests.daemons import wait_for  # noqa: E402
 from tests.e2e.lab_cluster import APP_PORT, START_APP, STOP_APP, LabCluster  # noqa: E402
+from tests.netns import inside  # noqa: E402
 
 PREFIX = "tbfo-"
 KEEPALIVED = "/usr/sbin/keepalived"
@@ -196,7 +205,7 @@ class Poller:
 @dataclass
 class Result:
     system: str
-    job: Callable[[Path], dict[str, Any]]
+    job: Callable[[Path, float | None], dict[str, Any]]  # (work dir, failure phase as a fraction or None: random)
     standby: str  # cold: the app starts at takeover; hot: it runs on both nodes all the time
     nominal: float  # Tandem's timeout; keepalived's master-down interval
     expected: float  # mean failure -> detection at a random phase of the pulse / advert
@@ -252,16 +261,100 @@ def kill_group_and_pid(proc: LabProcess, pidfile: Path | None, app: LabProcess |
             os.kill(int(pidfile.read_text().strip()), signal.SIGKILL)
 
 
-def measure_failover(lab: Lab, poller: Poller, kill: Callable[[], None]) -> dict[str, Any]:
-    """Random phase, kill + isolate node1, wait for node2's first answer; returns the run's figures."""
+ETH_P_IP = 0x0800
+IPPROTO_UDP = 17  # Tandem's heartbeats
+IPPROTO_VRRP = 112  # keepalived's adverts
+SO_TIMESTAMPNS = 35  # <asm-generic/socket.h>; not in Python's socket module. Its cmsg: struct timespec (64-bit)
+
+
+@dataclass(frozen=True)
+class Phase:
+    """Where the failure lands: ``fraction`` of the sender's ``interval`` after a heartbeat / advert reached node2."""
+
+    fraction: float
+    interval: float  # Tandem's pulse, keepalived's advert_int
+    proto: int  # the IP protocol of the beats: IPPROTO_UDP or IPPROTO_VRRP
+
+
+class Beats:
+    """node1's heartbeats (or adverts) as they arrive on node2's `lan`, with the kernel's receive time.
+
+    A packet socket opened inside node2's namespace; it only listens.
+    """
+
+    def __init__(self, lab: Lab, proto: int) -> None:
+        with inside(lab["node2"].netns):
+            self.sock = socket.socket(socket.AF_PACKET, socket.SOCK_RAW, socket.htons(ETH_P_IP))
+        self.sock.setsockopt(socket.SOL_SOCKET, SO_TIMESTAMPNS, 1)
+        self.sock.bind(("lan", 0))
+        self.sock.setblocking(False)
+        self.src = ipaddress.IPv4Address(lab["node1"].address("lan")).packed
+        self.proto = proto
+
+    def __enter__(self) -> Beats:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.sock.close()
+
+    def _read(self) -> list[float]:
+        """The receive times (CLOCK_MONOTONIC) of the matching packets queued now."""
+        out: list[float] = []
+        offset = time.time() - time.monotonic()
+        while True:
+            try:
+                frame, ancillary, _, _ = self.sock.recvmsg(128, socket.CMSG_SPACE(16))
+            except BlockingIOError:
+                return out
+            if len(frame) < 34 or frame[23] != self.proto or frame[26:30] != self.src:
+                continue
+            stamp = next((data for level, kind, data in ancillary if kind == SO_TIMESTAMPNS), None)
+            if stamp is None:
+                out.append(time.monotonic())
+            else:
+                sec, nsec = struct.unpack("qq", stamp[:16])
+                out.append(sec + nsec / 1e9 - offset)
+
+    def next(self, timeout: float = 5.0) -> float:
+        """Wait for the next beat after the ones already queued; its receive time."""
+        self._read()
+        end = time.monotonic() + timeout
+        while (left := end - time.monotonic()) > 0:
+            select.select([self.sock], [], [], left)
+            if got := self._read():
+                return got[-1]
+        raise BenchError(f"no packet of IP protocol {self.proto} from node1 on node2's lan for {timeout:g} s")
+
+    def last(self) -> float | None:
+        """The receive time of the last beat queued (None if none came)."""
+        got = self._read()
+        return got[-1] if got else None
+
+
+def measure_failover(lab: Lab, poller: Poller, kill: Callable[[], None], phase: Phase | None) -> dict[str, Any]:
+    """Kill + isolate node1 at the phase (random if None), wait for node2's first answer; the run's figures."""
     wait_for(
         "node1 to serve steadily through the VIP", lambda: steady(poller.attempts(), "node1"), timeout=20, interval=0.02
     )
-    time.sleep(random.uniform(0.0, 1.0))
-    t0, wall0 = time.monotonic(), time.time()
-    kill()
-    lab.isolate("node1")
-    t_cut = time.monotonic()
+    since_beat = None
+    if phase is None:
+        time.sleep(random.uniform(0.0, 1.0))
+        t0, wall0 = time.monotonic(), time.time()
+        kill()
+        lab.isolate("node1")
+        t_cut = time.monotonic()
+    else:
+        with Beats(lab, phase.proto) as beats:
+            beat = beats.next()
+            time.sleep(max(0.0, beat + phase.fraction * phase.interval - time.monotonic()))
+            t0, wall0 = time.monotonic(), time.time()
+            kill()
+            lab.isolate("node1")
+            t_cut = time.monotonic()
+            # node2 counts from the last beat it received, which may have come during the wait (sender jitter)
+            # or even just after the kill (in flight): the phase as it happened, negative in the latter case.
+            later = beats.last()
+            since_beat = t0 - (later if later is not None else beat)
     hit = wait_for(
         "node2 to answer through the VIP",
         lambda: first_answer(poller.attempts(), "node2", t0),
@@ -280,6 +373,7 @@ def measure_failover(lab: Lab, poller: Poller, kill: Callable[[], None]) -> dict
         "vip_moved": min(moved) - t0,
         "first_node2_started": hit.start - t0,
         "kill_and_cut": t_cut - t0,
+        "since_beat": since_beat,  # the failure's phase as it happened: time since node1's last beat reached node2
         "last_node1_answer": last1 - t0,
         "failed_attempts": len(failed),
         "errors": sorted({a.result for a in failed}),
@@ -350,7 +444,9 @@ def tandem_timeline(log_path: Path, wall0: float, until: float = 10.0) -> list[s
     return out
 
 
-def run_tandem(work: Path, garp_count: int | None = None, *, replicated: bool = False) -> dict[str, Any]:
+def run_tandem(
+    work: Path, fraction: float | None, garp_count: int | None = None, *, replicated: bool = False
+) -> dict[str, Any]:
     with Lab(PREFIX, nodes=["node1", "node2"], networks=["lan", "backup"], client=True) as lab:
         cluster = tandem_cluster(lab, work, garp_count, replicated=replicated)
         poller = start_poller(lab, cluster.vip, work, "poller", 60)
@@ -358,7 +454,8 @@ def run_tandem(work: Path, garp_count: int | None = None, *, replicated: bool = 
         def kill() -> None:
             kill_group_and_pid(cluster.daemons["node1"], cluster.www / "node1.pid", None)
 
-        figures = measure_failover(lab, poller, kill)
+        phase = None if fraction is None else Phase(fraction, TANDEM_PULSE, IPPROTO_UDP)
+        figures = measure_failover(lab, poller, kill, phase)
         figures["timeline"] = tandem_timeline(work / "node2" / "tandemd.log", figures["wall0"])
         figures.update(tandem_breakdown(figures["timeline"]))
         return figures
@@ -481,7 +578,7 @@ def advert_for(name: str) -> float:
     return float(name)
 
 
-def run_keepalived(work: Path, advert: float, cold: bool = False) -> dict[str, Any]:
+def run_keepalived(work: Path, fraction: float | None, advert: float, cold: bool = False) -> dict[str, Any]:
     """keepalived with the app on both nodes (hot), or started by notify_master and stopped by notify_backup (cold)."""
     with Lab(PREFIX, nodes=["node1", "node2"], networks=["lan", "backup"], client=True) as lab:
         vip = lab.network("lan").address(250)
@@ -548,7 +645,8 @@ def run_keepalived(work: Path, advert: float, cold: bool = False) -> dict[str, A
             # cold: the app notify_master started, by its pid file, as for Tandem
             kill_group_and_pid(daemons["node1"], www / "node1.pid" if cold else None, apps.get("node1"))
 
-        figures = measure_failover(lab, poller, kill)
+        phase = None if fraction is None else Phase(fraction, advert, IPPROTO_VRRP)
+        figures = measure_failover(lab, poller, kill, phase)
         for node in daemons:
             if not daemons[node].alive() and node == "node2":
                 raise BenchError(f"keepalived on node2 exited: {(work / node / 'keepalived.log').read_text()[-2000:]}")
@@ -586,7 +684,7 @@ def variants(args: argparse.Namespace) -> tuple[list[Result], Result | None]:
         out.append(
             Result(
                 "tandem + ReplicatedDir (notes app)",
-                lambda w: run_tandem(w, replicated=True),
+                lambda w, f: run_tandem(w, f, replicated=True),
                 "cold+repl",
                 t_nominal,
                 t_expected,
@@ -596,7 +694,7 @@ def variants(args: argparse.Namespace) -> tuple[list[Result], Result | None]:
         out.append(
             Result(
                 f"tandem gratuitousArp.count {args.garp_count}",
-                lambda w: run_tandem(w, args.garp_count),
+                lambda w, f: run_tandem(w, f, args.garp_count),
                 "cold",
                 t_nominal,
                 t_expected,
@@ -609,7 +707,7 @@ def variants(args: argparse.Namespace) -> tuple[list[Result], Result | None]:
             setting = {"expected": "same expected detection", "nominal": "same nominal timeout", "pulse": "same pulse"}
             res = Result(
                 f"keepalived advert_int {a:g} {'cold' if cold else 'hot'} ({setting.get(name, 'as given')})",
-                lambda w, a=a, cold=cold: run_keepalived(w, a, cold),
+                lambda w, f, a=a, cold=cold: run_keepalived(w, f, a, cold),
                 "cold" if cold else "hot",
                 detection(a),
                 expected_detection(a),
@@ -640,6 +738,14 @@ def main(argv: list[str] | None = None) -> int:
         "--garp-count", type=int, help="also run Tandem with VirtualIP gratuitousArp.count=N (default: not run)"
     )
     parser.add_argument("--no-heal", action="store_true", help="skip the Tandem partition-heal measure")
+    parser.add_argument(
+        "--phases",
+        choices=("stratified", "random"),
+        default="stratified",
+        help="where in the heartbeat / advert cycle each failure lands: stratified (default) = the N runs of a"
+        " system at the N midpoints of N equal slices of its cycle, in random order, timed from a beat seen on"
+        " node2; random = after a random 0-1 s delay",
+    )
     parser.add_argument("--timelines", action="store_true", help="print node2's daemon log after each Tandem failure")
     parser.add_argument("--keep", type=Path, help="keep every run's work dir (logs) under this directory")
     parser.add_argument("--json", type=Path, help="also write all figures as JSON to this file")
@@ -671,6 +777,7 @@ def main(argv: list[str] | None = None) -> int:
     load_before = os.getloadavg()
     cmd = " ".join([".venv/bin/python -m bench.failover", *(argv if argv is not None else sys.argv[1:])])
     width = max(len(r.system) for r in systems) + 1
+    fractions = {r.system: random.sample([(k + 0.5) / runs for k in range(runs)], runs) for r in systems}
     try:
         for i in range(runs):
             jobs = list(systems)
@@ -679,13 +786,14 @@ def main(argv: list[str] | None = None) -> int:
                 # the work dir appears in shell scripts (startPrim, notify): letters, digits, dots and dashes only
                 work = base / f"{re.sub(r'[^A-Za-z0-9.]+', '-', res.system).strip('-')}-{i + 1}"
                 work.mkdir(parents=True, exist_ok=True)
-                fig = res.job(work)
+                fig = res.job(work, fractions[res.system][i] if args.phases == "stratified" else None)
                 res.failover.append(fig["failover"])
                 res.details.append(fig)
                 marks = " ".join(f"{k}=+{fig[k]:.3f}" for k in MARKS if k in fig)
                 marks = f" node2 log: {marks}" if marks else ""
+                since = f", {fig['since_beat'] * 1000:.0f} ms after a beat" if fig["since_beat"] is not None else ""
                 print(
-                    f"run {i + 1}/{runs} {res.system:<{width}} failover {fig['failover']:.3f} s"
+                    f"run {i + 1}/{runs} {res.system:<{width}} failover {fig['failover']:.3f} s{since}"
                     f" (VIP moved +{fig['vip_moved']:.3f} s, last node1 answer +{fig['last_node1_answer']:.3f} s,"
                     f" {fig['failed_attempts']} failed attempts {','.join(fig['errors'])}){marks}",
                     flush=True,
