@@ -15,6 +15,7 @@ import logging
 import os
 import signal
 import sys
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal
@@ -78,12 +79,7 @@ class Spares:
             proc = await spawning
             if proc.stdin is not None:
                 proc.stdin.close()
-            try:
-                await asyncio.wait_for(proc.wait(), STOP_DEADLINE)
-            except TimeoutError:
-                with contextlib.suppress(ProcessLookupError):
-                    proc.kill()
-                await proc.wait()
+            await _wait_or_kill(proc, proc.kill)
 
 
 @dataclass
@@ -228,18 +224,30 @@ class Replicator:
         if proc is not None and proc.returncode is None:
             with contextlib.suppress(ProcessLookupError):
                 proc.send_signal(signal.SIGTERM)
-            try:
-                await asyncio.wait_for(proc.wait(), STOP_DEADLINE)
-            except TimeoutError:
-                log.error("The replicator did not stop; killing it. dir=%s pid=%d", self.directory, proc.pid)
-                with contextlib.suppress(ProcessLookupError):
-                    os.killpg(proc.pid, signal.SIGKILL)
-                await proc.wait()
+            if await _wait_or_kill(proc, lambda: os.killpg(proc.pid, signal.SIGKILL)):
+                log.error(
+                    "The replicator did not stop in %gs; killed it. dir=%s pid=%d",
+                    STOP_DEADLINE,
+                    self.directory,
+                    proc.pid,
+                )
         if self._reader is not None:
             with contextlib.suppress(asyncio.CancelledError):
                 await self._reader
         await _lazy_unmount(self.directory)
         self.status.state, self.status.mounted = "stopped", False
+
+
+async def _wait_or_kill(proc: asyncio.subprocess.Process, kill: Callable[[], None]) -> bool:
+    """Wait up to STOP_DEADLINE for the process to end, then ``kill`` it; True when it had to be killed."""
+    try:
+        await asyncio.wait_for(proc.wait(), STOP_DEADLINE)
+        return False
+    except TimeoutError:
+        with contextlib.suppress(ProcessLookupError):
+            kill()
+        await proc.wait()
+        return True
 
 
 async def _lazy_unmount(directory: Path) -> None:
