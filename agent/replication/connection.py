@@ -2,7 +2,9 @@
 
 Frames are parsed in `data_received` itself. During the handshake they are read with `await read()`;
 afterwards `deliver()` hands each one to a callback at once, so an ack leaves (or a waiting write
-resumes) in the same event-loop turn that received the bytes, without waking a reader task.
+resumes) in the same event-loop turn that received the bytes, without waking a reader task. The
+answers written while one received chunk is handled leave together, before its `after` callback runs
+(the secondary acknowledges a chunk's frames on receipt, then applies them).
 """
 
 from __future__ import annotations
@@ -20,6 +22,8 @@ _READ_AHEAD = 64
 _LARGE = 64 * 1024
 # Why the connection ended: None for a clean end of stream, else the ProtocolError or ConnectionError.
 EndHandler = Callable[[BaseException | None], None]
+# Called once the frames of one received chunk were handed out and the answers they caused were sent.
+AfterHandler = Callable[[], None]
 
 
 class FrameParser:
@@ -73,6 +77,7 @@ class FrameConnection(asyncio.Protocol):
         self._arrived = asyncio.Event()
         self._on_frame: FrameHandler | None = None
         self._on_end: EndHandler | None = None
+        self._after: AfterHandler | None = None
         self._ended = False
         self._end: BaseException | None = None
         self._paused = False
@@ -111,6 +116,16 @@ class FrameConnection(asyncio.Protocol):
         finally:
             self._uncork()
         self._arrived.set()
+        if self._after is not None and not self._ended:
+            self._corked = []
+            try:
+                self._after()
+            except ProtocolError as exc:
+                self._uncork()
+                self._finish(exc)
+                self.close()
+            finally:
+                self._uncork()
 
     def _uncork(self) -> None:
         corked, self._corked = self._corked, None
@@ -160,17 +175,20 @@ class FrameConnection(asyncio.Protocol):
             self.resume_reading()
         return self._frames.popleft()
 
-    def deliver(self, on_frame: FrameHandler, on_end: EndHandler) -> None:
+    def deliver(self, on_frame: FrameHandler, on_end: EndHandler, after: AfterHandler | None = None) -> None:
         """From now on pass each frame to `on_frame` as it arrives, and the end of the stream to `on_end`.
 
-        Frames already read but not consumed go first. A ProtocolError raised by `on_frame` ends the
-        connection like a malformed frame does.
+        Frames already read but not consumed go first. `after` runs once per received chunk, after its
+        frames and once the answers they caused were sent. A ProtocolError raised by `on_frame` or
+        `after` ends the connection like a malformed frame does.
         """
-        self._on_frame, self._on_end = on_frame, on_end
+        self._on_frame, self._on_end, self._after = on_frame, on_end, after
         self.resume_reading()
         try:
             while self._frames:
                 on_frame(self._frames.popleft())
+            if after is not None:
+                after()
         except ProtocolError as exc:
             self._finish(exc)
             self.close()
@@ -180,7 +198,7 @@ class FrameConnection(asyncio.Protocol):
 
     def detach(self) -> None:
         """Stop delivering: later frames and the end of the stream are dropped."""
-        self._on_frame = self._on_end = None
+        self._on_frame = self._on_end = self._after = None
         self._ended = True
 
     def pause_reading(self) -> None:
@@ -201,7 +219,7 @@ class FrameConnection(asyncio.Protocol):
         self._notify_end()
 
     def _notify_end(self) -> None:
-        on_end, self._on_end, self._on_frame = self._on_end, None, None
+        on_end, self._on_end, self._on_frame, self._after = self._on_end, None, None, None
         if on_end is not None:
             on_end(self._end)
 

@@ -95,7 +95,7 @@ class Receiver:
         self.events.peer("connected")
         log.info("Replication stream open: peer=%s applied_seq=%d mode=%s", peer.node, peer.applied_seq, self.mode)
         stream = _Stream(conn, self.mode, self.applier.applied_seq, lambda frame: self._apply_now(conn, frame))
-        conn.deliver(stream.received, stream.ended)
+        conn.deliver(stream.received, stream.ended, stream.apply_received)
         # Whatever ends the connection, frames already received (and, in `received` mode,
         # acknowledged) are applied: the ack promised they would be. The end comes after them.
         while (frame := await stream.next()) is not None:
@@ -164,8 +164,9 @@ class Receiver:
 class _Stream:
     """The receiving half of one session: checks order, acks on receipt when the mode says so, queues.
 
-    `received` runs in the event-loop turn that read the bytes, so an ack leaves without a task switch;
-    a frame with nothing ahead of it is even applied there (`apply_now`), unless it would block.
+    `received` runs in the event-loop turn that read the bytes, so an ack leaves without a task switch,
+    and before any frame of the chunk is applied: the primary's wait does not include the apply. Then,
+    still in that turn, `apply_received` applies the queued frames (`apply_now`) until one would block.
     The queue is bounded by pausing the socket, which the primary feels as TCP backpressure.
     """
 
@@ -193,22 +194,28 @@ class _Stream:
         elif frame.seq != self._expected:
             raise ProtocolError(f"sequence number {frame.seq} where {self._expected} was due")
         self._expected = frame.seq + 1
-        acked_now = self.mode is not AckMode.DURABLE and not frame.msg.AFTER_APPLY
-        if not self._queue and not self._applying:
-            if acked_now:
-                self.conn.send_nowait(Frame(frame.seq, m.Ack()))
-            if self.apply_now(frame):
-                return
-            self._queue.append(frame)  # still in this turn: the ack's promise holds
-        else:
-            # Queued before the ack, so an acknowledged frame is always applied, even if the link dies now.
-            self._queue.append(frame)
-            if acked_now:
-                self.conn.send_nowait(Frame(frame.seq, m.Ack()))
+        # Queued before the ack, so an acknowledged frame is always applied, even if the link dies now.
+        self._queue.append(frame)
+        if self.mode is not AckMode.DURABLE and not frame.msg.AFTER_APPLY:
+            self.conn.send_nowait(Frame(frame.seq, m.Ack()))
         if len(self._queue) >= QUEUE_FRAMES and not self._paused:
             self._paused = True
             self.conn.pause_reading()
-        self._arrived.set()
+
+    def apply_received(self) -> None:
+        """Apply queued frames in this turn while nothing is being applied and the next one would not block."""
+        try:
+            while self._queue and not self._applying and self.apply_now(self._queue[0]):
+                self._queue.popleft()
+        except ProtocolError:
+            # Nothing after a refused frame is applied, as when the apply loop meets it.
+            self._queue.clear()
+            raise
+        if self._paused and len(self._queue) <= QUEUE_FRAMES // 2:
+            self._paused = False
+            self.conn.resume_reading()
+        if self._queue:
+            self._arrived.set()
 
     def ended(self, why: BaseException | None) -> None:
         self._ended, self.end = True, why
