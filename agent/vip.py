@@ -11,6 +11,7 @@ import errno
 import ipaddress
 import json
 import logging
+import math
 import os
 import socket
 import struct
@@ -238,6 +239,7 @@ class Netlink:
         self.fresh_for = fresh_for
         self._ipr: AsyncIPRoute | None = None
         self._placements: dict[tuple[str, str | None], Placement] = {}
+        self._read_at: dict[tuple[str, str | None], float] = {}  # when prepare last read each (monotonic)
 
     async def session(self) -> AsyncIPRoute:
         """The long-lived session, opened on first use."""
@@ -260,9 +262,10 @@ class Netlink:
     async def prepare(self, address_cidr: str, interface: str | None) -> None:
         """Read where the address goes unless a fresh reading exists; ``VipError`` if it has nowhere to go."""
         vip = parse(address_cidr)
-        known = self._placements.get((str(vip), interface))
-        if known is not None and time.monotonic() - known.at < self.fresh_for / 2:  # fresh at the next takeover
+        key = (str(vip), interface)
+        if time.monotonic() - self._read_at.get(key, -math.inf) < self.fresh_for / 2:  # fresh at the next takeover
             return
+        self._read_at[key] = time.monotonic()  # a reading that fails is not retried at once either
         await self.session()  # open ahead too
         # The readings use a session of their own: a netlink socket runs one dump at a time (EBUSY), and the
         # takeover's request must never wait behind one.
@@ -270,7 +273,7 @@ class Netlink:
             try:
                 place = _place(vip, interface, await _links(ipr), await _addresses(ipr))
             except (VipError, NetlinkError) as exc:
-                self._placements.pop((str(vip), interface), None)
+                self._placements.pop(key, None)
                 if isinstance(exc, NetlinkError):
                     raise VipError(f"cannot read the interfaces: {os.strerror(exc.code)}") from exc
                 raise
