@@ -238,16 +238,22 @@ class Netlink:
     def __init__(self, *, fresh_for: float = PLACEMENT_SECONDS) -> None:
         self.fresh_for = fresh_for
         self._ipr: AsyncIPRoute | None = None
+        self._opening = asyncio.Lock()
         self._placements: dict[tuple[str, str | None], Placement] = {}
         self._read_at: dict[tuple[str, str | None], float] = {}  # when prepare last read each (monotonic)
 
     async def session(self) -> AsyncIPRoute:
-        """The long-lived session, opened on first use."""
-        if self._ipr is None:
-            ipr = AsyncIPRoute(groups=0)  # requests only: no multicast group, so nothing queues up while idle
-            await ipr.setup_endpoint()
-            self._ipr = ipr
-        return self._ipr
+        """The long-lived session, opened on first use (once, however many callers wait for it)."""
+        async with self._opening:
+            if self._ipr is None:
+                ipr = AsyncIPRoute(groups=0)  # requests only: no multicast group, so nothing queues up while idle
+                try:
+                    await ipr.setup_endpoint()
+                except BaseException:
+                    ipr.close()
+                    raise
+                self._ipr = ipr
+            return self._ipr
 
     def placement(self, vip: IPInterface, interface: str | None) -> Placement | None:
         """Where the address goes, if read less than ``fresh_for`` seconds ago."""

@@ -58,7 +58,7 @@ class Actuators:
     _runners: dict[str, ScriptRunner] = field(default_factory=dict)
     replicators: dict[str, list[Replicator]] = field(default_factory=dict)  # by module
     _background: set[asyncio.Task[None]] = field(default_factory=set)
-    _preparing: asyncio.Task[None] | None = None
+    _preparing: dict[str, asyncio.Task[None]] = field(default_factory=dict)  # by module
 
     def __post_init__(self) -> None:
         self.ledger = vip.Ledger(self.state_dir / "addresses.json")
@@ -180,15 +180,18 @@ class Actuators:
             repeats.add_done_callback(self._background.discard)
 
     def prepare(self, ctx: ModuleContext) -> None:
-        """While a module stands by: read where its addresses would go, in the background, one reading at a time.
+        """While a module stands by: read where its addresses would go, in the background, one reading at a time
+        per module (``vip.Netlink`` reads again only when its reading gets old).
 
-        The takeover then adds each address with one netlink request (``vip.Netlink``).
+        The takeover then adds each address with one netlink request.
         """
-        if not ctx.vips or (self._preparing is not None and not self._preparing.done()):
+        running = self._preparing.get(ctx.module.name)
+        if not ctx.vips or (running is not None and not running.done()):
             return
-        self._preparing = asyncio.create_task(self._prepare(ctx.vips), name=f"prepare-{ctx.module.name}")
-        self._background.add(self._preparing)
-        self._preparing.add_done_callback(self._background.discard)
+        task = asyncio.create_task(self._prepare(ctx.vips), name=f"prepare-{ctx.module.name}")
+        self._preparing[ctx.module.name] = task
+        self._background.add(task)
+        task.add_done_callback(self._background.discard)
 
     async def _prepare(self, addresses: list[VirtualIP]) -> None:
         for address in addresses:

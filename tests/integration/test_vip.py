@@ -6,6 +6,7 @@ addresses) and runs with this thread inside it, so nothing here can reach the ho
 
 from __future__ import annotations
 
+import asyncio
 import ipaddress
 import json
 import os
@@ -20,12 +21,15 @@ import pytest
 
 from agent import vip
 from agent.vip import Held, Ledger, VipError
+from controller.actuators import Actuators, ModuleContext
+from controller.resources import Module, VirtualIP
 from tests.conftest import ExpectedLogs
 from tests.netns import inside, ip, ip_json, namespace
 
 pytestmark = pytest.mark.skipif(os.geteuid() != 0, reason="network namespaces need root")
 
 VIP = "10.99.0.50/24"
+API = "tandem.dev/v1alpha1"
 ETH_P_ALL = 0x0003
 
 
@@ -149,6 +153,35 @@ async def test_a_reading_that_no_longer_holds_is_replaced_by_a_new_one(lab: Lab,
         await netlink.prepare(VIP, "nope0")  # not read again at once: a misconfigured standby does not spin
     finally:
         netlink.close()
+
+
+async def test_every_standby_module_gets_its_addresses_read_ahead(lab: Lab, tmp_path: Path) -> None:
+    def context(name: str, address: str) -> ModuleContext:
+        module = Module.model_validate(
+            {"apiVersion": API, "kind": "Module", "metadata": {"name": name}, "spec": {"nodes": ["a", "b"]}}
+        )
+        vip_ = VirtualIP.model_validate(
+            {
+                "apiVersion": API,
+                "kind": "VirtualIP",
+                "metadata": {"name": f"{name}-vip"},
+                "spec": {"module": name, "address": address},
+            }
+        )
+        return ModuleContext(module=module, vips=[vip_], dirs=[])
+
+    actuators = Actuators(node="a", state_dir=tmp_path / "state")
+    first, second = context("one", VIP), context("two", "10.99.0.51/24")
+    try:
+        for _ in range(3):  # ticks: the first module's readings must not keep the second one's from running
+            actuators.prepare(first)
+            actuators.prepare(second)
+            await asyncio.sleep(0.05)
+        for address in (VIP, "10.99.0.51/24"):
+            place = actuators.netlink.placement(vip.parse(address), None)
+            assert place is not None and place.name == "veth0", address
+    finally:
+        await actuators.aclose()
 
 
 async def test_an_address_someone_else_added_is_not_recorded_by_the_read_ahead_path(lab: Lab) -> None:
