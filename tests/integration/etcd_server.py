@@ -53,8 +53,17 @@ class EtcdServer:
         self.stop()
 
     def pause(self) -> None:
-        """Freeze the server (SIGSTOP): connections stay open but nothing answers."""
+        """Freeze the server (SIGSTOP): connections stay open but nothing answers.
+
+        Returns once every thread of the server is stopped: the signal only takes effect as each thread
+        next enters the kernel, and a request sent before that could still be answered.
+        """
         os.kill(self.pid, signal.SIGSTOP)
+        deadline = time.monotonic() + 5.0
+        while not all(_thread_state(stat) in ("T", "") for stat in Path(f"/proc/{self.pid}/task").glob("*/stat")):
+            if time.monotonic() > deadline:
+                raise RuntimeError(f"etcd (pid {self.pid}) did not stop within 5 s of SIGSTOP")
+            time.sleep(0.005)
 
     def resume(self) -> None:
         os.kill(self.pid, signal.SIGCONT)
@@ -142,3 +151,11 @@ def _terminate(process: subprocess.Popen[bytes], within: float) -> None:
         except subprocess.TimeoutExpired:
             os.kill(process.pid, signal.SIGKILL)
             process.wait(timeout=within)
+
+
+def _thread_state(stat: Path) -> str:
+    """The state letter of /proc/<pid>/task/<tid>/stat ('T' = stopped); '' if the thread is gone."""
+    try:
+        return stat.read_text().rsplit(")", 1)[1].split()[0]
+    except (OSError, IndexError):
+        return ""
