@@ -96,36 +96,34 @@ class FrameConnection(asyncio.Protocol):
             self._opened(self)
 
     def data_received(self, data: bytes) -> None:
-        if self._ended:
+        if self._ended or not self._corked_call(lambda: self._take(data)):
             return
-        # Answers written while these frames are handled leave in one send, not one each.
+        self._arrived.set()
+        if self._after is not None and not self._ended:
+            self._corked_call(self._after)
+
+    def _take(self, data: bytes) -> None:
+        for frame in self._parser.feed(data):
+            if self._on_frame is not None:
+                self._on_frame(frame)
+            else:
+                self._frames.append(frame)
+                if len(self._frames) == _READ_AHEAD:
+                    self.pause_reading()
+
+    def _corked_call(self, fn: Callable[[], None]) -> bool:
+        """Run fn with the answers it writes corked into one send; False when a ProtocolError ended the connection."""
         self._corked = []
         try:
-            for frame in self._parser.feed(data):
-                if self._on_frame is not None:
-                    self._on_frame(frame)
-                else:
-                    self._frames.append(frame)
-                    if len(self._frames) == _READ_AHEAD:
-                        self.pause_reading()
+            fn()
         except ProtocolError as exc:
             self._uncork()
             self._finish(exc)
             self.close()
-            return
+            return False
         finally:
             self._uncork()
-        self._arrived.set()
-        if self._after is not None and not self._ended:
-            self._corked = []
-            try:
-                self._after()
-            except ProtocolError as exc:
-                self._uncork()
-                self._finish(exc)
-                self.close()
-            finally:
-                self._uncork()
+        return True
 
     def _uncork(self) -> None:
         corked, self._corked = self._corked, None

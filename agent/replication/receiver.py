@@ -211,9 +211,7 @@ class _Stream:
             # Nothing after a refused frame is applied, as when the apply loop meets it.
             self._queue.clear()
             raise
-        if self._paused and len(self._queue) <= QUEUE_FRAMES // 2:
-            self._paused = False
-            self.conn.resume_reading()
+        self._resume_if_drained()
         if self._queue:
             self._arrived.set()
 
@@ -228,11 +226,14 @@ class _Stream:
                 return None
             self._arrived.clear()
             await self._arrived.wait()
+        self._resume_if_drained()
+        self._applying = True
+        return self._queue.popleft()
+
+    def _resume_if_drained(self) -> None:
         if self._paused and len(self._queue) <= QUEUE_FRAMES // 2:
             self._paused = False
             self.conn.resume_reading()
-        self._applying = True
-        return self._queue.popleft()
 
     def applied(self) -> None:
         """The frame last handed out by next() is applied and answered."""
