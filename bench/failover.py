@@ -337,20 +337,18 @@ def measure_failover(lab: Lab, poller: Poller, kill: Callable[[], None], phase: 
         "node1 to serve steadily through the VIP", lambda: steady(poller.attempts(), "node1"), timeout=20, interval=0.02
     )
     since_beat = None
-    if phase is None:
-        time.sleep(random.uniform(0.0, 1.0))
+    with contextlib.ExitStack() as stack:
+        if phase is None:
+            time.sleep(random.uniform(0.0, 1.0))
+        else:
+            beats = stack.enter_context(Beats(lab, phase.proto))
+            beat = beats.next()
+            time.sleep(max(0.0, beat + phase.fraction * phase.interval - time.monotonic()))
         t0, wall0 = time.monotonic(), time.time()
         kill()
         lab.isolate("node1")
         t_cut = time.monotonic()
-    else:
-        with Beats(lab, phase.proto) as beats:
-            beat = beats.next()
-            time.sleep(max(0.0, beat + phase.fraction * phase.interval - time.monotonic()))
-            t0, wall0 = time.monotonic(), time.time()
-            kill()
-            lab.isolate("node1")
-            t_cut = time.monotonic()
+        if phase is not None:
             # node2 counts from the last beat it received, which may have come during the wait (sender jitter)
             # or even just after the kill (in flight): the phase as it happened, negative in the latter case.
             later = beats.last()
