@@ -23,11 +23,6 @@ _CACHED_FILES = 64
 _NODE_TYPES = (stat.S_IFIFO, stat.S_IFSOCK, stat.S_IFCHR, stat.S_IFBLK, stat.S_IFREG)
 
 
-def _proc(fd: int) -> str:
-    # Reopening our own O_PATH fd through /proc reaches exactly that inode, never a path a peer chose.
-    return f"/proc/self/fd/{fd}"
-
-
 # Operations that never change which inode a path names: the open-file cache survives them.
 _KEEPS_NAMES = frozenset(
     {m.Write, m.Truncate, m.Fallocate, m.Fsync, m.Setattr, m.Setxattr, m.Removexattr, m.SyncMark, m.SyncSums}
@@ -173,7 +168,7 @@ class Applier:
             return fd
         with self.beneath.inode(path) as (pfd, st):
             _require_regular(st, path)
-            fd = os.open(_proc(pfd), os.O_WRONLY | os.O_CLOEXEC)
+            fd = os.open(syscalls.proc(pfd), os.O_WRONLY | os.O_CLOEXEC)
         self._files[path] = fd
         if len(self._files) > _CACHED_FILES:
             os.close(self._files.popitem(last=False)[1])
@@ -184,7 +179,7 @@ class Applier:
         """Open a regular file for I/O; other types are never opened, so no device driver is reached."""
         with self.beneath.inode(path) as (pfd, st):
             _require_regular(st, path)
-            fd = os.open(_proc(pfd), flags | os.O_CLOEXEC)
+            fd = os.open(syscalls.proc(pfd), flags | os.O_CLOEXEC)
         try:
             yield fd
         finally:
@@ -201,7 +196,7 @@ class Applier:
         try:
             # Linux symlinks have no mode of their own; chmod through one would reach its target.
             if not stat.S_ISLNK(os.fstat(fd).st_mode):
-                os.chmod(_proc(fd), mode & 0o7777)
+                os.chmod(syscalls.proc(fd), mode & 0o7777)
         finally:
             os.close(fd)
 
@@ -294,11 +289,11 @@ class Applier:
 
     def _setxattr(self, msg: m.Setxattr) -> None:
         with self.beneath.inode(msg.path) as (fd, _):
-            os.setxattr(_proc(fd), msg.name, msg.value, msg.flags)
+            os.setxattr(syscalls.proc(fd), msg.name, msg.value, msg.flags)
 
     def _removexattr(self, msg: m.Removexattr) -> None:
         with self.beneath.inode(msg.path) as (fd, _):
-            os.removexattr(_proc(fd), msg.name)
+            os.removexattr(syscalls.proc(fd), msg.name)
 
     def _fsync(self, msg: m.Fsync) -> None:
         self.unsynced = 0
@@ -309,7 +304,7 @@ class Applier:
         with self.beneath.inode(msg.path) as (pfd, st):
             if not (stat.S_ISREG(st.st_mode) or stat.S_ISDIR(st.st_mode)):
                 return
-            fd = os.open(_proc(pfd), os.O_RDONLY | os.O_CLOEXEC)
+            fd = os.open(syscalls.proc(pfd), os.O_RDONLY | os.O_CLOEXEC)
         try:
             (os.fdatasync if msg.datasync else os.fsync)(fd)
         finally:
@@ -335,7 +330,7 @@ class Applier:
     def _sync_xattrs(self, msg: m.SyncXattrs) -> None:
         pairs = _xattr_pairs(msg.pairs)
         with self.beneath.inode(msg.path) as (fd, _):
-            path = _proc(fd)
+            path = syscalls.proc(fd)
             for name in set(os.listxattr(path)) - {os.fsdecode(n) for n, _ in pairs}:
                 os.removexattr(path, name)
             for name, value in pairs:
@@ -358,7 +353,7 @@ class Applier:
         try:
             if not stat.S_ISREG(os.fstat(pfd).st_mode):
                 return None  # never opened for reading: no FIFO or device is reached
-            fd = os.open(_proc(pfd), os.O_RDONLY | os.O_CLOEXEC)
+            fd = os.open(syscalls.proc(pfd), os.O_RDONLY | os.O_CLOEXEC)
         finally:
             os.close(pfd)
         try:

@@ -11,16 +11,12 @@ import msgpack
 import xxhash
 
 from agent.replication.beneath import PathEscape, check_name
+from agent.replication.syscalls import proc
 from agent.replication.wire import ProtocolError
 
 _FIELDS = 12
 # SyncDirSums answers carry the block checksums of regular files up to this size (a 13th field).
 SUMS_MAX = 1024 * 1024
-
-
-def proc(fd: int) -> str:
-    """The /proc path that reopens exactly the inode behind an fd."""
-    return f"/proc/self/fd/{fd}"
 
 
 @dataclass(frozen=True, slots=True)

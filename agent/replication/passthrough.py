@@ -14,15 +14,11 @@ import pyfuse3
 import pyfuse3.asyncio
 
 from agent.replication.inodes import Inodes
+from agent.replication.syscalls import proc
 
 BASE_OPTIONS = frozenset({"fsname=tandem", "subtype=tandem", "default_permissions", "allow_other"})
 _P = ParamSpec("_P")
 _R = TypeVar("_R")
-
-
-def proc(fd: int) -> str:
-    """The /proc path that reopens exactly the inode behind one of our fds."""
-    return f"/proc/self/fd/{fd}"
 
 
 def passes_errors(fn: Callable[_P, Awaitable[_R]]) -> Callable[_P, Awaitable[_R]]:

@@ -14,7 +14,6 @@ import pyfuse3
 from agent.replication import messages as m
 from agent.replication import syscalls
 from agent.replication.passthrough import Passthrough, passes_errors
-from agent.replication.passthrough import proc as _proc
 from agent.replication.sender import Sender
 
 # Every change to the tree goes through this mount, so the kernel's entry and attribute caches stay
@@ -117,7 +116,7 @@ class ReplicatedFS(Passthrough):
         if mode is not None:
             fd = os.open(name, os.O_PATH | os.O_NOFOLLOW | os.O_CLOEXEC, dir_fd=pfd)
             try:
-                os.chmod(_proc(fd), mode)
+                os.chmod(syscalls.proc(fd), mode)
             finally:
                 os.close(fd)
 
@@ -186,7 +185,7 @@ class ReplicatedFS(Passthrough):
         self, inode: int, new_parent_inode: int, new_name: bytes, ctx: pyfuse3.RequestContext
     ) -> pyfuse3.EntryAttributes:
         target = self.inodes.path(inode)
-        os.link(_proc(self.inodes.fd(inode)), new_name, dst_dir_fd=self.inodes.fd(new_parent_inode))
+        os.link(syscalls.proc(self.inodes.fd(inode)), new_name, dst_dir_fd=self.inodes.fd(new_parent_inode))
         if target is None:
             return await self.lookup(new_parent_inode, new_name, ctx)
         return await self._entered(new_parent_inode, new_name, lambda p, st: m.Link(target, p))
@@ -254,9 +253,9 @@ class ReplicatedFS(Passthrough):
         mode = stat.S_IMODE(attr.st_mode) if fields.update_mode else None
         size = attr.st_size if fields.update_size else None
         if uid is not None or gid is not None:
-            os.chown(_proc(fd), -1 if uid is None else uid, -1 if gid is None else gid)
+            os.chown(syscalls.proc(fd), -1 if uid is None else uid, -1 if gid is None else gid)
         if mode is not None:
-            os.chmod(_proc(fd), mode)
+            os.chmod(syscalls.proc(fd), mode)
         if size is not None:
             self._truncate(fd, fh, size)
         atime, mtime = self._set_times(fd, attr, fields)
@@ -269,7 +268,7 @@ class ReplicatedFS(Passthrough):
         if fh is not None and fh in self._files:
             os.ftruncate(self._files[fh][0], size)
             return
-        wfd = os.open(_proc(fd), os.O_WRONLY | os.O_CLOEXEC)
+        wfd = os.open(syscalls.proc(fd), os.O_WRONLY | os.O_CLOEXEC)
         try:
             os.ftruncate(wfd, size)
         finally:
@@ -284,13 +283,13 @@ class ReplicatedFS(Passthrough):
         st = os.fstat(fd)
         atime = attr.st_atime_ns if fields.update_atime else st.st_atime_ns
         mtime = attr.st_mtime_ns if fields.update_mtime else st.st_mtime_ns
-        os.utime(_proc(fd), ns=(atime, mtime))
+        os.utime(syscalls.proc(fd), ns=(atime, mtime))
         return atime, mtime
 
     @passes_errors
     async def setxattr(self, inode: int, name: bytes, value: bytes, ctx: pyfuse3.RequestContext) -> None:
         self._no_caps.discard(inode)
-        os.setxattr(_proc(self.inodes.fd(inode)), name, value)
+        os.setxattr(syscalls.proc(self.inodes.fd(inode)), name, value)
         path = self.inodes.path(inode)
         if path is not None:
             await self._ship(m.Setxattr(path, name, 0, value))
@@ -298,7 +297,7 @@ class ReplicatedFS(Passthrough):
     @passes_errors
     async def removexattr(self, inode: int, name: bytes, ctx: pyfuse3.RequestContext) -> None:
         self._no_caps.discard(inode)
-        os.removexattr(_proc(self.inodes.fd(inode)), name)
+        os.removexattr(syscalls.proc(self.inodes.fd(inode)), name)
         path = self.inodes.path(inode)
         if path is not None:
             await self._ship(m.Removexattr(path, name))
@@ -349,7 +348,7 @@ class ReplicatedFS(Passthrough):
         """fsync locally while the secondary does the same; return when both are durable."""
         path = self.inodes.path(inode)
         fut = self.sender.submit(m.Fsync(path, datasync)) if path is not None else None
-        own = fd if fd is not None else os.open(_proc(self.inodes.fd(inode)), os.O_RDONLY | os.O_CLOEXEC)
+        own = fd if fd is not None else os.open(syscalls.proc(self.inodes.fd(inode)), os.O_RDONLY | os.O_CLOEXEC)
         sync = os.fdatasync if datasync else os.fsync
         try:
             if self._unsynced.pop(inode, 0) < syscalls.INLINE_SYNC_BYTES:

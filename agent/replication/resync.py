@@ -74,9 +74,9 @@ def paths_of(msg: m.Message) -> tuple[bytes, ...]:
 def open_read(pfd: int) -> int:
     """Reopen an O_PATH fd for reading without moving its atime (O_NOATIME needs ownership or CAP_FOWNER)."""
     try:
-        return os.open(listing.proc(pfd), os.O_RDONLY | os.O_CLOEXEC | os.O_NOATIME)
+        return os.open(syscalls.proc(pfd), os.O_RDONLY | os.O_CLOEXEC | os.O_NOATIME)
     except PermissionError:
-        return os.open(listing.proc(pfd), os.O_RDONLY | os.O_CLOEXEC)
+        return os.open(syscalls.proc(pfd), os.O_RDONLY | os.O_CLOEXEC)
 
 
 def _same_kind(local: Entry, remote: Entry) -> bool:

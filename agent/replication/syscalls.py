@@ -1,4 +1,4 @@
-"""ctypes bindings for the Linux calls that Python's os module lacks (openat2, renameat2, fallocate)."""
+"""ctypes bindings for the Linux calls that Python's os module lacks (openat2, renameat2, fallocate, syncfs)."""
 
 from __future__ import annotations
 
@@ -34,10 +34,16 @@ _libc.syscall.restype = ctypes.c_long
 _libc.renameat2.argtypes = [ctypes.c_int, ctypes.c_char_p, ctypes.c_int, ctypes.c_char_p, ctypes.c_uint]
 _libc.fallocate.argtypes = [ctypes.c_int, ctypes.c_int, ctypes.c_int64, ctypes.c_int64]
 _libc.sync_file_range.argtypes = [ctypes.c_int, ctypes.c_int64, ctypes.c_int64, ctypes.c_uint]
+_libc.syncfs.argtypes = [ctypes.c_int]
 
 SYNC_FILE_RANGE_WRITE = 2
 # A write at least this large is streaming data: its writeback starts at once (see start_writeback).
 STREAM_WRITE_BYTES = 256 * 1024
+
+
+def proc(fd: int) -> str:
+    """The /proc path of one of our own fds: reopening it reaches exactly that inode, never a path a peer chose."""
+    return f"/proc/self/fd/{fd}"
 
 
 def _raise_errno(what: str, path: bytes | None = None) -> None:
@@ -73,6 +79,12 @@ def start_writeback(fd: int, offset: int, length: int) -> None:
     Not a durability promise (metadata is not written); fsync still makes data durable.
     """
     _libc.sync_file_range(fd, offset, length, SYNC_FILE_RANGE_WRITE)
+
+
+def syncfs(fd: int) -> None:
+    """Write everything dirty of the file system holding `fd` to its disk; writeback errors raise OSError."""
+    if _libc.syncfs(fd) != 0:
+        _raise_errno("syncfs")
 
 
 def fallocate(fd: int, mode: int, offset: int, length: int) -> None:
