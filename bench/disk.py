@@ -40,23 +40,38 @@ def work_dir(parent: Path, prefix: str, fresh_gib: int) -> Iterator[Path]:
             yield Path(tmp)
         return
     holder = Path(tempfile.mkdtemp(prefix=prefix, dir=parent))
-    image, mnt = holder / "fs.img", holder / "mnt"
     try:
-        mnt.mkdir()
-        with open(image, "wb") as f:
-            f.truncate(fresh_gib << 30)  # sparse: blocks are taken as the benchmark writes
-        _run("mkfs.ext4", "-q", "-F", "-E", "lazy_itable_init=0,lazy_journal_init=0", str(image))
-        _run("mount", "-o", "loop", str(image), str(mnt))
-        try:
+        make_ext4(holder / "fs.img", fresh_gib << 30)
+        with loop_mount(holder / "fs.img", holder / "mnt") as mnt:
             work = mnt / "work"
             work.mkdir()
             work.chmod(0o755)
             yield work
-        finally:
-            if subprocess.run(["umount", str(mnt)], capture_output=True, check=False).returncode != 0:
-                _run("umount", "-l", str(mnt))
     finally:
         shutil.rmtree(holder, ignore_errors=True)
+
+
+def make_ext4(image: Path, size: int, *, lazy: bool = False) -> None:
+    """A new ext4 in a sparse image of `size` bytes (blocks are taken as they are written).
+
+    lazy: leave the inode tables and the journal unzeroed (a small image stays small on its host).
+    """
+    with open(image, "wb") as f:
+        f.truncate(size)
+    init = "1" if lazy else "0"
+    _run("mkfs.ext4", "-q", "-F", "-E", f"lazy_itable_init={init},lazy_journal_init={init},nodiscard", str(image))
+
+
+@contextlib.contextmanager
+def loop_mount(image: Path, mnt: Path, *options: str) -> Iterator[Path]:
+    """Mount the file system in `image` on `mnt` (made if missing) through a loop device freed at unmount."""
+    mnt.mkdir(exist_ok=True)
+    _run("mount", "-o", ",".join(("loop", *options)), str(image), str(mnt))
+    try:
+        yield mnt
+    finally:
+        if subprocess.run(["umount", str(mnt)], capture_output=True, check=False).returncode != 0:
+            _run("umount", "-l", str(mnt))
 
 
 def describe(parent: Path, fresh_gib: int) -> str:

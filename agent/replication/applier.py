@@ -15,6 +15,7 @@ import msgpack
 from agent.replication import blocks, listing, syscalls
 from agent.replication import messages as m
 from agent.replication.beneath import Beneath
+from agent.replication.dirty import Dirty
 from agent.replication.wire import Frame, ProtocolError
 
 _REMEMBERED_ERRORS = 1024
@@ -48,6 +49,24 @@ _KEEPS_DIRS = frozenset(
 )
 
 
+# What `durable` mode flushes after each operation: the file whose bytes changed (fdatasync), the
+# inode whose metadata changed, or the entries made, changed or removed (their directory and inode).
+_DATA_OPS = frozenset({m.Write, m.Truncate, m.Fallocate})
+_INODE_OPS = frozenset({m.Setattr, m.Setxattr, m.Removexattr, m.SyncXattrs})
+_ENTRY_FIELDS: dict[type[m.Message], tuple[str, ...]] = {
+    m.Create: ("path",),
+    m.Mkdir: ("path",),
+    m.Mknod: ("path",),
+    m.Symlink: ("path",),
+    m.Link: ("path",),
+    m.Unlink: ("path",),
+    m.Rmdir: ("path",),
+    m.Rename: ("old", "new"),
+    m.SyncRemove: ("path",),
+    m.SyncFile: ("path",),
+}
+
+
 def _pwrite_all(fd: int, data: bytes, offset: int) -> None:
     view = memoryview(data)
     while view:
@@ -63,6 +82,8 @@ class Applier:
         self.stream: bytes | None = None
         self.applied_seq = 0
         self.unsynced = 0
+        # Set in `durable` mode: what the frames applied since the last take_dirty() changed.
+        self.dirty: Dirty | None = None
         self._files: OrderedDict[bytes, int] = OrderedDict()
         self._errors: OrderedDict[int, m.Ack] = OrderedDict()
         self._ops: dict[type[m.Message], Callable[[Any], object]] = {
@@ -103,6 +124,18 @@ class Applier:
             self.stream, self.applied_seq = stream, 0
             self._errors.clear()
 
+    def record_changes(self, on: bool) -> None:
+        """Whether to record what each frame changes, for take_dirty() (`durable` mode)."""
+        if self.dirty is not None:
+            self.dirty.discard()
+        self.dirty = Dirty(self.beneath.root_fd) if on else None
+
+    def take_dirty(self) -> Dirty:
+        """What the frames applied since the last call changed, to flush; the next frames record anew."""
+        taken, self.dirty = self.dirty, Dirty(self.beneath.root_fd)
+        self.unsynced = 0
+        return taken if taken is not None else Dirty(self.beneath.root_fd)
+
     def blocking(self, msg: m.Message) -> bool:
         """Whether applying `msg` may take long enough that it belongs in a thread, off the event loop."""
         if isinstance(msg, m.Fsync):
@@ -113,6 +146,8 @@ class Applier:
         """Close the files kept open for data operations and the cached directories."""
         self._close_files()
         self.beneath.forget_dirs()
+        if self.dirty is not None:
+            self.dirty.discard()
 
     def _close_files(self) -> None:
         while self._files:
@@ -153,12 +188,32 @@ class Applier:
             if answer is not _TIMES_DONE:
                 for fix in getattr(msg, "times", ()):
                     self._fix_times(fix)
+            if self.dirty is not None:
+                self._record(msg, self.dirty)
         except OSError as exc:
             code = exc.errno or errno.EIO
-            return m.Ack(code, f"{type(msg).__name__} {exc.filename!r}: {os.strerror(code)}"[:1000])
+            name = exc.filename if exc.filename is not None else getattr(msg, "path", None)
+            return m.Ack(code, f"{type(msg).__name__} {name!r}: {os.strerror(code)}"[:1000])
         except ValueError as exc:
             raise ProtocolError(f"{type(msg).__name__} cannot be applied: {exc}") from exc
         return answer if isinstance(answer, m.Message) else m.Ack()
+
+    def _record(self, msg: m.Message, dirty: Dirty) -> None:
+        """Note in `dirty` what the operation just applied changed (`durable` mode)."""
+        kind, path = type(msg), getattr(msg, "path", b"")
+        if kind in _DATA_OPS:
+            dirty.data(self._file(path))
+        elif kind in _INODE_OPS:
+            with self.beneath.inode(path) as (fd, st):
+                dirty.inode(fd, st)
+        for field in _ENTRY_FIELDS.get(kind, ()):
+            with self.beneath.entry(getattr(msg, field)) as (dir_fd, name):
+                dirty.entry(dir_fd, name)
+        for fix in getattr(msg, "times", ()):
+            # A written file's own times follow fdatasync's promise: they may lag, its bytes never.
+            if kind not in _DATA_OPS or fix.path != path:
+                with self.beneath.inode(fix.path) as (fd, st):
+                    dirty.inode(fd, st)
 
     def _file(self, path: bytes) -> int:
         """A cached writable fd of the regular file at `path` (opened beneath the root on a miss)."""
@@ -369,6 +424,7 @@ class Applier:
             try:
                 if msg.data:
                     _pwrite_all(fd, msg.data, 0)
+                    self.unsynced += len(msg.data)
                 os.fchown(fd, msg.uid, msg.gid)
                 os.fchmod(fd, msg.mode)
                 os.utime(fd, ns=(msg.atime_ns, msg.mtime_ns))

@@ -6,13 +6,17 @@ import asyncio
 import collections
 import contextlib
 import enum
+import errno
 import logging
+import os
 from collections.abc import Callable
 
 from agent.replication import messages as m
+from agent.replication import syscalls
 from agent.replication.applier import Applier
 from agent.replication.beneath import PathEscape
 from agent.replication.connection import FrameConnection
+from agent.replication.dirty import Dirty
 from agent.replication.events import Events, NoEvents
 from agent.replication.handshake import server_handshake
 from agent.replication.wire import Frame, ProtocolError
@@ -25,6 +29,7 @@ class AckMode(enum.StrEnum):
     """When the secondary acknowledges an operation (an fsync is always acked after the fsync)."""
 
     RECEIVED = "received"
+    # Acked once applied and flushed to this node's disk: the frames applied together share one flush.
     DURABLE = "durable"
     # The primary's writeback cache holds writes until flush/fsync/close; the secondary acks as in
     # `received` and the primary waits for those acks at each flush and fsync.
@@ -46,6 +51,8 @@ class Receiver:
         self._lock = asyncio.Lock()
         self._conns: set[FrameConnection] = set()
         self._tasks: set[asyncio.Task[None]] = set()
+        # `durable`: answers of applied frames, sent once what they changed is on disk.
+        self._unflushed: list[Frame] = []
 
     def connection(self) -> FrameConnection:
         """A protocol for one accepted connection (`loop.create_server(receiver.connection, ...)`)."""
@@ -91,14 +98,25 @@ class Receiver:
             log.warning("Replication peer %s (node=%s) is unauthenticated: no shared secret", peername, peer.node)
         self.mode = AckMode(peer.ack)
         self.applier.begin(peer.stream)
+        self.applier.record_changes(self.mode is AckMode.DURABLE)
+        self._unflushed = []
         self._connected = True
         self.events.peer("connected")
         log.info("Replication stream open: peer=%s applied_seq=%d mode=%s", peer.node, peer.applied_seq, self.mode)
-        stream = _Stream(conn, self.mode, self.applier.applied_seq, lambda frame: self._apply_now(conn, frame))
+        stream = _Stream(
+            conn,
+            self.mode,
+            self.applier.applied_seq,
+            lambda frame: self._apply_now(conn, frame),
+            lambda: bool(self._unflushed),
+        )
         conn.deliver(stream.received, stream.ended, stream.apply_received)
         # Whatever ends the connection, frames already received (and, in `received` mode,
         # acknowledged) are applied: the ack promised they would be. The end comes after them.
-        while (frame := await stream.next()) is not None:
+        while (frame := await stream.next()) is not None or self._unflushed:
+            if frame is None:
+                await self._flush(conn)
+                continue
             await self._apply(conn, frame)
             stream.applied()
         if stream.end is not None:
@@ -129,12 +147,37 @@ class Receiver:
         failed = isinstance(answer, m.Ack) and bool(answer.status)
         if failed and isinstance(answer, m.Ack):
             self._failed(frame, answer)
-        if self.mode is AckMode.DURABLE or frame.msg.AFTER_APPLY:
+        if self.mode is AckMode.DURABLE:
+            self._unflushed.append(Frame(frame.seq, answer))
+        elif frame.msg.AFTER_APPLY:
             self._answer(conn, Frame(frame.seq, answer))
         elif failed and isinstance(answer, m.Ack):
             self._answer(conn, Frame(frame.seq, m.Fault(answer.status, answer.message)))
         if not failed:
             self._track(frame.msg)
+
+    async def _flush(self, conn: FrameConnection) -> None:
+        """`durable`: put on disk what the frames applied since the last flush changed, then answer them.
+
+        Every frame applied while nothing else was queued shares this flush (group commit); a large
+        one runs in a thread while frames go on arriving and being applied, into the next batch.
+        """
+        answers, self._unflushed = self._unflushed, []
+        large = self.applier.unsynced >= syscalls.INLINE_SYNC_BYTES
+        dirty = self.applier.take_dirty()
+        failure = await asyncio.to_thread(_flushed, dirty) if large else _flushed(dirty)
+        if failure is not None:
+            code = failure.errno or errno.EIO
+            log.error(
+                "Replication error: flushing seq %d-%d to disk failed: %s", answers[0].seq, answers[-1].seq, failure
+            )
+            self.in_sync = False
+            failed = m.Ack(code, f"flushing to disk: {os.strerror(code)}")
+            answers = [Frame(a.seq, failed) if isinstance(a.msg, m.Ack) and not a.msg.status else a for a in answers]
+        for answer in answers:
+            self._answer(conn, answer)
+        with contextlib.suppress(ConnectionError):
+            await conn.drain()
 
     def _failed(self, frame: Frame, ack: m.Ack) -> None:
         # During a resync a live operation may reach a part of the tree not copied yet; the primary
@@ -161,6 +204,14 @@ class Receiver:
             conn.send_nowait(frame)
 
 
+def _flushed(dirty: Dirty) -> OSError | None:
+    try:
+        dirty.flush()
+    except OSError as exc:
+        return exc
+    return None
+
+
 class _Stream:
     """The receiving half of one session: checks order, acks on receipt when the mode says so, queues.
 
@@ -171,12 +222,18 @@ class _Stream:
     """
 
     def __init__(
-        self, conn: FrameConnection, mode: AckMode, applied_seq: int, apply_now: Callable[[Frame], bool]
+        self,
+        conn: FrameConnection,
+        mode: AckMode,
+        applied_seq: int,
+        apply_now: Callable[[Frame], bool],
+        flush_due: Callable[[], bool],
     ) -> None:
         self.conn = conn
         self.mode = mode
         self.applied_seq = applied_seq
         self.apply_now = apply_now
+        self.flush_due = flush_due
         self._applying = False
         self.end: BaseException | None = None
         self._expected: int | None = None
@@ -212,7 +269,7 @@ class _Stream:
             self._queue.clear()
             raise
         self._resume_if_drained()
-        if self._queue:
+        if self._queue or self.flush_due():
             self._arrived.set()
 
     def ended(self, why: BaseException | None) -> None:
@@ -220,9 +277,10 @@ class _Stream:
         self._arrived.set()
 
     async def next(self) -> Frame | None:
-        """The next frame to apply, or None once the connection ended and every frame was handed out."""
+        """The next frame to apply; None when nothing is queued and applied frames wait for a flush, or
+        the connection ended and every frame was handed out."""
         while not self._queue:
-            if self._ended:
+            if self._ended or self.flush_due():
                 return None
             self._arrived.clear()
             await self._arrived.wait()

@@ -6,52 +6,25 @@ import asyncio
 import errno
 import logging
 import os
-import socket
 from collections.abc import AsyncIterator
-from dataclasses import dataclass
 from pathlib import Path
 
 import pytest
 
 from agent.replication import messages as m
-from agent.replication.applier import Applier
 from agent.replication.connection import FrameConnection
-from agent.replication.handshake import client_handshake
-from agent.replication.receiver import AckMode, Receiver
+from agent.replication.receiver import AckMode
 from agent.replication.wire import Frame
 from tests.conftest import ExpectedLogs
-
-SECRET = b"k" * 32
-
-
-@dataclass
-class Link:
-    conn: FrameConnection
-    server: asyncio.Task[None]
-    root: Path
-    receiver: Receiver
+from tests.integration.replication.links import Link, open_link
 
 
 @pytest.fixture(params=[AckMode.RECEIVED, AckMode.DURABLE, AckMode.FSYNC])
 async def link(request: pytest.FixtureRequest, tmp_path: Path) -> AsyncIterator[Link]:
     root = tmp_path / "repl"
     root.mkdir()
-    fd = os.open(root, os.O_PATH | os.O_DIRECTORY)
-    receiver = Receiver(Applier(fd), node="node2", secret=SECRET)
-    left, right = socket.socketpair()
-    loop = asyncio.get_running_loop()
-    _, server_end = await loop.connect_accepted_socket(FrameConnection, sock=right)
-    server = asyncio.create_task(receiver.serve(server_end))
-    _, conn = await loop.create_connection(FrameConnection, sock=left)
-    try:
-        peer = await client_handshake(conn, "node1", SECRET, b"s" * 16, request.param)
-        assert peer.authenticated and peer.applied_seq == 0 and peer.ack == request.param
-        yield Link(conn, server, root, receiver)
-    finally:
-        conn.close()
-        await conn.wait_closed()
-        await asyncio.wait_for(server, 5)
-        os.close(fd)
+    async with open_link(root, request.param) as opened:
+        yield opened
 
 
 async def test_every_op_is_acked_once_in_order_of_need(link: Link, expected_logs: ExpectedLogs) -> None:

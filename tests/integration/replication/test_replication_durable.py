@@ -1,0 +1,144 @@
+"""`ack: durable` means on the secondary's disk: checked on a copy of that disk taken right after the acks.
+
+The secondary's directory lives on an ext4 in a loop image, mounted with a 60 s journal commit so
+nothing reaches the image by itself during a test. Copying the image after the acks and mounting the
+copy (ext4 replays its journal) shows what a power cut at that moment would leave.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import errno
+import os
+import shutil
+import stat
+import subprocess
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+
+from agent.replication import messages as m
+from agent.replication.connection import FrameConnection
+from agent.replication.receiver import AckMode
+from agent.replication.wire import Frame
+from bench.disk import loop_mount, make_ext4
+from tests.conftest import ExpectedLogs
+from tests.integration.replication.links import open_link
+
+DATA = bytes(range(256)) * 40  # 10 KiB: three pages, the last one partial
+OPERATIONS: list[m.Message] = [
+    m.Mkdir(b"d", 0o755, 0, 0),
+    m.Create(b"d/f", 0o640, 0, 0, 0),
+    m.Write(b"d/f", 0, DATA),
+    m.Rename(b"d/f", b"d/g", 0),
+    m.Setattr(b"d/g", mode=0o600),
+    m.Symlink(b"d/l", b"g", 0, 0),
+    m.Create(b"gone", 0o644, 0, 0, 0),
+    m.Unlink(b"gone"),
+    m.Mkdir(b"e", 0o700, 0, 0),
+    m.Setxattr(b"e", b"user.k", 0, b"v"),
+]
+
+
+def _state(root: Path) -> dict[str, object]:
+    """What the operations above leave, as far as they got."""
+    g, d = root / "d" / "g", root / "d"
+    return {
+        "d": d.is_dir(),
+        "g": g.read_bytes() if g.is_file() else None,
+        "g mode": stat.S_IMODE(g.stat().st_mode) if g.is_file() else None,
+        "f": (d / "f").exists(),
+        "l": os.readlink(d / "l") if (d / "l").is_symlink() else None,
+        "gone": (root / "gone").exists(),
+        "e xattr": os.getxattr(root / "e", "user.k") if (root / "e").is_dir() else None,
+    }
+
+
+APPLIED = {"d": True, "g": DATA, "g mode": 0o600, "f": False, "l": "g", "gone": False, "e xattr": b"v"}
+
+
+@pytest.fixture
+def disk(tmp_path: Path) -> Iterator[Path]:
+    """The secondary's disk: a fresh ext4 whose journal commits only when asked (or after 60 s)."""
+    if shutil.which("mkfs.ext4") is None:
+        pytest.fail("mkfs.ext4 is missing: apt-get install -y e2fsprogs")
+    make_ext4(tmp_path / "disk.img", 64 << 20, lazy=True)
+    with loop_mount(tmp_path / "disk.img", tmp_path / "mnt", "commit=60") as mnt:
+        (mnt / "repl").mkdir()
+        os.sync()  # the directory itself is on the image before the test starts
+        yield mnt / "repl"
+
+
+def _after_power_cut(tmp_path: Path) -> contextlib.AbstractContextManager[Path]:
+    """The secondary's disk as a power cut now would leave it, mounted (its journal replayed)."""
+    shutil.copyfile(tmp_path / "disk.img", tmp_path / "cut.img")
+    return loop_mount(tmp_path / "cut.img", tmp_path / "cut")
+
+
+async def _acks(conn: FrameConnection, count: int) -> dict[int, m.Message]:
+    got: dict[int, m.Message] = {}
+    while len(got) < count:
+        frame = await asyncio.wait_for(conn.read(), 10)
+        assert frame is not None, f"connection ended after {sorted(got)}"
+        got[frame.seq] = frame.msg
+    return got
+
+
+async def _send(conn: FrameConnection, ops: list[m.Message]) -> None:
+    for seq, op in enumerate(ops, 1):
+        conn.send_nowait(Frame(seq, op))
+    await conn.drain()
+
+
+async def test_acknowledged_durable_operations_survive_a_power_cut(disk: Path, tmp_path: Path) -> None:
+    async with open_link(disk, AckMode.DURABLE) as link:
+        await _send(link.conn, OPERATIONS)
+        acks = await _acks(link.conn, len(OPERATIONS))
+        assert all(ack == m.Ack() for ack in acks.values()), acks
+        with _after_power_cut(tmp_path) as cut:
+            assert _state(cut / "repl") == APPLIED
+
+
+async def test_received_mode_makes_no_such_promise(disk: Path, tmp_path: Path) -> None:
+    # The control: the same check sees that acknowledged-on-receipt operations are not on the disk yet.
+    async with open_link(disk, AckMode.RECEIVED) as link:
+        await _send(link.conn, OPERATIONS)
+        await _acks(link.conn, len(OPERATIONS))
+        for _ in range(500):
+            if _state(disk) == APPLIED:
+                break
+            await asyncio.sleep(0.01)
+        assert _state(disk) == APPLIED
+        with _after_power_cut(tmp_path) as cut:
+            assert _state(cut / "repl") != APPLIED
+
+
+async def test_a_batch_that_cannot_reach_the_disk_is_acknowledged_as_failed(
+    tmp_path: Path, expected_logs: ExpectedLogs
+) -> None:
+    # A thin disk: the image's host (a 12 MiB tmpfs) fills up before the file system on it does, so
+    # the data is accepted into the page cache and fails at writeback, as on a full thin volume.
+    expected_logs.expect(r"flushing seq \d+-\d+ to disk failed")
+    expected_logs.expect(r"Replication error applying seq=\d+: Write b'big': Read-only file system")
+    host = tmp_path / "host"
+    host.mkdir()
+    subprocess.run(["mount", "-t", "tmpfs", "-o", "size=12m", "tmpfs", str(host)], check=True)
+    try:
+        make_ext4(host / "disk.img", 64 << 20, lazy=True)
+        with loop_mount(host / "disk.img", tmp_path / "mnt", "noinit_itable") as mnt:
+            (mnt / "repl").mkdir()
+            chunk = b"x" * (1 << 20)
+            ops: list[m.Message] = [m.Create(b"big", 0o644, 0, 0, 0)]
+            ops += [m.Write(b"big", i << 20, chunk) for i in range(24)]
+            async with open_link(mnt / "repl", AckMode.DURABLE) as link:
+                await _send(link.conn, ops)
+                acks = await _acks(link.conn, len(ops))
+                failed = {seq: ack.status for seq, ack in acks.items() if isinstance(ack, m.Ack) and ack.status}
+                assert failed, "24 MiB reached a 12 MiB disk"
+                # Once a flush failed nothing after it is acknowledged as done (ext4 also turns read-only).
+                assert set(failed) == set(range(min(failed), len(ops) + 1)), failed
+                assert set(failed.values()) <= {errno.ENOSPC, errno.EIO, errno.EROFS}, failed
+    finally:
+        subprocess.run(["umount", "-l", str(host)], check=False)
