@@ -2,8 +2,8 @@
 
 from __future__ import annotations
 
-from dataclasses import dataclass
-from typing import ClassVar, NamedTuple
+from dataclasses import dataclass, fields
+from typing import Annotated, ClassVar, NamedTuple, TypeVar, dataclass_transform, get_args, get_origin, get_type_hints
 
 
 class TimeFix(NamedTuple):
@@ -14,7 +14,30 @@ class TimeFix(NamedTuple):
     mtime_ns: int
 
 
-Times = tuple[TimeFix, ...]
+# A field's wire kind names the validator in wire._KINDS that checks it on decode; `Kind | None` adds "?".
+Magic = Annotated[bytes, "bytes"]
+U32 = Annotated[int, "u32"]
+U64 = Annotated[int, "u64"]
+Off = Annotated[int, "off"]
+Errno = Annotated[int, "errno"]
+Perm = Annotated[int, "perm"]
+Mode = Annotated[int, "mode"]
+RenameFlags = Annotated[int, "renameflags"]
+Text = Annotated[str, "str"]
+Bool = Annotated[bool, "bool"]
+Ns = Annotated[int, "ns"]
+Nonce = Annotated[bytes, "nonce"]
+Proof = Annotated[bytes, "proof"]
+StreamId = Annotated[bytes, "stream"]
+XattrName = Annotated[bytes, "xattr"]
+AckMode = Annotated[str, "ackmode"]
+Target = Annotated[bytes, "target"]
+Path = Annotated[bytes, "path"]
+Entry = Annotated[bytes, "entry"]
+Times = Annotated[tuple[TimeFix, ...], "times"]
+# The raw bytes after the header, not a header field; at most one per message.
+_DATA = "data"
+Data = Annotated[bytes, _DATA]
 
 
 @dataclass(frozen=True, slots=True)
@@ -22,6 +45,7 @@ class Message:
     """Base of every message: FIELDS in wire order, DATA the raw-bytes field, OPERATION if primary-sent."""
 
     OP: ClassVar[int] = 0
+    # Derived by @message from the field annotations; never written by hand.
     FIELDS: ClassVar[tuple[tuple[str, str], ...]] = ()
     DATA: ClassVar[str | None] = None
     OPERATION: ClassVar[bool] = False
@@ -30,303 +54,270 @@ class Message:
     BLOCKING: ClassVar[bool] = False
 
 
-@dataclass(frozen=True, slots=True)
+M = TypeVar("M", bound=Message)
+
+
+@dataclass_transform(frozen_default=True)
+def message(cls: type[M]) -> type[M]:
+    """Make cls a frozen slotted dataclass whose FIELDS and DATA follow its annotations in declaration order."""
+    cls = dataclass(frozen=True, slots=True)(cls)
+    hints = get_type_hints(cls, include_extras=True)
+    kinds = [(f.name, _kind(cls, f.name, hints[f.name])) for f in fields(cls)]
+    data = [name for name, kind in kinds if kind == _DATA]
+    if len(data) > 1:
+        raise TypeError(f"{cls.__name__}: at most one Data field, got {', '.join(data)}")
+    cls.FIELDS = tuple((name, kind) for name, kind in kinds if kind != _DATA)
+    cls.DATA = data[0] if data else None
+    return cls
+
+
+def _kind(cls: type, name: str, hint: object) -> str:
+    args = get_args(hint)
+    if get_origin(hint) is Annotated and isinstance(args[1], str):
+        return args[1]
+    if len(args) == 2 and args[1] is type(None):
+        return _kind(cls, name, args[0]) + "?"
+    raise TypeError(f"{cls.__name__}.{name}: annotate with a wire kind such as Entry or U32, not {hint!r}")
+
+
+@message
 class Hello(Message):
     """First frame, client to server: who I am, which protocol, a nonce, the stream I continue, its ack mode."""
 
-    magic: bytes
-    version: int
-    node: str
-    nonce: bytes
-    stream: bytes
-    ack: str
+    magic: Magic
+    version: U32
+    node: Text
+    nonce: Nonce
+    stream: StreamId
+    ack: AckMode
     OP = 1
-    FIELDS = (
-        ("magic", "bytes"),
-        ("version", "u32"),
-        ("node", "str"),
-        ("nonce", "nonce"),
-        ("stream", "stream"),
-        ("ack", "ackmode"),
-    )
 
 
-@dataclass(frozen=True, slots=True)
+@message
 class Challenge(Message):
     """Server's answer to Hello: its own nonce, proof it holds the secret, and the last seq it applied."""
 
-    magic: bytes
-    version: int
-    node: str
-    nonce: bytes
-    proof: bytes
-    applied_seq: int
+    magic: Magic
+    version: U32
+    node: Text
+    nonce: Nonce
+    proof: Proof
+    applied_seq: U64
     OP = 2
-    FIELDS = (
-        ("magic", "bytes"),
-        ("version", "u32"),
-        ("node", "str"),
-        ("nonce", "nonce"),
-        ("proof", "proof"),
-        ("applied_seq", "u64"),
-    )
 
 
-@dataclass(frozen=True, slots=True)
+@message
 class Auth(Message):
     """Client's proof that it holds the secret; the server answers with an Ack of seq 0."""
 
-    proof: bytes
+    proof: Proof
     OP = 3
-    FIELDS = (("proof", "proof"),)
 
 
-@dataclass(frozen=True, slots=True)
+@message
 class Ack(Message):
     """Acknowledges the frame whose seq it carries: status 0 is success, otherwise an errno."""
 
-    status: int = 0
-    message: str = ""
+    status: Errno = 0
+    message: Text = ""
     OP = 4
-    FIELDS = (("status", "errno"), ("message", "str"))
 
 
-@dataclass(frozen=True, slots=True)
+@message
 class Fault(Message):
     """In `received` mode: applying an already acknowledged frame failed; the secondary has diverged."""
 
-    status: int
-    message: str
+    status: Errno
+    message: Text
     OP = 5
-    FIELDS = (("status", "errno"), ("message", "str"))
 
 
-@dataclass(frozen=True, slots=True)
+@message
 class Write(Message):
     """pwrite(data) at offset into a regular file."""
 
-    path: bytes
-    offset: int
-    data: bytes
+    path: Entry
+    offset: Off
+    data: Data
     times: Times = ()
     OP = 16
-    FIELDS = (("path", "entry"), ("offset", "off"), ("times", "times"))
-    DATA = "data"
     OPERATION = True
 
 
-@dataclass(frozen=True, slots=True)
+@message
 class Truncate(Message):
     """ftruncate a regular file to size."""
 
-    path: bytes
-    size: int
+    path: Entry
+    size: Off
     times: Times = ()
     OP = 17
-    FIELDS = (("path", "entry"), ("size", "off"), ("times", "times"))
     OPERATION = True
 
 
-@dataclass(frozen=True, slots=True)
+@message
 class Fallocate(Message):
     """fallocate(mode, offset, length), including FALLOC_FL_PUNCH_HOLE."""
 
-    path: bytes
-    mode: int
-    offset: int
-    length: int
+    path: Entry
+    mode: U32
+    offset: Off
+    length: Off
     times: Times = ()
     OP = 18
-    FIELDS = (("path", "entry"), ("mode", "u32"), ("offset", "off"), ("length", "off"), ("times", "times"))
     OPERATION = True
 
 
-@dataclass(frozen=True, slots=True)
+@message
 class Create(Message):
     """Create a new regular file owned by uid:gid with exactly mode."""
 
-    path: bytes
-    mode: int
-    uid: int
-    gid: int
-    flags: int
+    path: Entry
+    mode: Perm
+    uid: U32
+    gid: U32
+    flags: U32
     times: Times = ()
     OP = 19
-    FIELDS = (
-        ("path", "entry"),
-        ("mode", "perm"),
-        ("uid", "u32"),
-        ("gid", "u32"),
-        ("flags", "u32"),
-        ("times", "times"),
-    )
     OPERATION = True
 
 
-@dataclass(frozen=True, slots=True)
+@message
 class Mkdir(Message):
     """Create a directory owned by uid:gid with exactly mode."""
 
-    path: bytes
-    mode: int
-    uid: int
-    gid: int
+    path: Entry
+    mode: Perm
+    uid: U32
+    gid: U32
     times: Times = ()
     OP = 20
-    FIELDS = (("path", "entry"), ("mode", "perm"), ("uid", "u32"), ("gid", "u32"), ("times", "times"))
     OPERATION = True
 
 
-@dataclass(frozen=True, slots=True)
+@message
 class Mknod(Message):
     """Create a FIFO, socket or device node; mode carries the file type bits."""
 
-    path: bytes
-    mode: int
-    rdev: int
-    uid: int
-    gid: int
+    path: Entry
+    mode: Mode
+    rdev: U64
+    uid: U32
+    gid: U32
     times: Times = ()
     OP = 21
-    FIELDS = (
-        ("path", "entry"),
-        ("mode", "mode"),
-        ("rdev", "u64"),
-        ("uid", "u32"),
-        ("gid", "u32"),
-        ("times", "times"),
-    )
     OPERATION = True
 
 
-@dataclass(frozen=True, slots=True)
+@message
 class Unlink(Message):
     """Remove a non-directory entry."""
 
-    path: bytes
+    path: Entry
     times: Times = ()
     OP = 22
-    FIELDS = (("path", "entry"), ("times", "times"))
     OPERATION = True
 
 
-@dataclass(frozen=True, slots=True)
+@message
 class Rmdir(Message):
     """Remove an empty directory."""
 
-    path: bytes
+    path: Entry
     times: Times = ()
     OP = 23
-    FIELDS = (("path", "entry"), ("times", "times"))
     OPERATION = True
 
 
-@dataclass(frozen=True, slots=True)
+@message
 class Rename(Message):
     """renameat2(old, new, flags) with RENAME_NOREPLACE or RENAME_EXCHANGE."""
 
-    old: bytes
-    new: bytes
-    flags: int
+    old: Entry
+    new: Entry
+    flags: RenameFlags
     times: Times = ()
     OP = 24
-    FIELDS = (("old", "entry"), ("new", "entry"), ("flags", "renameflags"), ("times", "times"))
     OPERATION = True
 
 
-@dataclass(frozen=True, slots=True)
+@message
 class Link(Message):
     """Hard link: a new entry path for the existing inode at target (a symlink is not followed)."""
 
-    target: bytes
-    path: bytes
+    target: Entry
+    path: Entry
     times: Times = ()
     OP = 25
-    FIELDS = (("target", "entry"), ("path", "entry"), ("times", "times"))
     OPERATION = True
 
 
-@dataclass(frozen=True, slots=True)
+@message
 class Symlink(Message):
     """Create a symlink owned by uid:gid; the target is data and is never followed by the applier."""
 
-    path: bytes
-    target: bytes
-    uid: int
-    gid: int
+    path: Entry
+    target: Target
+    uid: U32
+    gid: U32
     times: Times = ()
     OP = 26
-    FIELDS = (("path", "entry"), ("target", "target"), ("uid", "u32"), ("gid", "u32"), ("times", "times"))
     OPERATION = True
 
 
-@dataclass(frozen=True, slots=True)
+@message
 class Setattr(Message):
     """chmod, chown, truncate and utimens of one inode; None leaves an attribute unchanged."""
 
-    path: bytes
-    mode: int | None = None
-    uid: int | None = None
-    gid: int | None = None
-    size: int | None = None
-    atime_ns: int | None = None
-    mtime_ns: int | None = None
+    path: Path
+    mode: Perm | None = None
+    uid: U32 | None = None
+    gid: U32 | None = None
+    size: Off | None = None
+    atime_ns: Ns | None = None
+    mtime_ns: Ns | None = None
     times: Times = ()
     OP = 27
-    FIELDS = (
-        ("path", "path"),
-        ("mode", "perm?"),
-        ("uid", "u32?"),
-        ("gid", "u32?"),
-        ("size", "off?"),
-        ("atime_ns", "ns?"),
-        ("mtime_ns", "ns?"),
-        ("times", "times"),
-    )
     OPERATION = True
 
 
-@dataclass(frozen=True, slots=True)
+@message
 class Setxattr(Message):
     """Set an extended attribute; flags are XATTR_CREATE / XATTR_REPLACE."""
 
-    path: bytes
-    name: bytes
-    flags: int
-    value: bytes
+    path: Path
+    name: XattrName
+    flags: U32
+    value: Data
     times: Times = ()
     OP = 28
-    FIELDS = (("path", "path"), ("name", "xattr"), ("flags", "u32"), ("times", "times"))
-    DATA = "value"
     OPERATION = True
 
 
-@dataclass(frozen=True, slots=True)
+@message
 class Removexattr(Message):
     """Remove an extended attribute."""
 
-    path: bytes
-    name: bytes
+    path: Path
+    name: XattrName
     times: Times = ()
     OP = 29
-    FIELDS = (("path", "path"), ("name", "xattr"), ("times", "times"))
     OPERATION = True
 
 
-@dataclass(frozen=True, slots=True)
+@message
 class Fsync(Message):
     """Make an inode durable on the secondary; its ack always waits for the fsync, in every mode."""
 
-    path: bytes
-    datasync: bool
+    path: Path
+    datasync: Bool
     OP = 30
-    FIELDS = (("path", "path"), ("datasync", "bool"))
     OPERATION = True
     AFTER_APPLY = True
     BLOCKING = True
 
 
-@dataclass(frozen=True, slots=True)
+@message
 class SyncBegin(Message):
     """A resync starts: the secondary's tree is not a copy until the matching SyncEnd."""
 
@@ -334,7 +325,7 @@ class SyncBegin(Message):
     OPERATION = True
 
 
-@dataclass(frozen=True, slots=True)
+@message
 class SyncEnd(Message):
     """The resync is complete: every frame before it brought the tree equal to the primary's."""
 
@@ -343,7 +334,7 @@ class SyncEnd(Message):
     AFTER_APPLY = True
 
 
-@dataclass(frozen=True, slots=True)
+@message
 class SyncMark(Message):
     """A barrier: its ack follows the acks and faults of every earlier frame."""
 
@@ -352,107 +343,89 @@ class SyncMark(Message):
     AFTER_APPLY = True
 
 
-@dataclass(frozen=True, slots=True)
+@message
 class SyncDir(Message):
     """Request: list a directory; answered by a Listing (or an error Ack) once earlier frames are applied."""
 
-    path: bytes
+    path: Path
     OP = 43
-    FIELDS = (("path", "path"),)
     OPERATION = True
     AFTER_APPLY = True
     BLOCKING = True
 
 
-@dataclass(frozen=True, slots=True)
+@message
 class SyncSums(Message):
     """Request: the block checksums of a regular file; answered by Sums (or an error Ack)."""
 
-    path: bytes
+    path: Entry
     OP = 44
-    FIELDS = (("path", "entry"),)
     OPERATION = True
     AFTER_APPLY = True
     BLOCKING = True
 
 
-@dataclass(frozen=True, slots=True)
+@message
 class SyncRemove(Message):
     """Remove an entry and, for a directory, everything beneath it; an absent entry is not an error."""
 
-    path: bytes
+    path: Entry
     OP = 45
-    FIELDS = (("path", "entry"),)
     OPERATION = True
     BLOCKING = True
 
 
-@dataclass(frozen=True, slots=True)
+@message
 class SyncXattrs(Message):
     """Replace the whole set of extended attributes of an inode (data: msgpack list of [name, value])."""
 
-    path: bytes
-    pairs: bytes
+    path: Path
+    pairs: Data
     OP = 46
-    FIELDS = (("path", "path"),)
-    DATA = "pairs"
     OPERATION = True
 
 
-@dataclass(frozen=True, slots=True)
+@message
 class SyncFile(Message):
     """Create a new regular file with exactly this content (no holes), owner, mode and times, in one frame."""
 
-    path: bytes
-    mode: int
-    uid: int
-    gid: int
-    atime_ns: int
-    mtime_ns: int
-    data: bytes
+    path: Entry
+    mode: Perm
+    uid: U32
+    gid: U32
+    atime_ns: Ns
+    mtime_ns: Ns
+    data: Data
     OP = 47
-    FIELDS = (
-        ("path", "entry"),
-        ("mode", "perm"),
-        ("uid", "u32"),
-        ("gid", "u32"),
-        ("atime_ns", "ns"),
-        ("mtime_ns", "ns"),
-    )
-    DATA = "data"
     OPERATION = True
 
 
-@dataclass(frozen=True, slots=True)
+@message
 class SyncDirSums(Message):
     """Request: a SyncDir whose Listing also carries the block checksums of its small regular files."""
 
-    path: bytes
+    path: Path
     OP = 48
-    FIELDS = (("path", "path"),)
     OPERATION = True
     AFTER_APPLY = True
     BLOCKING = True
 
 
-@dataclass(frozen=True, slots=True)
+@message
 class Listing(Message):
     """Answer to SyncDir (data: msgpack list of entries, see resync docs)."""
 
-    entries: bytes
+    entries: Data
     OP = 6
-    DATA = "entries"
 
 
-@dataclass(frozen=True, slots=True)
+@message
 class Sums(Message):
     """Answer to SyncSums: the file's size and one 8-byte checksum per block (data)."""
 
-    size: int
-    digests: bytes
+    size: Off
+    digests: Data
     OP = 7
-    FIELDS = (("size", "off"),)
-    DATA = "digests"
 
 
 MESSAGES: dict[int, type[Message]] = {
