@@ -30,10 +30,10 @@ Nonce = Annotated[bytes, "nonce"]
 Proof = Annotated[bytes, "proof"]
 StreamId = Annotated[bytes, "stream"]
 XattrName = Annotated[bytes, "xattr"]
-AckMode = Annotated[str, "ackmode"]
+AckName = Annotated[str, "ackmode"]
 Target = Annotated[bytes, "target"]
-Path = Annotated[bytes, "path"]
-Entry = Annotated[bytes, "entry"]
+Node = Annotated[bytes, "path"]  # a path beneath the root, or the root itself (b"")
+Entry = Annotated[bytes, "entry"]  # a path beneath the root, never the root
 Times = Annotated[tuple[TimeFix, ...], "times"]
 # The raw bytes after the header, not a header field; at most one per message.
 _DATA = "data"
@@ -89,7 +89,7 @@ class Hello(Message):
     node: Text
     nonce: Nonce
     stream: StreamId
-    ack: AckMode
+    ack: AckName
     OP = 1
 
 
@@ -269,7 +269,7 @@ class Symlink(Message):
 class Setattr(Message):
     """chmod, chown, truncate and utimens of one inode; None leaves an attribute unchanged."""
 
-    path: Path
+    path: Node
     mode: Perm | None = None
     uid: U32 | None = None
     gid: U32 | None = None
@@ -285,7 +285,7 @@ class Setattr(Message):
 class Setxattr(Message):
     """Set an extended attribute; flags are XATTR_CREATE / XATTR_REPLACE."""
 
-    path: Path
+    path: Node
     name: XattrName
     flags: U32
     value: Data
@@ -298,7 +298,7 @@ class Setxattr(Message):
 class Removexattr(Message):
     """Remove an extended attribute."""
 
-    path: Path
+    path: Node
     name: XattrName
     times: Times = ()
     OP = 29
@@ -309,7 +309,7 @@ class Removexattr(Message):
 class Fsync(Message):
     """Make an inode durable on the secondary; its ack always waits for the fsync, in every mode."""
 
-    path: Path
+    path: Node
     datasync: Bool
     OP = 30
     OPERATION = True
@@ -347,7 +347,7 @@ class SyncMark(Message):
 class SyncDir(Message):
     """Request: list a directory; answered by a Listing (or an error Ack) once earlier frames are applied."""
 
-    path: Path
+    path: Node
     OP = 43
     OPERATION = True
     AFTER_APPLY = True
@@ -379,7 +379,7 @@ class SyncRemove(Message):
 class SyncXattrs(Message):
     """Replace the whole set of extended attributes of an inode (data: msgpack list of [name, value])."""
 
-    path: Path
+    path: Node
     pairs: Data
     OP = 46
     OPERATION = True
@@ -404,7 +404,7 @@ class SyncFile(Message):
 class SyncDirSums(Message):
     """Request: a SyncDir whose Listing also carries the block checksums of its small regular files."""
 
-    path: Path
+    path: Node
     OP = 48
     OPERATION = True
     AFTER_APPLY = True
