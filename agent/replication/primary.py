@@ -332,6 +332,15 @@ class ReplicatedFS(Passthrough):
         await self._ship(m.Write(path, off, bytes(buf[:written]), self._fix(inode)))
         return written
 
+    @passes_errors
+    async def fallocate(self, fh: int, mode: int, offset: int, length: int) -> None:
+        """fallocate(2) on an open file (allocate, punch a hole, zero a range); needs Tandem's pyfuse3 patch."""
+        fd, inode = self._files[fh]
+        syscalls.fallocate(fd, mode, offset, length)
+        path = self.inodes.path(inode)
+        if path is not None:
+            await self._ship(m.Fallocate(path, mode, offset, length, self._fix(inode)))
+
     async def flush(self, fh: int) -> None:
         # The kernel wrote the file's dirty pages back before this flush: once the peer acknowledged
         # what was shipped so far, the closed file (and its creation) is on both nodes.

@@ -26,7 +26,7 @@ class ReadOnlyFS(Passthrough):
     """Reads pass through; the applier alone writes, beneath the directory fd it opened before mounting."""
 
     setattr = mknod = mkdir = symlink = link = unlink = rmdir = rename = _read_only  # type: ignore[assignment]
-    create = write = setxattr = removexattr = _read_only  # type: ignore[assignment]
+    create = write = setxattr = removexattr = fallocate = _read_only  # type: ignore[assignment]
     fsync = fsyncdir = _nothing_to_sync  # type: ignore[assignment]
 
     def __init__(self, root_fd: int) -> None:
