@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import mmap
 import os
 import re
 import stat
@@ -212,3 +213,35 @@ def test_a_capability_set_after_writes_is_seen_and_replicated(pair: Pair) -> Non
     assert os.getxattr(target, "security.capability") == caps
     assert pair.stop("primary") == 0
     assert os.getxattr(pair.secondary_dir / "tool", "security.capability") == caps
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("ack", ["received", "fsync"])
+def test_shared_writable_mmap_and_offsets_past_4_gib(pair: Pair, ack: str) -> None:
+    pair.start(ack, None)
+    mapped, far = pair.primary_dir / "mapped", pair.primary_dir / "far"
+    with open(mapped, "w+b") as f:
+        f.truncate(64 * 1024)
+        with mmap.mmap(f.fileno(), 64 * 1024, mmap.MAP_SHARED, mmap.PROT_READ | mmap.PROT_WRITE) as mem:
+            mem[4096:4101] = b"hello"
+            mem[60000:60005] = b"world"
+            mem.flush()  # msync: the dirty pages reach the daemon as writes
+        os.fsync(f.fileno())
+    with open(far, "wb") as f:
+        f.write(b"head")
+        f.seek(5 << 30)  # past 4 GiB: 64-bit offsets all the way to the secondary
+        f.write(b"tail")
+        f.seek((6 << 30) + 12345)
+        f.write(b"end")
+    assert pair.stop("primary") == 0, pair.log("primary")
+    assert pair.stop("secondary") == 0, pair.log("secondary")
+    assert (pair.secondary_dir / "mapped").read_bytes() == mapped.read_bytes()
+    assert mapped.read_bytes()[4096:4101] == b"hello" and mapped.read_bytes()[60000:60005] == b"world"
+    copy = pair.secondary_dir / "far"
+    assert os.stat(copy).st_size == os.stat(far).st_size == (6 << 30) + 12348
+    assert _allocated_ranges(copy) == _allocated_ranges(far)  # three small data ranges, holes between
+    assert os.stat(copy).st_blocks < 1024
+    with open(copy, "rb") as f:
+        assert os.pread(f.fileno(), 4, 0) == b"head"
+        assert os.pread(f.fileno(), 4, 5 << 30) == b"tail"
+        assert os.pread(f.fileno(), 3, (6 << 30) + 12345) == b"end"
