@@ -7,6 +7,7 @@ import errno
 import functools
 import os
 import select
+import stat
 from collections.abc import Awaitable, Callable
 from typing import Any, ParamSpec, TypeVar
 
@@ -166,11 +167,65 @@ def use_asyncio() -> None:
     pyfuse3.asyncio.wait_readable = wait_readable
 
 
+FUSE_DEVICE = "/dev/fuse"
+_FUSE_RDEV = os.makedev(10, 229)
+
+
+class MountError(Exception):
+    """The replicated directory cannot be opened or mounted; the message names the path and the cause."""
+
+
+def open_root(directory: str) -> int:
+    """The directory's O_PATH fd, opened before anything is mounted over it."""
+    if os.geteuid() != 0:
+        raise MountError(f"cannot serve {directory}: the replicator must run as root (it mounts and keeps owners)")
+    if _mounted_here(directory):
+        raise MountError(
+            f"cannot serve {directory}: a Tandem file system is already mounted there (another replicator "
+            f"serves it, or one that died left its mount: fusermount3 -uz {directory})"
+        )
+    try:
+        return os.open(directory, os.O_PATH | os.O_DIRECTORY | os.O_CLOEXEC)
+    except OSError as exc:
+        raise MountError(f"cannot open {directory}: {exc.strerror}") from exc
+
+
+def _mounted_here(directory: str) -> bool:
+    target = os.path.realpath(directory).replace(" ", "\\040")
+    with open("/proc/self/mountinfo") as f:
+        for line in f:
+            fields = line.split()
+            fstype = fields[fields.index("-") + 1]
+            if fields[4] == target and fstype.startswith("fuse") and "tandem" in fstype:
+                return True
+    return False
+
+
+def _device_problem() -> str | None:
+    try:
+        st = os.stat(FUSE_DEVICE)
+    except FileNotFoundError:
+        return f"{FUSE_DEVICE} is missing (modprobe fuse; in a container, pass the device: --device {FUSE_DEVICE})"
+    if not stat.S_ISCHR(st.st_mode) or st.st_rdev != _FUSE_RDEV:
+        return f"{FUSE_DEVICE} is not the FUSE device (character device 10:229)"
+    try:
+        os.close(os.open(FUSE_DEVICE, os.O_RDWR | os.O_CLOEXEC))
+    except OSError as exc:
+        return f"cannot open {FUSE_DEVICE}: {exc.strerror}"
+    return None
+
+
 def mount(fs: Passthrough, directory: str, *, read_only: bool = False, debug: bool = False) -> None:
-    """Mount the file system over `directory`, whose fd the caller opened beforehand."""
+    """Mount the file system over `directory`, whose fd the caller opened beforehand (open_root)."""
+    problem = _device_problem()
+    if problem is not None:
+        raise MountError(f"cannot mount {directory}: {problem}")
     options = set(pyfuse3.default_options) | BASE_OPTIONS
     if read_only:
         options.add("ro")
     if debug:
         options.add("debug")
-    pyfuse3.init(fs, directory, options)
+    try:
+        pyfuse3.init(fs, directory, options)
+    except RuntimeError as exc:
+        raise MountError(f"cannot mount {directory}: {exc} (libfuse's reason is logged just before)") from exc

@@ -21,7 +21,7 @@ import pyfuse3
 from agent.replication.applier import Applier
 from agent.replication.events import Events
 from agent.replication.link import PeerLink
-from agent.replication.passthrough import mount, use_asyncio
+from agent.replication.passthrough import MountError, mount, open_root, use_asyncio
 from agent.replication.primary import ReplicatedFS
 from agent.replication.readonly import ReadOnlyFS
 from agent.replication.receiver import Receiver
@@ -75,7 +75,7 @@ def _secret(path: Path | None) -> bytes | None:
 async def run_primary(args: argparse.Namespace, events: Events) -> None:
     """Mount over the directory at once, (re)connect and resync in the background, serve until SIGTERM."""
     # Opened before mounting: afterwards the path leads into our own mount, the fd to the real tree.
-    root_fd = os.open(args.dir, os.O_PATH | os.O_DIRECTORY | os.O_CLOEXEC)
+    root_fd = open_root(str(args.dir))
     sender = Sender(node=args.node, secret=_secret(args.secret_file), ack=args.ack)
     fs = ReplicatedFS(root_fd, sender, writeback=args.ack == "fsync")
     mount(fs, str(args.dir), debug=args.debug_fuse)
@@ -100,7 +100,7 @@ async def run_primary(args: argparse.Namespace, events: Events) -> None:
 async def run_secondary(args: argparse.Namespace, events: Events) -> None:
     """Mount the directory read-only, accept the primary's stream and apply it beneath the directory fd."""
     # Opened before mounting: the applier writes the real tree, local processes see it through the mount.
-    root_fd = os.open(args.dir, os.O_PATH | os.O_DIRECTORY | os.O_CLOEXEC)
+    root_fd = open_root(str(args.dir))
     # Before the mount: a stop that comes at any moment after it unmounts cleanly.
     stop = asyncio.Event()
     for sig in (signal.SIGTERM, signal.SIGINT):
@@ -161,10 +161,12 @@ def main(argv: list[str] | None = None) -> None:
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s", stream=sys.stderr)
     use_asyncio()
     events = Events(sys.stdout)
-    if args.role == "primary":
-        asyncio.run(run_primary(args, events))
-    else:
-        asyncio.run(run_secondary(args, events))
+    try:
+        asyncio.run(run_primary(args, events) if args.role == "primary" else run_secondary(args, events))
+    except MountError as exc:
+        log.error("%s", exc)
+        events.emit("error", message=str(exc))
+        raise SystemExit(2) from None
     events.emit("stopped")
 
 
