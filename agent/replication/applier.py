@@ -132,9 +132,11 @@ class Applier:
 
     def take_dirty(self) -> Dirty:
         """What the frames applied since the last call changed, to flush; the next frames record anew."""
-        taken, self.dirty = self.dirty, Dirty(self.beneath.root_fd)
+        taken = self.dirty if self.dirty is not None else Dirty(self.beneath.root_fd)
+        if self.dirty is not None:
+            self.dirty = Dirty(self.beneath.root_fd)
         self.unsynced = 0
-        return taken if taken is not None else Dirty(self.beneath.root_fd)
+        return taken
 
     def blocking(self, msg: m.Message) -> bool:
         """Whether applying `msg` may take long enough that it belongs in a thread, off the event loop."""
@@ -204,16 +206,16 @@ class Applier:
         if kind in _DATA_OPS:
             dirty.data(self._file(path))
         elif kind in _INODE_OPS:
-            with self.beneath.inode(path) as (fd, st):
-                dirty.inode(fd, st)
+            with self.beneath.node(path) as (dir_fd, name):
+                dirty.node(dir_fd, name)
         for field in _ENTRY_FIELDS.get(kind, ()):
             with self.beneath.entry(getattr(msg, field)) as (dir_fd, name):
                 dirty.entry(dir_fd, name)
         for fix in getattr(msg, "times", ()):
             # A written file's own times follow fdatasync's promise: they may lag, its bytes never.
             if kind not in _DATA_OPS or fix.path != path:
-                with self.beneath.inode(fix.path) as (fd, st):
-                    dirty.inode(fd, st)
+                with self.beneath.node(fix.path) as (dir_fd, name):
+                    dirty.node(dir_fd, name)
 
     def _file(self, path: bytes) -> int:
         """A cached writable fd of the regular file at `path` (opened beneath the root on a miss)."""

@@ -35,7 +35,7 @@ class Dirty:
         if not self._whole and (st.st_dev, st.st_ino) not in self._fds:
             self._hold((st.st_dev, st.st_ino), os.dup(fd), metadata=False)
 
-    def inode(self, path_fd: int, st: os.stat_result) -> None:
+    def _inode(self, path_fd: int, st: os.stat_result) -> None:
         """The inode behind the O_PATH fd `path_fd` had its metadata (or, for a directory, entries) changed."""
         if self._whole:
             return
@@ -51,13 +51,27 @@ class Dirty:
         """The entry `name` of the directory `dir_fd` was made, changed or removed: the directory and what it names."""
         if self._whole:
             return
-        self.inode(dir_fd, os.fstat(dir_fd))
+        self._inode(dir_fd, os.fstat(dir_fd))
+        self._named(dir_fd, name, missing_ok=True)
+
+    def node(self, dir_fd: int, name: bytes) -> None:
+        """The inode `name` of the directory `dir_fd` names had its metadata changed; for a symlink,
+        FIFO or device node (never opened), the directory whose fsync commits it."""
+        if not self._whole and not self._named(dir_fd, name, missing_ok=False):
+            self._inode(dir_fd, os.fstat(dir_fd))
+
+    def _named(self, dir_fd: int, name: bytes, *, missing_ok: bool) -> bool:
+        """Record the inode at dir_fd/name if it is a regular file or a directory; whether it was."""
         try:
             fd = os.open(name, os.O_PATH | os.O_NOFOLLOW | os.O_CLOEXEC, dir_fd=dir_fd)
         except FileNotFoundError:
-            return
+            if missing_ok:
+                return False
+            raise
         try:
-            self.inode(fd, os.fstat(fd))
+            st = os.fstat(fd)
+            self._inode(fd, st)
+            return stat.S_ISREG(st.st_mode) or stat.S_ISDIR(st.st_mode)
         finally:
             os.close(fd)
 

@@ -35,6 +35,7 @@ OPERATIONS: list[m.Message] = [
     m.Rename(b"d/f", b"d/g", 0),
     m.Setattr(b"d/g", mode=0o600),
     m.Symlink(b"d/l", b"g", 0, 0),
+    m.Setattr(b"d/l", uid=1000),  # a symlink is never opened: its directory's fsync commits it
     m.Create(b"gone", 0o644, 0, 0, 0),
     m.Unlink(b"gone"),
     m.Mkdir(b"e", 0o700, 0, 0),
@@ -51,12 +52,22 @@ def _state(root: Path) -> dict[str, object]:
         "g mode": stat.S_IMODE(g.stat().st_mode) if g.is_file() else None,
         "f": (d / "f").exists(),
         "l": os.readlink(d / "l") if (d / "l").is_symlink() else None,
+        "l owner": os.lstat(d / "l").st_uid if (d / "l").is_symlink() else None,
         "gone": (root / "gone").exists(),
         "e xattr": os.getxattr(root / "e", "user.k") if (root / "e").is_dir() else None,
     }
 
 
-APPLIED = {"d": True, "g": DATA, "g mode": 0o600, "f": False, "l": "g", "gone": False, "e xattr": b"v"}
+APPLIED = {
+    "d": True,
+    "g": DATA,
+    "g mode": 0o600,
+    "f": False,
+    "l": "g",
+    "l owner": 1000,
+    "gone": False,
+    "e xattr": b"v",
+}
 
 
 @pytest.fixture
