@@ -191,7 +191,8 @@ def open_root(directory: str) -> int:
 
 
 def _mounted_here(directory: str) -> bool:
-    target = os.path.realpath(directory).replace(" ", "\\040")
+    # mountinfo writes a space, tab, newline or backslash in a path as an octal escape.
+    target = "".join(f"\\{ord(c):03o}" if c in " \t\n\\" else c for c in os.path.realpath(directory))
     with open("/proc/self/mountinfo") as f:
         for line in f:
             fields = line.split()
