@@ -245,3 +245,27 @@ def test_shared_writable_mmap_and_offsets_past_4_gib(pair: Pair, ack: str) -> No
         assert os.pread(f.fileno(), 4, 0) == b"head"
         assert os.pread(f.fileno(), 4, 5 << 30) == b"tail"
         assert os.pread(f.fileno(), 3, (6 << 30) + 12345) == b"end"
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("ack", ["received", "durable"])
+def test_a_full_secondary_disk_is_a_reported_error_not_a_silent_divergence(
+    pair: Pair, tmp_path: Path, ack: str
+) -> None:
+    subprocess.run(["mount", "-t", "tmpfs", "-o", "size=1m", "tmpfs", str(pair.secondary_dir)], check=True)
+    try:
+        pair.start(ack, None)
+        data = os.urandom(3 << 20)
+        (pair.primary_dir / "big").write_bytes(data)  # completes on the primary: it keeps serving
+        assert (pair.primary_dir / "big").read_bytes() == data
+        error = pair.wait_event("primary", lambda e: e["event"] == "error")
+        assert "No space left on device" in error["message"], error
+        assert "No space left on device" in pair.log("secondary")
+        # The copy is not reported in sync again while it cannot hold the tree.
+        after = len(pair.events("primary"))
+        with pytest.raises(TimeoutError):
+            pair.wait_in_sync(after=after, timeout=3)
+        assert pair.stop("primary") == 0
+        assert pair.stop("secondary") == 0
+    finally:
+        subprocess.run(["umount", "-l", str(pair.secondary_dir)], check=False)
