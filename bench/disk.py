@@ -16,6 +16,7 @@ import contextlib
 import shutil
 import subprocess
 import tempfile
+import time
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -32,12 +33,38 @@ def add_arguments(parser: argparse.ArgumentParser, *, fresh_gib: int) -> None:
     )
 
 
+# ext4 skips an inode freed less than 60 s ago (360 s while its table block is dirty) when it
+# allocates one (recently_deleted in find_inode_bit): creates right after mass deletes scan past them.
+RECENTLY_DELETED_SECONDS = 360
+_FREED_STAMP = ".tandem-bench-freed"
+
+
+def wait_for_freed_inodes(parent: Path) -> None:
+    """Sleep until the inodes an earlier benchmark freed in `parent` no longer slow new creates."""
+    try:
+        freed = (parent / _FREED_STAMP).stat().st_mtime
+    except FileNotFoundError:
+        return
+    left = freed + RECENTLY_DELETED_SECONDS - time.time()
+    if left > 0:
+        at = time.strftime("%H:%M:%S", time.localtime(freed))
+        print(
+            f"# waiting {left:.0f} s: a benchmark freed its files here at {at} and ext4 skips inodes"
+            f" freed in the last {RECENTLY_DELETED_SECONDS} s (recently_deleted)",
+            flush=True,
+        )
+        time.sleep(left)
+
+
 @contextlib.contextmanager
 def work_dir(parent: Path, prefix: str, fresh_gib: int) -> Iterator[Path]:
     """A temporary directory below `parent`; with fresh_gib > 0, on a new ext4 of that many GiB there."""
     if fresh_gib <= 0:
-        with tempfile.TemporaryDirectory(prefix=prefix, dir=parent) as tmp:
-            yield Path(tmp)
+        try:
+            with tempfile.TemporaryDirectory(prefix=prefix, dir=parent) as tmp:
+                yield Path(tmp)
+        finally:
+            (parent / _FREED_STAMP).touch()  # for wait_for_freed_inodes
         return
     holder = Path(tempfile.mkdtemp(prefix=prefix, dir=parent))
     try:

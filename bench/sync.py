@@ -223,6 +223,8 @@ def main(argv: list[str] | None = None) -> None:
     print(f"# {' '.join(['python -m bench.sync', *(argv if argv is not None else sys.argv[1:])])}")
     where = disk.describe(args.dir, args.fresh_fs)
     print(f"# {machine()} {where} caches: {cache_line}; Tandem ack=received, secondary mounted", flush=True)
+    if args.fresh_fs <= 0:
+        disk.wait_for_freed_inodes(args.dir)
     print(f"# {calibration()}\n", flush=True)
     with disk.work_dir(args.dir, "tandem-sync-", args.fresh_fs) as base:
         try:
