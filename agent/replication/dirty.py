@@ -86,7 +86,12 @@ class Dirty:
         failure: OSError | None = None
         try:
             if self._whole:
-                syscalls.syncfs(self.root_fd)
+                # syncfs refuses an O_PATH fd (EBADF): reopen the root for reading.
+                fd = os.open(syscalls.proc(self.root_fd), os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
+                try:
+                    syscalls.syncfs(fd)
+                finally:
+                    os.close(fd)
             for fd, metadata in self._fds.values():
                 try:
                     (os.fsync if metadata else os.fdatasync)(fd)

@@ -112,6 +112,19 @@ async def test_acknowledged_durable_operations_survive_a_power_cut(disk: Path, t
             assert _state(cut / "repl") == APPLIED
 
 
+async def test_a_batch_too_large_for_an_fsync_each_is_flushed_whole(disk: Path, tmp_path: Path) -> None:
+    # 300 files sent at once: the batches hold more inodes than dirty.MAX_INODES, one syncfs each.
+    ops: list[m.Message] = []
+    for i in range(300):
+        ops += [m.Create(b"f%d" % i, 0o644, 0, 0, 0), m.Write(b"f%d" % i, 0, b"%d" % i)]
+    async with open_link(disk, AckMode.DURABLE) as link:
+        await _send(link.conn, ops)
+        acks = await _acks(link.conn, len(ops))
+        assert all(ack == m.Ack() for ack in acks.values()), {s: a for s, a in acks.items() if a != m.Ack()}
+        with _after_power_cut(tmp_path) as cut:
+            assert all((cut / "repl" / f"f{i}").read_bytes() == b"%d" % i for i in range(300))
+
+
 async def test_received_mode_makes_no_such_promise(disk: Path, tmp_path: Path) -> None:
     # The control: the same check sees that acknowledged-on-receipt operations are not on the disk yet.
     async with open_link(disk, AckMode.RECEIVED) as link:
