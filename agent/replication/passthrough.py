@@ -14,8 +14,8 @@ from typing import Any, ParamSpec, TypeVar
 import pyfuse3
 import pyfuse3.asyncio
 
+from agent.replication import syscalls
 from agent.replication.inodes import Inodes
-from agent.replication.syscalls import proc
 
 BASE_OPTIONS = frozenset({"fsname=tandem", "subtype=tandem", "default_permissions", "allow_other"})
 _P = ParamSpec("_P")
@@ -82,7 +82,7 @@ class Passthrough(pyfuse3.Operations):
 
     @passes_errors
     async def statfs(self, ctx: pyfuse3.RequestContext) -> pyfuse3.StatvfsData:
-        sv = os.statvfs(proc(self.inodes.root_fd))
+        sv = os.statvfs(syscalls.proc(self.inodes.root_fd))
         data = pyfuse3.StatvfsData()
         for name in ("f_bsize", "f_frsize", "f_blocks", "f_bfree", "f_bavail", "f_files", "f_ffree", "f_favail"):
             setattr(data, name, getattr(sv, name))
@@ -91,7 +91,7 @@ class Passthrough(pyfuse3.Operations):
 
     @passes_errors
     async def opendir(self, inode: int, ctx: pyfuse3.RequestContext) -> int:
-        fd = os.open(proc(self.inodes.fd(inode)), os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
+        fd = os.open(syscalls.proc(self.inodes.fd(inode)), os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
         try:
             names = sorted(os.fsencode(n) for n in os.listdir(fd))
         finally:
@@ -115,18 +115,18 @@ class Passthrough(pyfuse3.Operations):
 
     @passes_errors
     async def getxattr(self, inode: int, name: bytes, ctx: pyfuse3.RequestContext) -> bytes:
-        return os.getxattr(proc(self.inodes.fd(inode)), name)
+        return os.getxattr(syscalls.proc(self.inodes.fd(inode)), name)
 
     @passes_errors
     async def listxattr(self, inode: int, ctx: pyfuse3.RequestContext) -> list[bytes]:
-        return [os.fsencode(n) for n in os.listxattr(proc(self.inodes.fd(inode)))]
+        return [os.fsencode(n) for n in os.listxattr(syscalls.proc(self.inodes.fd(inode)))]
 
     def _open_fd(self, inode: int, flags: int) -> int:
         # O_APPEND is dropped: the kernel passes append offsets itself, and pwrite on an O_APPEND fd
         # would ignore the offset that is also shipped to the secondary. O_NOFOLLOW is dropped because
         # the kernel already resolved the name and /proc/self/fd/N is itself a (magic) link.
         clean = flags & ~(os.O_CREAT | os.O_EXCL | os.O_APPEND | os.O_NOCTTY | os.O_NOFOLLOW)
-        return os.open(proc(self.inodes.fd(inode)), clean | os.O_CLOEXEC)
+        return os.open(syscalls.proc(self.inodes.fd(inode)), clean | os.O_CLOEXEC)
 
     @passes_errors
     async def open(self, inode: int, flags: int, ctx: pyfuse3.RequestContext) -> pyfuse3.FileInfo:
@@ -179,7 +179,7 @@ def open_root(directory: str) -> int:
     """The directory's O_PATH fd, opened before anything is mounted over it."""
     if os.geteuid() != 0:
         raise MountError(f"cannot serve {directory}: the replicator must run as root (it mounts and keeps owners)")
-    if _mounted_here(directory):
+    if syscalls.mount_type(directory) == "fuse.tandem":
         raise MountError(
             f"cannot serve {directory}: a Tandem file system is already mounted there (another replicator "
             f"serves it, or one that died left its mount: fusermount3 -uz {directory})"
@@ -188,18 +188,6 @@ def open_root(directory: str) -> int:
         return os.open(directory, os.O_PATH | os.O_DIRECTORY | os.O_CLOEXEC)
     except OSError as exc:
         raise MountError(f"cannot open {directory}: {exc.strerror}") from exc
-
-
-def _mounted_here(directory: str) -> bool:
-    # mountinfo writes a space, tab, newline or backslash in a path as an octal escape.
-    target = "".join(f"\\{ord(c):03o}" if c in " \t\n\\" else c for c in os.path.realpath(directory))
-    with open("/proc/self/mountinfo") as f:
-        for line in f:
-            fields = line.split()
-            fstype = fields[fields.index("-") + 1]
-            if fields[4] == target and fstype.startswith("fuse") and "tandem" in fstype:
-                return True
-    return False
 
 
 def _device_problem() -> str | None:

@@ -20,6 +20,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal
 
+from agent.replication import syscalls
+
 log = logging.getLogger("tandem.replication")
 Role = Literal["primary", "secondary"]
 _COMMAND = (sys.executable, "-m", "agent.replication.replicator")
@@ -252,9 +254,7 @@ async def _wait_or_kill(proc: asyncio.subprocess.Process, kill: Callable[[], Non
 
 async def _lazy_unmount(directory: Path) -> None:
     """Detach a mount a killed replicator left at ``directory``, if any."""
-    with open("/proc/self/mounts") as mounts:
-        mounted = any(line.split()[1] == str(directory) and line.split()[2].startswith("fuse") for line in mounts)
-    if mounted:
+    if (syscalls.mount_type(str(directory)) or "").startswith("fuse"):
         proc = await asyncio.create_subprocess_exec("fusermount3", "-u", "-z", str(directory))
         await proc.wait()
         log.warning("Lazily unmounted a mount left by a replicator. dir=%s", directory)

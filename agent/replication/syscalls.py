@@ -1,4 +1,4 @@
-"""ctypes bindings for the Linux calls that Python's os module lacks (openat2, renameat2, fallocate, syncfs)."""
+"""What Python's os module lacks: ctypes bindings (openat2, renameat2, fallocate, syncfs) and /proc readings."""
 
 from __future__ import annotations
 
@@ -44,6 +44,19 @@ STREAM_WRITE_BYTES = 256 * 1024
 def proc(fd: int) -> str:
     """The /proc path of one of our own fds: reopening it reaches exactly that inode, never a path a peer chose."""
     return f"/proc/self/fd/{fd}"
+
+
+def mount_type(directory: str) -> str | None:
+    """The file system type of the mount at `directory` (e.g. "fuse.tandem"), None if nothing is mounted there."""
+    # mountinfo writes a space, tab, newline or backslash in a path as an octal escape.
+    target = "".join(f"\\{ord(c):03o}" if c in " \t\n\\" else c for c in os.path.realpath(directory))
+    found = None
+    with open("/proc/self/mountinfo") as f:
+        for line in f:
+            fields = line.split()
+            if fields[4] == target:
+                found = fields[fields.index("-") + 1]  # the last mount there is the one on top
+    return found
 
 
 def _raise_errno(what: str, path: bytes | None = None) -> None:
