@@ -132,17 +132,18 @@ class Applier:
 
     def take_dirty(self) -> Dirty:
         """What the frames applied since the last call changed, to flush; the next frames record anew."""
-        taken = self.dirty if self.dirty is not None else Dirty(self.beneath.root_fd)
-        if self.dirty is not None:
-            self.dirty = Dirty(self.beneath.root_fd)
+        assert self.dirty is not None, "take_dirty outside durable mode"
+        taken, self.dirty = self.dirty, Dirty(self.beneath.root_fd)
         self.unsynced = 0
         return taken
 
     def blocking(self, msg: m.Message) -> bool:
         """Whether applying `msg` may take long enough that it belongs in a thread, off the event loop."""
-        if isinstance(msg, m.Fsync):
-            return self.unsynced >= syscalls.INLINE_SYNC_BYTES
-        return msg.BLOCKING
+        return self.long_sync() if isinstance(msg, m.Fsync) else msg.BLOCKING
+
+    def long_sync(self) -> bool:
+        """Whether enough was written since the last sync that syncing it belongs in a thread."""
+        return self.unsynced >= syscalls.INLINE_SYNC_BYTES
 
     def close(self) -> None:
         """Close the files kept open for data operations and the cached directories."""

@@ -26,26 +26,27 @@ class Dirty:
         self._fds: dict[tuple[int, int], tuple[int, bool]] = {}
         self._whole = False
 
-    def __bool__(self) -> bool:
-        return self._whole or bool(self._fds)
-
     def data(self, fd: int) -> None:
         """`fd`, open for writing on a regular file, had its bytes or size changed."""
         st = os.fstat(fd)
         if not self._whole and (st.st_dev, st.st_ino) not in self._fds:
             self._hold((st.st_dev, st.st_ino), os.dup(fd), metadata=False)
 
-    def _inode(self, path_fd: int, st: os.stat_result) -> None:
-        """The inode behind the O_PATH fd `path_fd` had its metadata (or, for a directory, entries) changed."""
-        if self._whole:
-            return
+    def _inode(self, path_fd: int, st: os.stat_result) -> bool:
+        """The inode behind the O_PATH fd `path_fd` had its metadata (or, for a directory, entries) changed.
+
+        False for a symlink, FIFO or device node: never opened, so not recorded.
+        """
+        if not (stat.S_ISREG(st.st_mode) or stat.S_ISDIR(st.st_mode)):
+            return False
         key = (st.st_dev, st.st_ino)
         held = self._fds.get(key)
         if held is not None:
             self._fds[key] = (held[0], True)
-        elif stat.S_ISREG(st.st_mode) or stat.S_ISDIR(st.st_mode):
+        elif not self._whole:
             # Reopened through our own fd: exactly that inode, and never a device or a FIFO.
             self._hold(key, os.open(syscalls.proc(path_fd), os.O_RDONLY | os.O_CLOEXEC), metadata=True)
+        return True
 
     def entry(self, dir_fd: int, name: bytes) -> None:
         """The entry `name` of the directory `dir_fd` was made, changed or removed: the directory and what it names."""
@@ -69,9 +70,7 @@ class Dirty:
                 return False
             raise
         try:
-            st = os.fstat(fd)
-            self._inode(fd, st)
-            return stat.S_ISREG(st.st_mode) or stat.S_ISDIR(st.st_mode)
+            return self._inode(fd, os.fstat(fd))
         finally:
             os.close(fd)
 

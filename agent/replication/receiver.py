@@ -12,7 +12,6 @@ import os
 from collections.abc import Callable
 
 from agent.replication import messages as m
-from agent.replication import syscalls
 from agent.replication.applier import Applier
 from agent.replication.beneath import PathEscape
 from agent.replication.connection import FrameConnection
@@ -163,7 +162,7 @@ class Receiver:
         one runs in a thread while frames go on arriving and being applied, into the next batch.
         """
         answers, self._unflushed = self._unflushed, []
-        large = self.applier.unsynced >= syscalls.INLINE_SYNC_BYTES
+        large = self.applier.long_sync()
         dirty = self.applier.take_dirty()
         failure = await asyncio.to_thread(_flushed, dirty) if large else _flushed(dirty)
         if failure is not None:
