@@ -18,7 +18,7 @@ import subprocess
 import sys
 import threading
 import time
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -63,21 +63,24 @@ def _in_sync(log: Path) -> bool:
 
 
 @contextlib.contextmanager
-def replicated_pair(base: Path, ack: str) -> Iterator[tuple[Path, subprocess.Popen[bytes]]]:
-    """Start a secondary and a primary replicator; yield the primary's mount and process; stop both."""
+def replicated_pair(base: Path, ack: str, extra: Sequence[str] = ()) -> Iterator[tuple[Path, subprocess.Popen[bytes]]]:
+    """Start a secondary and a primary replicator; yield the primary's mount and process; stop both.
+
+    `extra`: more arguments for both replicators.
+    """
     primary_dir, secondary_dir = base / f"primary-{ack}", base / f"secondary-{ack}"
     primary_dir.mkdir()
     secondary_dir.mkdir()
     port, cmd = free_port(), [sys.executable, "-m", "agent.replication.replicator"]
     log = open(base / f"replicators-{ack}.log", "ab")  # noqa: SIM115 - closed below
     secondary = subprocess.Popen(
-        [*cmd, "--role", "secondary", "--dir", str(secondary_dir), "--listen", f"127.0.0.1:{port}"],
+        [*cmd, "--role", "secondary", "--dir", str(secondary_dir), "--listen", f"127.0.0.1:{port}", *extra],
         cwd=REPO,
         stdout=log,
         stderr=subprocess.STDOUT,
     )
     primary = subprocess.Popen(
-        [*cmd, "--role", "primary", "--dir", str(primary_dir), "--peer", f"127.0.0.1:{port}", "--ack", ack],
+        [*cmd, "--role", "primary", "--dir", str(primary_dir), "--peer", f"127.0.0.1:{port}", "--ack", ack, *extra],
         cwd=REPO,
         stdout=log,
         stderr=subprocess.STDOUT,
@@ -214,12 +217,12 @@ def bench_sqlite(top: Path, sizes: Sizes) -> float:
     return sizes.sqlite_tx / elapsed
 
 
-def run_mode(base: Path, ack: str, sizes: Sizes) -> tuple[list[Row], float]:
+def run_mode(base: Path, ack: str, sizes: Sizes, extra: Sequence[str] = ()) -> tuple[list[Row], float]:
     """Every benchmark, local then replicated, with one pair in `ack` mode; plus the peak RSS during dd."""
     local = base / f"local-{ack}"
     local.mkdir()
     rows: list[Row] = []
-    with replicated_pair(base, ack) as (mnt, primary):
+    with replicated_pair(base, ack, extra) as (mnt, primary):
         dd_local = bench_dd(local, sizes)
         with RssSampler(primary.pid) as rss:
             dd_repl = bench_dd(mnt, sizes)
@@ -282,15 +285,21 @@ def main(argv: list[str] | None = None) -> None:
     p = argparse.ArgumentParser(prog="python -m bench.replication", description=__doc__)
     p.add_argument("--quick", action="store_true", help="smaller sizes (256 MiB dd, 2,000 files), ~1 minute")
     p.add_argument("--modes", default="received,durable,fsync", help="comma-separated ack modes")
+    p.add_argument(
+        "--keep-cpus-awake",
+        metavar="SECONDS",
+        help="passed to both replicators (0: idle CPUs sleep during replication); default: the replicator's",
+    )
     disk.add_arguments(p, fresh_gib=0)
     args = p.parse_args(argv)
+    extra = [] if args.keep_cpus_awake is None else ["--keep-cpus-awake", args.keep_cpus_awake]
     sizes = QUICK if args.quick else FULL
     print(f"# {' '.join(['python -m bench.replication', *(argv or sys.argv[1:])])}")
     print(f"# {machine()} {disk.describe(args.dir, args.fresh_fs)}")
     print(f"# {calibration()}\n")
     with disk.work_dir(args.dir, "tandem-bench-", args.fresh_fs) as tmp:
         for ack in args.modes.split(","):
-            rows, rss = run_mode(tmp, ack, sizes)
+            rows, rss = run_mode(tmp, ack, sizes, extra)
             print(render(ack, rows, rss), "\n", flush=True)
 
 

@@ -69,8 +69,12 @@ class FrameParser:
 class FrameConnection(asyncio.Protocol):
     """A framed replication connection: `read()` for the handshake, then `deliver()` for the stream."""
 
-    def __init__(self, opened: Callable[[FrameConnection], None] | None = None) -> None:
+    def __init__(
+        self, opened: Callable[[FrameConnection], None] | None = None, *, traffic: Callable[[], None] | None = None
+    ) -> None:
         self._opened = opened
+        # Called for every chunk received and every frame sent (awake.Awake.touch).
+        self._traffic = traffic
         self._transport: asyncio.Transport | None = None
         self._parser = FrameParser()
         self._frames: collections.deque[Frame] = collections.deque()
@@ -96,6 +100,8 @@ class FrameConnection(asyncio.Protocol):
             self._opened(self)
 
     def data_received(self, data: bytes) -> None:
+        if self._traffic is not None:
+            self._traffic()
         if self._ended or not self._corked_call(lambda: self._take(data)):
             return
         self._arrived.set()
@@ -228,6 +234,8 @@ class FrameConnection(asyncio.Protocol):
         head, data = encode_parts(frame)
         if self._transport is None or self._transport.is_closing():
             raise ConnectionResetError("replication connection is closed")
+        if self._traffic is not None:
+            self._traffic()
         if self._corked is not None:
             self._corked += (head, data) if data else (head,)
         elif len(data) >= _LARGE:

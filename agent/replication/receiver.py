@@ -38,8 +38,17 @@ class AckMode(enum.StrEnum):
 class Receiver:
     """Serves replication connections for one Applier, one at a time, in the ack mode the primary asks."""
 
-    def __init__(self, applier: Applier, *, node: str, secret: bytes | None, events: Events | None = None) -> None:
+    def __init__(
+        self,
+        applier: Applier,
+        *,
+        node: str,
+        secret: bytes | None,
+        events: Events | None = None,
+        traffic: Callable[[], None] | None = None,
+    ) -> None:
         self.applier = applier
+        self.traffic = traffic
         self.node = node
         self.secret = secret
         self.events = events if events is not None else NoEvents()
@@ -55,7 +64,7 @@ class Receiver:
 
     def connection(self) -> FrameConnection:
         """A protocol for one accepted connection (`loop.create_server(receiver.connection, ...)`)."""
-        return FrameConnection(opened=self._opened)
+        return FrameConnection(opened=self._opened, traffic=self.traffic)
 
     def _opened(self, conn: FrameConnection) -> None:
         task = asyncio.create_task(self.serve(conn))

@@ -19,6 +19,7 @@ from pathlib import Path
 import pyfuse3
 
 from agent.replication.applier import Applier
+from agent.replication.awake import HOLD_SECONDS, Awake
 from agent.replication.events import Events
 from agent.replication.link import PeerLink
 from agent.replication.passthrough import MountError, mount, open_root, use_asyncio
@@ -55,6 +56,13 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         default=True,
         help="secondary: mount the directory read-only for local processes (default: yes)",
     )
+    p.add_argument(
+        "--keep-cpus-awake",
+        type=float,
+        default=HOLD_SECONDS,
+        metavar="SECONDS",
+        help="while frames flow and this long after, ask the kernel to keep idle CPUs polling (PM QoS); 0: never",
+    )
     p.add_argument("--debug-fuse", action="store_true")
     p.add_argument("--log-file", type=Path, help="append the logs (stderr) to this file")
     args = p.parse_args(argv)
@@ -76,9 +84,11 @@ async def run_primary(args: argparse.Namespace, events: Events) -> None:
     """Mount over the directory at once, (re)connect and resync in the background, serve until SIGTERM."""
     # Opened before mounting: afterwards the path leads into our own mount, the fd to the real tree.
     root_fd = open_root(str(args.dir))
-    sender = Sender(node=args.node, secret=_secret(args.secret_file), ack=args.ack)
+    awake = Awake(args.keep_cpus_awake)
+    sender = Sender(node=args.node, secret=_secret(args.secret_file), ack=args.ack, traffic=awake.touch)
     fs = ReplicatedFS(root_fd, sender, writeback=args.ack == "fsync")
     mount(fs, str(args.dir), debug=args.debug_fuse)
+    awake.open()
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGTERM, signal.SIGINT):
         loop.add_signal_handler(sig, pyfuse3.terminate)
@@ -93,6 +103,7 @@ async def run_primary(args: argparse.Namespace, events: Events) -> None:
             await link
         pyfuse3.close(unmount=True)
         await sender.close()
+        awake.close()
         os.close(root_fd)
     log.info("Primary stopped and unmounted dir=%s; %d operations on the last stream", args.dir, sender.seq)
 
@@ -119,18 +130,20 @@ async def run_secondary(args: argparse.Namespace, events: Events) -> None:
 
 
 async def _serve_secondary(args: argparse.Namespace, root_fd: int, events: Events, stop: asyncio.Event) -> None:
-    receiver = Receiver(Applier(root_fd), node=args.node, secret=_secret(args.secret_file), events=events)
-    server = await asyncio.get_running_loop().create_server(receiver.connection, *args.listen)
-    fuse = asyncio.create_task(pyfuse3.main()) if args.mount else None
-    log.info("Secondary listening on %s:%d dir=%s mounted=%s", *args.listen, args.dir, args.mount)
-    events.emit("listening", address=f"{args.listen[0]}:{args.listen[1]}")
-    async with server:
-        await stop.wait()
-        server.close()
-        await receiver.close()
-    if fuse is not None:
-        pyfuse3.terminate()
-        await fuse
+    with Awake(args.keep_cpus_awake) as awake:
+        secret = _secret(args.secret_file)
+        receiver = Receiver(Applier(root_fd), node=args.node, secret=secret, events=events, traffic=awake.touch)
+        server = await asyncio.get_running_loop().create_server(receiver.connection, *args.listen)
+        fuse = asyncio.create_task(pyfuse3.main()) if args.mount else None
+        log.info("Secondary listening on %s:%d dir=%s mounted=%s", *args.listen, args.dir, args.mount)
+        events.emit("listening", address=f"{args.listen[0]}:{args.listen[1]}")
+        async with server:
+            await stop.wait()
+            server.close()
+            await receiver.close()
+        if fuse is not None:
+            pyfuse3.terminate()
+            await fuse
 
 
 SPARE = "--spare"

@@ -23,8 +23,9 @@ ErrorHandler = Callable[[int, int, str], None]
 class Sender:
     """One ordered stream of operations to the secondary at a time; each submit resolves when the peer acks."""
 
-    def __init__(self, *, node: str, secret: bytes | None, ack: str) -> None:
+    def __init__(self, *, node: str, secret: bytes | None, ack: str, traffic: Callable[[], None] | None = None) -> None:
         self.node = node
+        self.traffic = traffic
         self.secret = secret
         self.ack = ack
         self.stream = os.urandom(16)
@@ -42,7 +43,9 @@ class Sender:
 
     async def connect(self, host: str, port: int) -> Peer:
         """Open a new stream (fresh id, seq from 1) and run the handshake; raise on refusal."""
-        _, conn = await asyncio.get_running_loop().create_connection(FrameConnection, host, port)
+        _, conn = await asyncio.get_running_loop().create_connection(
+            lambda: FrameConnection(traffic=self.traffic), host, port
+        )
         stream = os.urandom(16)
         try:
             peer = await client_handshake(conn, self.node, self.secret, stream, self.ack)

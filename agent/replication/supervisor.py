@@ -104,6 +104,7 @@ class Replicator:
     peer: tuple[str, int] | None = None  # primary: the secondary's listener
     listen: tuple[str, int] | None = None  # secondary: where the primary connects
     ack: str = "received"
+    keep_cpus_awake: bool = True
     secret_file: Path | None = None
     log_path: Path | None = None
     spares: Spares | None = None
@@ -134,6 +135,8 @@ class Replicator:
             argv += ["--listen", f"{self.listen[0]}:{self.listen[1]}"]
         if self.secret_file is not None:
             argv += ["--secret-file", str(self.secret_file)]
+        if not self.keep_cpus_awake:
+            argv += ["--keep-cpus-awake", "0"]
         return argv
 
     @property

@@ -222,6 +222,12 @@ class ReplicatedDirSpec(Model):
     exclude: list[str] = Field(default_factory=list, description="glob patterns, relative to path")
     ack: Literal["received", "durable", "fsync"] = "received"
     split_brain: Literal["keepPreferred", "keepRecent", "manual"] = "keepRecent"
+    keep_cpus_awake: bool = Field(
+        default=True,
+        description="while replication traffic flows (and 10 ms after), idle CPUs poll instead of sleeping "
+        "(PM QoS): each synchronous write waits for several wake-ups, and waking a sleeping CPU, above all "
+        "a halted vCPU, can cost more than the write; false saves that CPU time",
+    )
 
     @field_validator("exclude")
     @classmethod

@@ -120,3 +120,15 @@ def test_a_cluster_node_needs_an_address_on_every_network() -> None:
                 },
             }
         )
+
+
+def test_replicated_dirs_keep_cpus_awake_unless_told_not_to() -> None:
+    def rdir(**spec: Any) -> ReplicatedDir:
+        return ReplicatedDir.model_validate(
+            {"kind": "ReplicatedDir", "metadata": {"name": "d"}, "spec": {"module": "m", "path": "/srv/d", **spec}}
+        )
+
+    assert rdir().spec.keep_cpus_awake is True
+    assert rdir(keepCpusAwake=False).spec.keep_cpus_awake is False
+    with pytest.raises(ValidationError, match="keepCpusAwake"):
+        rdir(keepCpusAwake="sometimes")

@@ -48,6 +48,8 @@ class Pair:
     port: int = 0
     ack: str = "received"
     secret: Path | None = None
+    # More arguments for both replicators.
+    extra: list[str] = field(default_factory=list)
 
     def start(self, ack: str, secret: Path | None = None, *, secondary_mount: bool = True) -> None:
         """Start both replicators and wait until the primary has resynced the secondary and is in sync."""
@@ -103,7 +105,7 @@ class Pair:
         # Logs (stderr) and events (stdout) append, so a restarted replicator keeps the earlier ones.
         err = open(self.logs / f"{role}.log", "ab")  # noqa: SIM115 - closed with the process
         out = open(self.logs / f"{role}.events", "ab")  # noqa: SIM115
-        full = [sys.executable, "-m", "agent.replication.replicator", *cmd]
+        full = [sys.executable, "-m", "agent.replication.replicator", *cmd, *self.extra]
         self.procs[role] = subprocess.Popen(full, cwd=REPO, stdout=out, stderr=err)
         out.close()
         err.close()
