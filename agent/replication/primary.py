@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import dataclasses
 import errno
+import logging
 import os
 import stat
 from collections.abc import Callable
@@ -20,6 +21,9 @@ from agent.replication.sender import Sender
 # true for as long as it keeps them: a long timeout saves a LOOKUP or GETATTR request per operation.
 CACHE_SECONDS = 300.0
 _CAPS = b"security.capability"
+log = logging.getLogger(__name__)
+# Tandem's pyfuse3 patch (vendor/pyfuse3-tandem.patch): whether the kernel granted HANDLE_KILLPRIV_V2.
+_killpriv_v2: Callable[[], bool] = getattr(pyfuse3, "killpriv_v2", lambda: False)
 
 
 class ReplicatedFS(Passthrough):
@@ -28,7 +32,13 @@ class ReplicatedFS(Passthrough):
     With `writeback` (ack mode `fsync`, the promise of a local disk) the kernel caches writes, and
     every operation is shipped without waiting for its ack: flush (close), fsync and fsyncdir wait
     until the peer has everything shipped before them.
+
+    It asks the kernel for HANDLE_KILLPRIV_V2 (with Tandem's pyfuse3 patch): the kernel then sends no
+    GETXATTR(security.capability) before each write, one request less per write(), and leaves it to
+    this file system to drop the file capability and the set-ID bits (`_kill_privs`).
     """
+
+    handle_killpriv_v2 = True
 
     def __init__(
         self, root_fd: int, sender: Sender, *, timeout: float = CACHE_SECONDS, writeback: bool = False
@@ -39,6 +49,7 @@ class ReplicatedFS(Passthrough):
         self._unsynced: dict[int, int] = {}
         # Inodes known to carry no file capability: the kernel asks before every write().
         self._no_caps: set[int] = set()
+        self._killpriv_logged = False
         # writeback: the last operation shipped; acks come in order, so its ack covers all before it.
         self._last: asyncio.Future[m.Message] | None = None
 
@@ -257,6 +268,7 @@ class ReplicatedFS(Passthrough):
         if mode is not None:
             os.chmod(syscalls.proc(fd), mode)
         if size is not None:
+            await self._kill_privs(inode, syscalls.proc(fd), getattr(fields, "kill_suidgid", False))
             self._truncate(fd, fh, size)
         atime, mtime = self._set_times(fd, attr, fields)
         path = self.inodes.path(inode)
@@ -310,18 +322,62 @@ class ReplicatedFS(Passthrough):
             return (flags & ~os.O_ACCMODE) | os.O_RDWR
         return flags
 
+    async def _kill_privs(self, inode: int, target: int | str, suidgid: bool) -> None:
+        """Before a write, truncate or fallocate, under HANDLE_KILLPRIV_V2: what the kernel left to us.
+
+        The file capability goes whoever the caller is, as in the kernel's own file_remove_privs;
+        S_ISUID and S_ISGID go when the kernel says the caller may not keep them (it lacks
+        CAP_FSETID). Linux keeps S_ISGID of a file without group execute for a caller in the file's
+        group; the kernel does not say who that is, so this drops it then too (the safe side).
+        `target`: an open fd of the file, or its /proc path.
+        """
+        if not _killpriv_v2():
+            return
+        if not self._killpriv_logged:
+            self._killpriv_logged = True
+            log.info("The kernel granted HANDLE_KILLPRIV_V2: no GETXATTR before writes; this mount drops capabilities")
+        if inode not in self._no_caps:
+            try:
+                os.removexattr(target, _CAPS)
+            except OSError as exc:
+                if exc.errno != errno.ENODATA:
+                    raise
+            else:
+                await self._ship_if_named(inode, lambda path: m.Removexattr(path, _CAPS))
+            self._no_caps.add(inode)
+        if not suidgid:
+            return
+        mode = os.stat(target).st_mode
+        if mode & (stat.S_ISUID | stat.S_ISGID):
+            perm = stat.S_IMODE(mode) & ~(stat.S_ISUID | stat.S_ISGID)
+            os.chmod(target, perm)
+            await self._ship_if_named(
+                inode, lambda path: m.Setattr(path, perm, None, None, None, None, None, self._fix(inode))
+            )
+
+    async def _ship_if_named(self, inode: int, build: Callable[[bytes], m.Message]) -> None:
+        path = self.inodes.path(inode)
+        if path is not None:
+            await self._ship(build(path))
+
     @passes_errors
     async def open(self, inode: int, flags: int, ctx: pyfuse3.RequestContext) -> pyfuse3.FileInfo:
         fd = self._open_fd(inode, self._readable(flags))
         if flags & os.O_TRUNC:
+            try:
+                await self._kill_privs(inode, fd, getattr(ctx, "kill_suidgid", False))
+            except BaseException:
+                os.close(fd)
+                raise
             path = self.inodes.path(inode)
             if path is not None:
                 await self._ship(m.Truncate(path, 0, self._fix(inode)))
         return pyfuse3.FileInfo(fh=self._handle(self._files, (fd, inode)))
 
     @passes_errors
-    async def write(self, fh: int, off: int, buf: bytes) -> int:
+    async def write(self, fh: int, off: int, buf: bytes, kill_suidgid: bool = False) -> int:
         fd, inode = self._files[fh]
+        await self._kill_privs(inode, fd, kill_suidgid)
         written = os.pwrite(fd, buf, off)
         self._unsynced[inode] = self._unsynced.get(inode, 0) + written
         if written >= syscalls.STREAM_WRITE_BYTES:
@@ -336,6 +392,7 @@ class ReplicatedFS(Passthrough):
     async def fallocate(self, fh: int, mode: int, offset: int, length: int) -> None:
         """fallocate(2) on an open file (allocate, punch a hole, zero a range); needs Tandem's pyfuse3 patch."""
         fd, inode = self._files[fh]
+        await self._kill_privs(inode, fd, False)
         syscalls.fallocate(fd, mode, offset, length)
         path = self.inodes.path(inode)
         if path is not None:
