@@ -6,7 +6,8 @@ A CPU that went idle in between sleeps: on a VM whose vCPU halts (guest_halt_pol
 it goes through the host and costs 50-700 µs, more than the work itself. The kernel's PM QoS interface
 (/dev/cpu_dma_latency) lets a process ask for an idle exit latency of 0 µs: idle CPUs then poll instead
 of halting, for as long as the request stands. The replicator holds that request only while frames
-flow and for `hold` seconds after the last one, so an idle node sleeps as before.
+flow or its mount serves requests, and for `hold` seconds after the last, so an idle node sleeps as
+before.
 """
 
 from __future__ import annotations

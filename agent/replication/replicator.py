@@ -61,7 +61,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         type=float,
         default=HOLD_SECONDS,
         metavar="SECONDS",
-        help="while frames flow and this long after, ask the kernel to keep idle CPUs polling (PM QoS); 0: never",
+        help="while frames flow or the mount serves requests, and this long after, idle CPUs poll (PM QoS); 0: never",
     )
     p.add_argument("--debug-fuse", action="store_true")
     p.add_argument("--log-file", type=Path, help="append the logs (stderr) to this file")
@@ -87,7 +87,7 @@ async def run_primary(args: argparse.Namespace, events: Events) -> None:
     awake = Awake(args.keep_cpus_awake)
     sender = Sender(node=args.node, secret=_secret(args.secret_file), ack=args.ack, traffic=awake.touch)
     fs = ReplicatedFS(root_fd, sender, writeback=args.ack == "fsync")
-    mount(fs, str(args.dir), debug=args.debug_fuse)
+    mount(fs, str(args.dir), debug=args.debug_fuse, on_request=awake.touch)
     awake.open()
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGTERM, signal.SIGINT):
@@ -116,11 +116,13 @@ async def run_secondary(args: argparse.Namespace, events: Events) -> None:
     stop = asyncio.Event()
     for sig in (signal.SIGTERM, signal.SIGINT):
         asyncio.get_running_loop().add_signal_handler(sig, stop.set)
+    awake = Awake(args.keep_cpus_awake)
     if args.mount:
-        mount(ReadOnlyFS(root_fd), str(args.dir), read_only=True, debug=args.debug_fuse)
+        mount(ReadOnlyFS(root_fd), str(args.dir), read_only=True, debug=args.debug_fuse, on_request=awake.touch)
         events.emit("mounted", dir=str(args.dir), readOnly=True)
     try:
-        await _serve_secondary(args, root_fd, events, stop)
+        with awake:
+            await _serve_secondary(args, root_fd, events, stop, awake)
     finally:
         if args.mount:
             pyfuse3.close(unmount=True)
@@ -129,21 +131,23 @@ async def run_secondary(args: argparse.Namespace, events: Events) -> None:
     log.info("Secondary stopped dir=%s", args.dir)
 
 
-async def _serve_secondary(args: argparse.Namespace, root_fd: int, events: Events, stop: asyncio.Event) -> None:
-    with Awake(args.keep_cpus_awake) as awake:
-        secret = _secret(args.secret_file)
-        receiver = Receiver(Applier(root_fd), node=args.node, secret=secret, events=events, traffic=awake.touch)
-        server = await asyncio.get_running_loop().create_server(receiver.connection, *args.listen)
-        fuse = asyncio.create_task(pyfuse3.main()) if args.mount else None
-        log.info("Secondary listening on %s:%d dir=%s mounted=%s", *args.listen, args.dir, args.mount)
-        events.emit("listening", address=f"{args.listen[0]}:{args.listen[1]}")
-        async with server:
-            await stop.wait()
-            server.close()
-            await receiver.close()
-        if fuse is not None:
-            pyfuse3.terminate()
-            await fuse
+async def _serve_secondary(
+    args: argparse.Namespace, root_fd: int, events: Events, stop: asyncio.Event, awake: Awake
+) -> None:
+    receiver = Receiver(
+        Applier(root_fd), node=args.node, secret=_secret(args.secret_file), events=events, traffic=awake.touch
+    )
+    server = await asyncio.get_running_loop().create_server(receiver.connection, *args.listen)
+    fuse = asyncio.create_task(pyfuse3.main()) if args.mount else None
+    log.info("Secondary listening on %s:%d dir=%s mounted=%s", *args.listen, args.dir, args.mount)
+    events.emit("listening", address=f"{args.listen[0]}:{args.listen[1]}")
+    async with server:
+        await stop.wait()
+        server.close()
+        await receiver.close()
+    if fuse is not None:
+        pyfuse3.terminate()
+        await fuse
 
 
 SPARE = "--spare"

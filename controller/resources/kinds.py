@@ -224,9 +224,9 @@ class ReplicatedDirSpec(Model):
     split_brain: Literal["keepPreferred", "keepRecent", "manual"] = "keepRecent"
     keep_cpus_awake: bool = Field(
         default=True,
-        description="while replication traffic flows (and 10 ms after), idle CPUs poll instead of sleeping "
-        "(PM QoS): each synchronous write waits for several wake-ups, and waking a sleeping CPU, above all "
-        "a halted vCPU, can cost more than the write; false saves that CPU time",
+        description="while replication traffic flows or the mount serves requests (and 10 ms after), idle CPUs "
+        "poll instead of sleeping (PM QoS): each synchronous write waits for several wake-ups, and waking a "
+        "sleeping CPU, above all a halted vCPU, can cost more than the write; false saves that CPU time",
     )
 
     @field_validator("exclude")

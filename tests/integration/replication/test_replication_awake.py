@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 import os
 import time
@@ -87,6 +88,22 @@ def test_replicators_ask_for_polling_while_writes_flow_and_release_it_after(pair
     while awake.current() != before and time.monotonic() < deadline:
         time.sleep(0.01)
     assert awake.current() == before  # idle again: the CPUs may sleep
+
+
+def test_requests_that_ship_nothing_ask_too(pair: Pair) -> None:
+    before = awake.current()
+    pair.start("received")
+    target = pair.primary_dir / "f"
+    target.write_bytes(b"x")
+    time.sleep(0.1)  # the write's request and frame are 10 ms behind: released
+    assert awake.current() == before
+    seen = False
+    deadline = time.monotonic() + 0.5
+    while time.monotonic() < deadline and not seen:
+        with contextlib.suppress(OSError):  # ENODATA: a GETXATTR request, nothing shipped
+            os.getxattr(target, "user.absent")
+        seen = awake.current() == 0
+    assert seen
 
 
 def test_keep_cpus_awake_zero_never_asks(pair: Pair) -> None:
