@@ -18,6 +18,7 @@ from pathlib import Path
 
 import pyfuse3
 
+from agent.replication import syscalls
 from agent.replication.applier import Applier
 from agent.replication.awake import HOLD_SECONDS, Awake
 from agent.replication.events import Events
@@ -176,6 +177,7 @@ def main(argv: list[str] | None = None) -> None:
         os.dup2(log_fd, 2)
         os.close(log_fd)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s", stream=sys.stderr)
+    syscalls.keep_large_buffers()
     use_asyncio()
     events = Events(sys.stdout)
     try:
