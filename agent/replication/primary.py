@@ -340,7 +340,8 @@ class ReplicatedFS(Passthrough):
             try:
                 os.removexattr(target, _CAPS)
             except OSError as exc:
-                if exc.errno != errno.ENODATA:
+                # ENODATA: none; EOPNOTSUPP: a file system without xattrs (ramfs), so none ever.
+                if exc.errno not in (errno.ENODATA, errno.EOPNOTSUPP):
                     raise
             else:
                 await self._ship_if_named(inode, lambda path: m.Removexattr(path, _CAPS))
