@@ -271,9 +271,9 @@ class ReplicatedFS(Passthrough):
             await self._kill_privs(inode, syscalls.proc(fd), getattr(fields, "kill_suidgid", False))
             self._truncate(fd, fh, size)
         atime, mtime = self._set_times(fd, attr, fields)
-        path = self.inodes.path(inode)
-        if path is not None:
-            await self._ship(m.Setattr(path, mode, uid, gid, size, atime, mtime, self._fix(inode)))
+        await self._ship_if_named(
+            inode, lambda path: m.Setattr(path, mode, uid, gid, size, atime, mtime, self._fix(inode))
+        )
         return self._attr(inode, os.fstat(fd))
 
     def _truncate(self, fd: int, fh: int | None, size: int) -> None:
@@ -302,17 +302,13 @@ class ReplicatedFS(Passthrough):
     async def setxattr(self, inode: int, name: bytes, value: bytes, ctx: pyfuse3.RequestContext) -> None:
         self._no_caps.discard(inode)
         os.setxattr(syscalls.proc(self.inodes.fd(inode)), name, value)
-        path = self.inodes.path(inode)
-        if path is not None:
-            await self._ship(m.Setxattr(path, name, 0, value))
+        await self._ship_if_named(inode, lambda path: m.Setxattr(path, name, 0, value))
 
     @passes_errors
     async def removexattr(self, inode: int, name: bytes, ctx: pyfuse3.RequestContext) -> None:
         self._no_caps.discard(inode)
         os.removexattr(syscalls.proc(self.inodes.fd(inode)), name)
-        path = self.inodes.path(inode)
-        if path is not None:
-            await self._ship(m.Removexattr(path, name))
+        await self._ship_if_named(inode, lambda path: m.Removexattr(path, name))
 
     # --- file data -----------------------------------------------------------------------------
 
@@ -357,6 +353,7 @@ class ReplicatedFS(Passthrough):
             )
 
     async def _ship_if_named(self, inode: int, build: Callable[[bytes], m.Message]) -> None:
+        """Ship what `build` makes of the inode's path; nothing for an inode without a name (unlinked)."""
         path = self.inodes.path(inode)
         if path is not None:
             await self._ship(build(path))
@@ -370,9 +367,7 @@ class ReplicatedFS(Passthrough):
             except BaseException:
                 os.close(fd)
                 raise
-            path = self.inodes.path(inode)
-            if path is not None:
-                await self._ship(m.Truncate(path, 0, self._fix(inode)))
+            await self._ship_if_named(inode, lambda path: m.Truncate(path, 0, self._fix(inode)))
         return pyfuse3.FileInfo(fh=self._handle(self._files, (fd, inode)))
 
     @passes_errors
@@ -383,10 +378,7 @@ class ReplicatedFS(Passthrough):
         self._unsynced[inode] = self._unsynced.get(inode, 0) + written
         if written >= syscalls.STREAM_WRITE_BYTES:
             syscalls.start_writeback(fd, off, written)
-        path = self.inodes.path(inode)
-        if path is None:
-            return written
-        await self._ship(m.Write(path, off, bytes(buf[:written]), self._fix(inode)))
+        await self._ship_if_named(inode, lambda path: m.Write(path, off, bytes(buf[:written]), self._fix(inode)))
         return written
 
     @passes_errors
@@ -395,9 +387,7 @@ class ReplicatedFS(Passthrough):
         fd, inode = self._files[fh]
         await self._kill_privs(inode, fd, False)
         syscalls.fallocate(fd, mode, offset, length)
-        path = self.inodes.path(inode)
-        if path is not None:
-            await self._ship(m.Fallocate(path, mode, offset, length, self._fix(inode)))
+        await self._ship_if_named(inode, lambda path: m.Fallocate(path, mode, offset, length, self._fix(inode)))
 
     async def flush(self, fh: int) -> None:
         # The kernel wrote the file's dirty pages back before this flush: once the peer acknowledged

@@ -120,7 +120,7 @@ def keep_large_buffers() -> bool:
 
     glibc mmaps every allocation above its threshold (128 KiB at first) and unmaps it when freed,
     so each 1 MiB write or frame the replicators copy met 256 fresh pages and their page faults:
-    with the threshold raised, 1 GiB through the mount went from 215-253 to 309-361 MB/s here
+    with these thresholds, dd through the mount went from 235 / 251 to 365 / 423 MB/s here
     (bench.replication --quick, alternating). The memory kept is bounded by HEAP_TRIM_BYTES.
     """
     mallopt = getattr(_libc, "mallopt", None)

@@ -83,11 +83,8 @@ def test_capabilities_and_set_id_bits_go_as_they_would_locally(
         assert expected["suid"][0] == "-rwsrwsrwx"
 
 
-def test_a_tree_on_a_file_system_without_xattrs_is_written_through(tmp_path: Path) -> None:
+def test_a_tree_on_a_file_system_without_xattrs_is_written_through(pair: Pair) -> None:
     """ramfs has no xattrs: dropping a capability that cannot exist must not fail the write."""
-    pair = Pair(tmp_path / "node1" / "data", tmp_path / "node2" / "data", tmp_path)
-    pair.primary_dir.mkdir(parents=True)
-    pair.secondary_dir.mkdir(parents=True)
     subprocess.run(["mount", "-t", "ramfs", "none", str(pair.primary_dir)], check=True)
     try:
         pair.start("received")
@@ -95,5 +92,5 @@ def test_a_tree_on_a_file_system_without_xattrs_is_written_through(tmp_path: Pat
         assert pair.stop("primary") == 0
         assert (pair.secondary_dir / "f").read_bytes() == b"through"
     finally:
-        pair.close()
+        pair.close()  # before the ramfs goes: the primary's mount sits on it
         subprocess.run(["umount", "-l", str(pair.primary_dir)], check=False)
