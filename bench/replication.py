@@ -290,9 +290,13 @@ def main(argv: list[str] | None = None) -> None:
         metavar="SECONDS",
         help="passed to both replicators (0: idle CPUs sleep during replication); default: the replicator's",
     )
+    p.add_argument(
+        "--event-loop", choices=["uvloop", "asyncio"], help="passed to both replicators; default: the replicator's"
+    )
     disk.add_arguments(p, fresh_gib=0)
     args = p.parse_args(argv)
     extra = [] if args.keep_cpus_awake is None else ["--keep-cpus-awake", args.keep_cpus_awake]
+    extra += [] if args.event_loop is None else ["--event-loop", args.event_loop]
     sizes = QUICK if args.quick else FULL
     print(f"# {' '.join(['python -m bench.replication', *(argv or sys.argv[1:])])}")
     print(f"# {machine()} {disk.describe(args.dir, args.fresh_fs)}")

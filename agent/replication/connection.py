@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import asyncio
 import collections
+import typing
 from collections.abc import Callable
 
 from agent.replication.wire import Frame, ProtocolError, decode_body, encode_parts, frame_length
@@ -93,8 +94,8 @@ class FrameConnection(asyncio.Protocol):
     # --- asyncio.Protocol ----------------------------------------------------------------------
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
-        assert isinstance(transport, asyncio.Transport)
-        self._transport = transport
+        # uvloop's transports do not subclass asyncio.Transport; they implement it.
+        self._transport = typing.cast(asyncio.Transport, transport)
         self.peername = transport.get_extra_info("peername")
         if self._opened is not None:
             self._opened(self)

@@ -136,11 +136,15 @@ def workload(top: Path) -> None:
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("ack", ["received", "durable", "fsync"])
-def test_workload_leaves_identical_trees(pair: Pair, tmp_path: Path, ack: str) -> None:
+@pytest.mark.parametrize(
+    ("ack", "loop"), [("received", "uvloop"), ("durable", "uvloop"), ("fsync", "uvloop"), ("received", "asyncio")]
+)
+def test_workload_leaves_identical_trees(pair: Pair, tmp_path: Path, ack: str, loop: str) -> None:
     secret = tmp_path / "cluster.key"
     secret.write_bytes(os.urandom(32).hex().encode())
+    pair.extra += ["--event-loop", loop]
     pair.start(ack, secret)
+    assert f"loop={loop}" in pair.log("primary") and f"loop={loop}" in pair.log("secondary")
     workload(pair.primary_dir)
     mine = os.lstat(pair.primary_dir / "shared" / "mine")
     assert (mine.st_uid, mine.st_gid, stat.S_IMODE(mine.st_mode)) == (1000, 0, 0o4750)  # setgid dir's group

@@ -35,7 +35,9 @@ print("done", flush=True)
 
 
 @pytest.mark.slow
-def test_writers_interrupted_by_signals_are_served_and_replicated(pair: Pair) -> None:
+@pytest.mark.parametrize("loop", ["uvloop", "asyncio"])
+def test_writers_interrupted_by_signals_are_served_and_replicated(pair: Pair, loop: str) -> None:
+    pair.extra += ["--event-loop", loop]
     pair.start("received")
     files = [pair.primary_dir / f"w{n}" for n in range(2)]
     writers = [
