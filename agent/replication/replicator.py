@@ -83,7 +83,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         "--event-loop",
         choices=sorted(LOOPS),
         default="uvloop",
-        help="uvloop (default: a request costs ~40 µs less per wake-up) or the standard library's asyncio loop",
+        help="uvloop (default: a replicated 4 KiB write took 10-20%% less here) or the standard library's asyncio loop",
     )
     p.add_argument("--debug-fuse", action="store_true")
     p.add_argument("--log-file", type=Path, help="append the logs (stderr) to this file")
