@@ -3,7 +3,11 @@
 resourceVersion is a Lamport clock: every local write takes one more than the highest version this
 node has seen from anyone, so a write is always newer than everything its author knew about. Sync
 between nodes merges records by (version, origin node): the highest wins on every node, and a
-deletion is a tombstone so that it wins too.
+deletion is a tombstone so that it wins too. One exception keeps a spec change from being lost: a
+status write made on a copy that had not yet seen the latest spec (a node that just came back, or
+one that wrote its status while a peer applied a change) is newer by version but carries an older
+spec. Then the merge keeps the spec of the higher generation, takes the status of the later write,
+and writes the result as a new version of its own, which every node then takes.
 """
 
 from __future__ import annotations
@@ -44,6 +48,7 @@ CREATE TABLE IF NOT EXISTS records (
     version INTEGER NOT NULL,
     origin TEXT NOT NULL,
     body TEXT,              -- NULL: a tombstone, the object was deleted
+    created INTEGER,        -- the version that created this incarnation; NULL: not known (older stores)
     PRIMARY KEY (kind, name)
 );
 CREATE TABLE IF NOT EXISTS clock (id INTEGER PRIMARY KEY CHECK (id = 0), version INTEGER NOT NULL);
@@ -60,17 +65,35 @@ class Record:
     version: int
     origin: str
     body: dict[str, Any] | None
+    # The version of the write that created this incarnation of the object (None: not known). A
+    # re-created object has a new one, so the merge never mixes two incarnations.
+    created: int | None = None
 
     def beats(self, other: Record | None) -> bool:
         return other is None or (self.version, self.origin) > (other.version, other.origin)
 
     def to_json(self) -> dict[str, Any]:
-        return {"kind": self.kind, "name": self.name, "version": self.version, "origin": self.origin, "body": self.body}
+        return {
+            "kind": self.kind,
+            "name": self.name,
+            "version": self.version,
+            "origin": self.origin,
+            "body": self.body,
+            "created": self.created,
+        }
 
     @classmethod
     def from_json(cls, data: dict[str, Any]) -> Record:
         try:
-            record = cls(str(data["kind"]), str(data["name"]), int(data["version"]), str(data["origin"]), data["body"])
+            created = data.get("created")
+            record = cls(
+                str(data["kind"]),
+                str(data["name"]),
+                int(data["version"]),
+                str(data["origin"]),
+                data["body"],
+                None if created is None else int(created),
+            )
         except (KeyError, TypeError, ValueError) as exc:
             raise StoreError(f"malformed sync record {data!r}: {exc}") from None
         check_kind(record.kind)
@@ -103,6 +126,8 @@ class EmbeddedStore:
         db.execute("PRAGMA journal_mode=WAL")
         db.execute("PRAGMA synchronous=FULL")
         db.executescript(_SCHEMA)
+        if "created" not in {row[1] for row in db.execute("PRAGMA table_info(records)")}:
+            db.execute("ALTER TABLE records ADD COLUMN created INTEGER")  # a store from before the column
         self._db = db
 
     async def _run(self, fn: Any, *args: Any, **kwargs: Any) -> Any:
@@ -114,13 +139,13 @@ class EmbeddedStore:
     def _record(self, kind: str, name: str) -> Record | None:
         assert self._db is not None
         row = self._db.execute(
-            "SELECT kind, name, version, origin, body FROM records WHERE kind = ? AND name = ?", (kind, name)
+            "SELECT kind, name, version, origin, body, created FROM records WHERE kind = ? AND name = ?", (kind, name)
         ).fetchone()
         return _row_record(row) if row else None
 
     def _records(self, kind: str | None, *, tombstones: bool = False) -> list[Record]:
         assert self._db is not None
-        query = "SELECT kind, name, version, origin, body FROM records"
+        query = "SELECT kind, name, version, origin, body, created FROM records"
         where = [] if tombstones else ["body IS NOT NULL"]
         args: tuple[str, ...] = ()
         if kind is not None:
@@ -162,7 +187,8 @@ class EmbeddedStore:
             if op.action == "delete":
                 return Record(kind, name, 0, self.node, None), WatchEvent("DELETED", current)
             new, event = prepared_update(current, op.resource), "MODIFIED"
-        return Record(kind, name, 0, self.node, body_of(new)), WatchEvent(event, new)  # type: ignore[arg-type]
+        incarnation = None if stored is None or op.action == "create" else stored.created  # _commit sets a create's
+        return Record(kind, name, 0, self.node, body_of(new), incarnation), WatchEvent(event, new)  # type: ignore[arg-type]
 
     def _commit(self, planned: Sequence[tuple[Op, Resource | None]]) -> list[tuple[Record, WatchEvent]]:
         """Check and write a batch in one SQLite transaction, each write taking the next clock value."""
@@ -178,7 +204,8 @@ class EmbeddedStore:
                 else:
                     record, event = self._plan(op, created)
                 clock += 1
-                record = Record(record.kind, record.name, clock, self.node, record.body)
+                incarnation = clock if op.action == "create" and status is None else record.created
+                record = Record(record.kind, record.name, clock, self.node, record.body, incarnation)
                 self._write(record)
                 if event.type != "DELETED":
                     event = WatchEvent(event.type, with_version(event.resource, str(clock)))
@@ -197,18 +224,19 @@ class EmbeddedStore:
         current = _resource(stored)
         check_version(ref.kind, ref.name, ref.metadata.resource_version, current.metadata.resource_version)
         new = prepared_status(current, status)
-        return Record(ref.kind, ref.name, 0, self.node, body_of(new)), WatchEvent("MODIFIED", new)
+        return Record(ref.kind, ref.name, 0, self.node, body_of(new), stored.created), WatchEvent("MODIFIED", new)
 
     def _write(self, record: Record) -> None:
         assert self._db is not None
         self._db.execute(
-            "INSERT OR REPLACE INTO records (kind, name, version, origin, body) VALUES (?, ?, ?, ?, ?)",
+            "INSERT OR REPLACE INTO records (kind, name, version, origin, body, created) VALUES (?, ?, ?, ?, ?, ?)",
             (
                 record.kind,
                 record.name,
                 record.version,
                 record.origin,
                 None if record.body is None else json.dumps(record.body, sort_keys=True),
+                record.created,
             ),
         )
 
@@ -278,10 +306,16 @@ class EmbeddedStore:
             for record in records:
                 stored = self._record(record.kind, record.name)
                 clock = max(clock, record.version)
-                if not record.beats(stored):
-                    continue
-                self._write(record)
-                events.append(_merge_event(stored, record))
+                later, earlier = (record, stored) if record.beats(stored) else (stored, record)
+                body = _newer_spec_with_later_status(later, earlier)
+                if body is not None:
+                    clock += 1
+                    merged = Record(record.kind, record.name, clock, self.node, body, record.created)
+                    self._write(merged)
+                    events.append(_merge_event(stored, merged))
+                elif later is record:
+                    self._write(record)
+                    events.append(_merge_event(stored, record))
             self._db.execute("UPDATE clock SET version = ?", (clock,))
             self._db.execute("COMMIT")
         except BaseException:
@@ -305,8 +339,8 @@ class EmbeddedStore:
 
 
 def _row_record(row: tuple[Any, ...]) -> Record:
-    kind, name, version, origin, body = row
-    return Record(kind, name, version, origin, None if body is None else json.loads(body))
+    kind, name, version, origin, body, created = row
+    return Record(kind, name, version, origin, None if body is None else json.loads(body), created)
 
 
 def _resource(record: Record) -> Resource:
@@ -318,6 +352,27 @@ def _reference(kind: str, name: str, resource_version: str | None) -> Resource:
     """A stand-in carrying only kind, name and resourceVersion, for deletes and status writes."""
     meta = ObjectMeta.model_construct(name=name, resource_version=resource_version, labels={}, annotations={})
     return KINDS[kind].model_construct(kind=kind, metadata=meta, spec=None, status=None)
+
+
+def _newer_spec_with_later_status(later: Record, earlier: Record | None) -> dict[str, Any] | None:
+    """The merged body when the later write of one object carries an older spec; else None.
+
+    Only within one incarnation of the object (the same `created`): a re-created object starts again
+    at generation 1, and the later write then wins whole, as any other.
+    """
+    if earlier is None or later.body is None or earlier.body is None:
+        return None
+    if later.created is None or later.created != earlier.created:
+        return None
+    new_meta, old_meta = later.body.get("metadata") or {}, earlier.body.get("metadata") or {}
+    if (old_meta.get("generation") or 1) <= (new_meta.get("generation") or 1):
+        return None
+    body = dict(earlier.body)
+    if "status" in later.body:
+        body["status"] = later.body["status"]
+    else:
+        body.pop("status", None)
+    return body
 
 
 def _merge_event(stored: Record | None, record: Record) -> WatchEvent | None:
