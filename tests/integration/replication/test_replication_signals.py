@@ -2,7 +2,10 @@
 
 A signal to a process blocked in a FUSE request makes the kernel queue an INTERRUPT request, and
 withdraw it again when the interrupted request is answered first. A pyfuse3 worker woken by that
-INTERRUPT then reads nothing (EAGAIN); unpatched pyfuse3 ended the worker with an OSError.
+INTERRUPT then found nothing to read: on the blocking /dev/fuse of stock pyfuse3 the read stopped the
+event loop (the mount hung), on a non-blocking one (uvloop makes it so) the worker died of EAGAIN.
+Tandem's pyfuse3 patch answers INTERRUPT with ENOSYS, so the kernel sends no more, and waits for the
+next request after EAGAIN.
 """
 
 from __future__ import annotations
