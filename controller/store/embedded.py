@@ -187,7 +187,8 @@ class EmbeddedStore:
             if op.action == "delete":
                 return Record(kind, name, 0, self.node, None), WatchEvent("DELETED", current)
             new, event = prepared_update(current, op.resource), "MODIFIED"
-        incarnation = None if stored is None or op.action == "create" else stored.created  # _commit sets a create's
+        # A create's incarnation is its own version, which _commit assigns; other writes keep the stored one.
+        incarnation = None if stored is None or op.action == "create" else stored.created
         return Record(kind, name, 0, self.node, body_of(new), incarnation), WatchEvent(event, new)  # type: ignore[arg-type]
 
     def _commit(self, planned: Sequence[tuple[Op, Resource | None]]) -> list[tuple[Record, WatchEvent]]:
