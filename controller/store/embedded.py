@@ -187,8 +187,8 @@ class EmbeddedStore:
             if op.action == "delete":
                 return Record(kind, name, 0, self.node, None), WatchEvent("DELETED", current)
             new, event = prepared_update(current, op.resource), "MODIFIED"
-        # A create's incarnation is its own version, which _commit assigns; other writes keep the stored one.
-        incarnation = None if stored is None or op.action == "create" else stored.created
+        # The stored incarnation (a create's own version is assigned by _commit).
+        incarnation = stored.created if stored is not None else None
         return Record(kind, name, 0, self.node, body_of(new), incarnation), WatchEvent(event, new)  # type: ignore[arg-type]
 
     def _commit(self, planned: Sequence[tuple[Op, Resource | None]]) -> list[tuple[Record, WatchEvent]]:
@@ -205,7 +205,7 @@ class EmbeddedStore:
                 else:
                     record, event = self._plan(op, created)
                 clock += 1
-                incarnation = clock if op.action == "create" and status is None else record.created
+                incarnation = clock if op.action == "create" else record.created
                 record = Record(record.kind, record.name, clock, self.node, record.body, incarnation)
                 self._write(record)
                 if event.type != "DELETED":
