@@ -22,6 +22,7 @@ from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
+from agent.replication.replicator import LOOPS
 from bench import disk
 from tests.integration.replication.pairs import free_port, mounted, unmount
 
@@ -290,9 +291,7 @@ def main(argv: list[str] | None = None) -> None:
         metavar="SECONDS",
         help="passed to both replicators (0: idle CPUs sleep during replication); default: the replicator's",
     )
-    p.add_argument(
-        "--event-loop", choices=["uvloop", "asyncio"], help="passed to both replicators; default: the replicator's"
-    )
+    p.add_argument("--event-loop", choices=sorted(LOOPS), help="passed to both replicators; default: the replicator's")
     disk.add_arguments(p, fresh_gib=0)
     args = p.parse_args(argv)
     extra = [] if args.keep_cpus_awake is None else ["--keep-cpus-awake", args.keep_cpus_awake]

@@ -13,6 +13,7 @@ import pytest
 
 from agent.replication import awake
 from agent.replication.awake import Awake
+from tests.daemons import wait_for
 from tests.integration.replication.pairs import Pair
 
 pytestmark = pytest.mark.skipif(not os.path.exists(awake.DEVICE), reason=f"{awake.DEVICE} is missing")
@@ -84,10 +85,7 @@ def test_replicators_ask_for_polling_while_writes_flow_and_release_it_after(pair
     pair.start("received")
     assert "Idle CPUs poll while replication traffic flows" in pair.log("primary") + pair.log("secondary")
     assert _write_for(pair.primary_dir / "f", 0.5)
-    deadline = time.monotonic() + 5
-    while awake.current() != before and time.monotonic() < deadline:
-        time.sleep(0.01)
-    assert awake.current() == before  # idle again: the CPUs may sleep
+    wait_for("idle again: the PM QoS request released", lambda: awake.current() == before, timeout=5)
 
 
 def test_requests_that_ship_nothing_ask_too(pair: Pair) -> None:
