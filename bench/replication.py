@@ -23,7 +23,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from agent.replication.replicator import LOOPS
-from bench import disk
+from bench import disk, fuse_profile
 from tests.integration.replication.pairs import free_port, mounted, unmount
 
 REPO = Path(__file__).resolve().parents[1]
@@ -218,25 +218,38 @@ def bench_sqlite(top: Path, sizes: Sizes) -> float:
     return sizes.sqlite_tx / elapsed
 
 
-def run_mode(base: Path, ack: str, sizes: Sizes, extra: Sequence[str] = ()) -> tuple[list[Row], float]:
-    """Every benchmark, local then replicated, with one pair in `ack` mode; plus the peak RSS during dd."""
+def run_mode(
+    base: Path, ack: str, sizes: Sizes, extra: Sequence[str] = (), *, profile: bool = False
+) -> tuple[list[Row], float, str]:
+    """Every benchmark, local then replicated, with one pair in `ack` mode.
+
+    Also the peak RSS during dd, and with `profile` a table of the FUSE requests of each replicated run.
+    """
     local = base / f"local-{ack}"
     local.mkdir()
     rows: list[Row] = []
     with replicated_pair(base, ack, extra) as (mnt, primary):
+        traced = fuse_profile.Recorder(mnt, enabled=profile)
         dd_local = bench_dd(local, sizes)
-        with RssSampler(primary.pid) as rss:
+        with RssSampler(primary.pid) as rss, traced.section("dd, per 1 MiB block", sizes.dd_mib):
             dd_repl = bench_dd(mnt, sizes)
         rows.append(Row(f"dd {sizes.dd_mib} MiB bs=1M conv=fsync", "MB/s", dd_local, dd_repl))
-        (lp50, lp99, liops), (rp50, rp99, riops) = bench_fsync_latency(local, sizes), bench_fsync_latency(mnt, sizes)
+        lp50, lp99, liops = bench_fsync_latency(local, sizes)
+        with traced.section("4 KiB write+fsync", sizes.fsync_writes):
+            rp50, rp99, riops = bench_fsync_latency(mnt, sizes)
         rows.append(Row("4 KiB write+fsync", "IOPS", liops, riops))
         rows.append(Row("4 KiB write+fsync p50", "µs", lp50, rp50, higher_is_better=False))
         rows.append(Row("4 KiB write+fsync p99", "µs", lp99, rp99, higher_is_better=False))
-        (lc, lu), (rc, ru) = bench_small_files((local, mnt), sizes)
+        # The local tree takes turns with the mount here; its requests do not reach the mount.
+        with traced.section("small files, per file (create+write+close, later unlink)", sizes.small_files):
+            (lc, lu), (rc, ru) = bench_small_files((local, mnt), sizes)
         rows.append(Row(f"create+write 4 KiB+close, {sizes.small_files} files", "files/s", lc, rc))
         rows.append(Row(f"unlink, {sizes.small_files} files", "files/s", lu, ru))
-        rows.append(Row("SQLite WAL synchronous=FULL", "tx/s", bench_sqlite(local, sizes), bench_sqlite(mnt, sizes)))
-    return rows, rss.peak
+        sqlite_local = bench_sqlite(local, sizes)
+        with traced.section("SQLite WAL synchronous=FULL, per transaction", sizes.sqlite_tx):
+            sqlite_repl = bench_sqlite(mnt, sizes)
+        rows.append(Row("SQLite WAL synchronous=FULL", "tx/s", sqlite_local, sqlite_repl))
+    return rows, rss.peak, traced.render()
 
 
 def machine() -> str:
@@ -292,8 +305,18 @@ def main(argv: list[str] | None = None) -> None:
         help="passed to both replicators (0: idle CPUs sleep during replication); default: the replicator's",
     )
     p.add_argument("--event-loop", choices=sorted(LOOPS), help="passed to both replicators; default: the replicator's")
+    p.add_argument(
+        "--fuse-profile",
+        action="store_true",
+        help="also count and time the FUSE requests of each replicated run (perf, the kernel's fuse tracepoints)",
+    )
     disk.add_arguments(p, fresh_gib=0)
     args = p.parse_args(argv)
+    if args.fuse_profile:
+        try:
+            fuse_profile.check()
+        except fuse_profile.ProfileError as exc:
+            p.error(str(exc))
     extra = [] if args.keep_cpus_awake is None else ["--keep-cpus-awake", args.keep_cpus_awake]
     extra += [] if args.event_loop is None else ["--event-loop", args.event_loop]
     sizes = QUICK if args.quick else FULL
@@ -302,8 +325,10 @@ def main(argv: list[str] | None = None) -> None:
     print(f"# {calibration()}\n")
     with disk.work_dir(args.dir, "tandem-bench-", args.fresh_fs) as tmp:
         for ack in args.modes.split(","):
-            rows, rss = run_mode(tmp, ack, sizes, extra)
+            rows, rss, requests = run_mode(tmp, ack, sizes, extra, profile=args.fuse_profile)
             print(render(ack, rows, rss), "\n", flush=True)
+            if requests:
+                print(requests, "\n", flush=True)
 
 
 if __name__ == "__main__":
