@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import asyncio
 import collections
+import socket
 import typing
 from collections.abc import Callable
 
@@ -25,6 +26,28 @@ _LARGE = 64 * 1024
 EndHandler = Callable[[BaseException | None], None]
 # Called once the frames of one received chunk were handed out and the answers they caused were sent.
 AfterHandler = Callable[[], None]
+# How long the peer's host may stay silent before the kernel ends the connection (bound_silence).
+PEER_TIMEOUT = 10.0
+
+
+def bound_silence(sock: typing.Any, seconds: float) -> None:
+    """Have the kernel end the connection once the peer's host has been silent for about `seconds`.
+
+    Without this, a peer that vanishes without a word (power cut, partition) leaves what was sent to
+    it unacknowledged for the ~15 minutes of tcp_retries2, and every replicated write waits as long.
+    TCP_USER_TIMEOUT bounds how long sent data may stay unacknowledged, or unsent into a zero window
+    (a peer that stopped reading), and keepalive probes, sent after a third of it without traffic,
+    find the same silence on an idle stream. The connection then ends with ETIMEDOUT. The peer's
+    kernel answers all of these: a live host whose replicator hangs is not detected here.
+    """
+    if seconds <= 0 or sock is None:
+        return
+    probe = max(1, round(seconds / 3))
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_KEEPALIVE, 1)
+    sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_KEEPIDLE, probe)
+    sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_KEEPINTVL, probe)
+    sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_KEEPCNT, 3)
+    sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_USER_TIMEOUT, max(1, round(seconds * 1000)))
 
 
 class FrameParser:
@@ -71,9 +94,15 @@ class FrameConnection(asyncio.Protocol):
     """A framed replication connection: `read()` for the handshake, then `deliver()` for the stream."""
 
     def __init__(
-        self, opened: Callable[[FrameConnection], None] | None = None, *, traffic: Callable[[], None] | None = None
+        self,
+        opened: Callable[[FrameConnection], None] | None = None,
+        *,
+        traffic: Callable[[], None] | None = None,
+        silence: float = 0.0,
     ) -> None:
         self._opened = opened
+        # > 0: the peer's host may stay silent this many seconds (bound_silence).
+        self._silence = silence
         # Called for every chunk received and every frame sent (awake.Awake.touch).
         self._traffic = traffic
         self._transport: asyncio.Transport | None = None
@@ -97,6 +126,7 @@ class FrameConnection(asyncio.Protocol):
         # uvloop's transports do not subclass asyncio.Transport; they implement it.
         self._transport = typing.cast(asyncio.Transport, transport)
         self.peername = transport.get_extra_info("peername")
+        bound_silence(transport.get_extra_info("socket"), self._silence)
         if self._opened is not None:
             self._opened(self)
 
@@ -147,7 +177,11 @@ class FrameConnection(asyncio.Protocol):
         return False
 
     def connection_lost(self, exc: Exception | None) -> None:
-        self._finish(ConnectionResetError(str(exc)) if exc is not None else None)
+        if isinstance(exc, TimeoutError) and self._silence > 0:
+            why = f"the peer's host was silent for {self._silence:g} s (TCP_USER_TIMEOUT): {exc}"
+            self._finish(ConnectionResetError(why))
+        else:
+            self._finish(ConnectionResetError(str(exc)) if exc is not None else None)
         for fut in self._drainers:
             if not fut.done():
                 fut.set_exception(ConnectionResetError("connection lost"))

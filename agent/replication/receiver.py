@@ -14,7 +14,7 @@ from collections.abc import Callable
 from agent.replication import messages as m
 from agent.replication.applier import Applier
 from agent.replication.beneath import PathEscape
-from agent.replication.connection import FrameConnection
+from agent.replication.connection import PEER_TIMEOUT, FrameConnection
 from agent.replication.dirty import Dirty
 from agent.replication.events import Events, NoEvents
 from agent.replication.handshake import server_handshake
@@ -46,9 +46,13 @@ class Receiver:
         secret: bytes | None,
         events: Events | None = None,
         traffic: Callable[[], None] | None = None,
+        peer_timeout: float = PEER_TIMEOUT,
     ) -> None:
         self.applier = applier
         self.traffic = traffic
+        # A silent primary host ends its session after this long (connection.bound_silence), so
+        # that the next connection, once it is back, is not left waiting behind a dead one.
+        self.peer_timeout = peer_timeout
         self.node = node
         self.secret = secret
         self.events = events if events is not None else NoEvents()
@@ -64,7 +68,7 @@ class Receiver:
 
     def connection(self) -> FrameConnection:
         """A protocol for one accepted connection (`loop.create_server(receiver.connection, ...)`)."""
-        return FrameConnection(opened=self._opened, traffic=self.traffic)
+        return FrameConnection(opened=self._opened, traffic=self.traffic, silence=self.peer_timeout)
 
     def _opened(self, conn: FrameConnection) -> None:
         task = asyncio.create_task(self.serve(conn))

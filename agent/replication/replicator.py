@@ -23,6 +23,7 @@ import uvloop
 from agent.replication import syscalls
 from agent.replication.applier import Applier
 from agent.replication.awake import HOLD_SECONDS, Awake
+from agent.replication.connection import PEER_TIMEOUT
 from agent.replication.events import Events
 from agent.replication.link import PeerLink
 from agent.replication.passthrough import MountError, mount, open_root, use_asyncio
@@ -67,6 +68,14 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--secret-file", type=Path, help="shared secret; without it peers are unauthenticated")
     p.add_argument("--connect-timeout", type=float, default=30.0, help="ignored: the primary retries forever")
     p.add_argument(
+        "--peer-timeout",
+        type=float,
+        default=PEER_TIMEOUT,
+        metavar="SECONDS",
+        help="a peer host silent this long ends the stream (TCP_USER_TIMEOUT, keepalive): the primary's "
+        "writes then complete locally, the secondary takes the next connection; 0: the kernel's defaults",
+    )
+    p.add_argument(
         "--mount",
         action=argparse.BooleanOptionalAction,
         default=True,
@@ -107,7 +116,13 @@ async def run_primary(args: argparse.Namespace, events: Events) -> None:
     # Opened before mounting: afterwards the path leads into our own mount, the fd to the real tree.
     root_fd = open_root(str(args.dir))
     awake = Awake(args.keep_cpus_awake)
-    sender = Sender(node=args.node, secret=_secret(args.secret_file), ack=args.ack, traffic=awake.touch)
+    sender = Sender(
+        node=args.node,
+        secret=_secret(args.secret_file),
+        ack=args.ack,
+        traffic=awake.touch,
+        peer_timeout=args.peer_timeout,
+    )
     fs = ReplicatedFS(root_fd, sender, writeback=args.ack == "fsync")
     mount(fs, str(args.dir), debug=args.debug_fuse, on_request=awake.touch)
     awake.open()
@@ -157,7 +172,12 @@ async def _serve_secondary(
     args: argparse.Namespace, root_fd: int, events: Events, stop: asyncio.Event, awake: Awake
 ) -> None:
     receiver = Receiver(
-        Applier(root_fd), node=args.node, secret=_secret(args.secret_file), events=events, traffic=awake.touch
+        Applier(root_fd),
+        node=args.node,
+        secret=_secret(args.secret_file),
+        events=events,
+        traffic=awake.touch,
+        peer_timeout=args.peer_timeout,
     )
     server = await asyncio.get_running_loop().create_server(receiver.connection, *args.listen)
     fuse = asyncio.create_task(pyfuse3.main()) if args.mount else None

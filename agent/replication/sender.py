@@ -9,7 +9,7 @@ import os
 from collections.abc import Callable
 
 from agent.replication import messages as m
-from agent.replication.connection import FrameConnection
+from agent.replication.connection import PEER_TIMEOUT, FrameConnection
 from agent.replication.handshake import Peer, client_handshake
 from agent.replication.wire import Frame, ProtocolError
 
@@ -23,8 +23,19 @@ ErrorHandler = Callable[[int, int, str], None]
 class Sender:
     """One ordered stream of operations to the secondary at a time; each submit resolves when the peer acks."""
 
-    def __init__(self, *, node: str, secret: bytes | None, ack: str, traffic: Callable[[], None] | None = None) -> None:
+    def __init__(
+        self,
+        *,
+        node: str,
+        secret: bytes | None,
+        ack: str,
+        traffic: Callable[[], None] | None = None,
+        peer_timeout: float = PEER_TIMEOUT,
+    ) -> None:
         self.node = node
+        # A silent peer host ends the stream after this long (connection.bound_silence); also the
+        # bound of one connection attempt.
+        self.peer_timeout = peer_timeout
         self.traffic = traffic
         self.secret = secret
         self.ack = ack
@@ -43,9 +54,15 @@ class Sender:
 
     async def connect(self, host: str, port: int) -> Peer:
         """Open a new stream (fresh id, seq from 1) and run the handshake; raise on refusal."""
-        _, conn = await asyncio.get_running_loop().create_connection(
-            lambda: FrameConnection(traffic=self.traffic), host, port
+        connecting = asyncio.get_running_loop().create_connection(
+            lambda: FrameConnection(traffic=self.traffic, silence=self.peer_timeout), host, port
         )
+        try:
+            async with asyncio.timeout(self.peer_timeout if self.peer_timeout > 0 else None):
+                _, conn = await connecting
+        except TimeoutError:
+            # A SYN to a vanished host is retried for minutes; the next attempt starts afresh.
+            raise TimeoutError(f"no answer from {host}:{port} within {self.peer_timeout:g} s") from None
         stream = os.urandom(16)
         try:
             peer = await client_handshake(conn, self.node, self.secret, stream, self.ack)

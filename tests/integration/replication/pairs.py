@@ -50,6 +50,11 @@ class Pair:
     secret: Path | None = None
     # More arguments for both replicators.
     extra: list[str] = field(default_factory=list)
+    # The address the secondary listens on and the primary connects to.
+    host: str = "127.0.0.1"
+    # Role -> the network namespace (its name under /run/netns) the replicator runs in; its mounts
+    # stay in this mount namespace, where the test sees them.
+    netns: dict[str, str] = field(default_factory=dict)
 
     def start(self, ack: str, secret: Path | None = None, *, secondary_mount: bool = True) -> None:
         """Start both replicators and wait until the primary has resynced the secondary and is in sync."""
@@ -60,14 +65,14 @@ class Pair:
     def start_secondary(self, ack: str = "received", secret: Path | None = None, *, mount: bool = True) -> None:
         """Start (or restart, on the same port) the secondary and wait for it to listen."""
         self.port, self.ack, self.secret = self.port or free_port(), ack, secret
-        cmd = ["--role", "secondary", "--dir", str(self.secondary_dir), "--listen", f"127.0.0.1:{self.port}"]
+        cmd = ["--role", "secondary", "--dir", str(self.secondary_dir), "--listen", f"{self.host}:{self.port}"]
         self._spawn("secondary", [*cmd, "--node", "node2", *self._auth(), *([] if mount else ["--no-mount"])])
         self.wait_event("secondary", lambda e: e["event"] == "listening")
 
     def start_primary(self) -> None:
         """Start the primary (which mounts at once, whether the secondary runs or not) and wait for its mount."""
         self.port = self.port or free_port()
-        cmd = ["--role", "primary", "--dir", str(self.primary_dir), "--peer", f"127.0.0.1:{self.port}"]
+        cmd = ["--role", "primary", "--dir", str(self.primary_dir), "--peer", f"{self.host}:{self.port}"]
         self._spawn("primary", [*cmd, "--ack", self.ack, "--node", "node1", *self._auth()])
         self.wait_event("primary", lambda e: e["event"] == "mounted")
         assert mounted(self.primary_dir)
@@ -106,6 +111,9 @@ class Pair:
         err = open(self.logs / f"{role}.log", "ab")  # noqa: SIM115 - closed with the process
         out = open(self.logs / f"{role}.events", "ab")  # noqa: SIM115
         full = [sys.executable, "-m", "agent.replication.replicator", *cmd, *self.extra]
+        if role in self.netns:
+            # nsenter execs the replicator itself, so the PID kept here is the replicator's.
+            full = ["nsenter", f"--net=/run/netns/{self.netns[role]}", *full]
         self.procs[role] = subprocess.Popen(full, cwd=REPO, stdout=out, stderr=err)
         out.close()
         err.close()

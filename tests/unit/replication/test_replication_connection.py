@@ -3,10 +3,11 @@
 from __future__ import annotations
 
 import asyncio
+import socket
 
 from agent.replication import messages as m
 from agent.replication import wire
-from agent.replication.connection import FrameConnection
+from agent.replication.connection import FrameConnection, bound_silence
 
 
 async def test_a_flood_before_delivery_pauses_reading_and_loses_nothing(
@@ -47,3 +48,20 @@ async def test_a_protocol_error_from_the_handler_ends_the_stream_with_it(
     why = await asyncio.wait_for(done, 5)
     assert isinstance(why, wire.ProtocolError) and "seq 7" in str(why)
     assert await asyncio.wait_for(sender.read(), 5) is None  # the receiver closed its end
+
+
+def test_a_peer_timeout_bounds_unacknowledged_data_and_probes_an_idle_stream() -> None:
+    with socket.socket() as sock:
+        bound_silence(sock, 6)
+        tcp = socket.IPPROTO_TCP
+        assert sock.getsockopt(socket.SOL_SOCKET, socket.SO_KEEPALIVE) == 1
+        assert sock.getsockopt(tcp, socket.TCP_USER_TIMEOUT) == 6000
+        assert (sock.getsockopt(tcp, socket.TCP_KEEPIDLE), sock.getsockopt(tcp, socket.TCP_KEEPINTVL)) == (2, 2)
+        assert sock.getsockopt(tcp, socket.TCP_KEEPCNT) == 3
+
+
+def test_a_zero_peer_timeout_keeps_the_kernel_defaults() -> None:
+    with socket.socket() as sock:
+        bound_silence(sock, 0)
+        assert sock.getsockopt(socket.SOL_SOCKET, socket.SO_KEEPALIVE) == 0
+        assert sock.getsockopt(socket.IPPROTO_TCP, socket.TCP_USER_TIMEOUT) == 0
