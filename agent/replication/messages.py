@@ -1,4 +1,4 @@
-"""The messages of replication protocol version 2: handshake, acks, every mutating operation and resync."""
+"""The messages of replication protocol version 3: handshake, acks, every mutating operation and resync."""
 
 from __future__ import annotations
 
@@ -130,6 +130,27 @@ class Fault(Message):
     status: Errno
     message: Text
     OP = 5
+
+
+@message
+class Ping(Message):
+    """Primary to secondary, outside the sequence (seq 0): answered by Pong n on receipt, in every mode.
+
+    The secondary answers it in the event-loop turn that reads it, ahead of every frame still
+    waiting to be applied, so a primary that hears nothing at all for its peer timeout knows that
+    the secondary's replicator is not reading its stream (it hangs, or cannot take more).
+    """
+
+    n: U32
+    OP = 8
+
+
+@message
+class Pong(Message):
+    """The secondary's answer to Ping n (seq 0)."""
+
+    n: U32
+    OP = 9
 
 
 @message
@@ -436,6 +457,8 @@ MESSAGES: dict[int, type[Message]] = {
         Auth,
         Ack,
         Fault,
+        Ping,
+        Pong,
         Write,
         Truncate,
         Fallocate,

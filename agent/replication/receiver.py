@@ -255,6 +255,12 @@ class _Stream:
         self._arrived = asyncio.Event()
 
     def received(self, frame: Frame) -> None:
+        if type(frame.msg) is m.Ping:
+            # Outside the sequence and ahead of everything queued: the primary's proof that we read.
+            if frame.seq != 0:
+                raise ProtocolError(f"Ping with sequence number {frame.seq}: a ping carries 0")
+            self.conn.send_nowait(Frame(0, m.Pong(frame.msg.n)))
+            return
         if not frame.msg.OPERATION:
             raise ProtocolError(f"{type(frame.msg).__name__} is not an operation (seq {frame.seq})")
         if self._expected is None:

@@ -15,6 +15,8 @@ from agent.replication.wire import Frame, ProtocolError
 
 log = logging.getLogger(__name__)
 _ANSWERS = (m.Ack, m.Listing, m.Sums)
+# Pings per peer timeout: a healthy peer answers several times before its silence counts.
+PINGS_PER_TIMEOUT = 4
 
 # (seq, errno, message) of an operation the secondary failed to apply.
 ErrorHandler = Callable[[int, int, str], None]
@@ -51,6 +53,9 @@ class Sender:
         self.sent_bytes = 0
         self._conn: FrameConnection | None = None
         self._pending: dict[int, asyncio.Future[m.Message]] = {}
+        # The event loop's time of the last frame the peer sent (answers and pongs).
+        self._heard = 0.0
+        self._watch: asyncio.Task[None] | None = None
 
     async def connect(self, host: str, port: int) -> Peer:
         """Open a new stream (fresh id, seq from 1) and run the handshake; raise on refusal."""
@@ -73,7 +78,10 @@ class Sender:
             log.warning("Replication peer node=%s is unauthenticated: no shared secret configured", peer.node)
         self.stream, self.seq, self.closed = stream, 0, asyncio.Event()
         self.peer, self._conn, self.connected = peer, conn, True
+        self._heard = asyncio.get_running_loop().time()
         conn.deliver(self._answer, self._ended)
+        if self.peer_timeout > 0:
+            self._watch = asyncio.create_task(self._watchdog(conn))
         log.info("Replication stream to node=%s open, ack=%s", peer.node, self.ack)
         return peer
 
@@ -118,9 +126,38 @@ class Sender:
             log.error("Replication error, secondary diverged and needs a resync: %s (errno %d)", message, status)
         self.diverged = True
 
+    async def _watchdog(self, conn: FrameConnection) -> None:
+        """Ping the peer while `conn` carries the stream; end the stream once the peer answered nothing
+        for `peer_timeout`: its host answers TCP, but its replicator hangs or no longer reads."""
+        loop = asyncio.get_running_loop()
+        interval, n = self.peer_timeout / PINGS_PER_TIMEOUT, 0
+        while True:
+            due = loop.time() + interval
+            await asyncio.sleep(interval)
+            if not self.connected or self._conn is not conn:
+                return
+            now = loop.time()
+            # Woken late: this loop itself stalled, and answers may wait unread; judge next time.
+            late = now - due > interval
+            if not late and now - self._heard >= self.peer_timeout:
+                self._lose(
+                    f"the peer's replicator answered nothing for {now - self._heard:.1f} s "
+                    "(it hangs, or does not read its stream)",
+                    abort=True,
+                )
+                return
+            n = (n + 1) & 0xFFFFFFFF
+            with contextlib.suppress(ConnectionError):
+                conn.send_nowait(Frame(0, m.Ping(n)))
+
     def _answer(self, frame: Frame) -> None:
         """One answer from the secondary, handled in the event-loop turn that received it."""
         msg = frame.msg
+        self._heard = asyncio.get_running_loop().time()
+        if isinstance(msg, m.Pong):
+            if frame.seq != 0:
+                raise ProtocolError(f"Pong with sequence number {frame.seq}: a pong carries 0")
+            return
         if isinstance(msg, m.Fault):
             self._failed(frame.seq, msg.status, msg.message)
             return
@@ -139,7 +176,12 @@ class Sender:
         """End the current stream now (the link reconnects and resyncs)."""
         self._lose(reason)
 
-    def _lose(self, reason: str) -> None:
+    def _lose(self, reason: str, *, abort: bool = False) -> None:
+        """The stream is gone: fail what waits for acks (it completes locally); `abort` resets the
+        connection instead of closing it after what is queued (a peer that hangs never reads it)."""
+        if self._watch is not None and self._watch is not asyncio.current_task():
+            self._watch.cancel()
+        self._watch = None
         if self.connected:
             log.warning("Replication stream lost, running alone (full resync needed): %s", reason)
             self.lost_reason = reason
@@ -152,11 +194,14 @@ class Sender:
                 fut.exception()
         self._pending.clear()
         if self._conn is not None:
-            self._conn.close()
+            (self._conn.abort if abort else self._conn.close)()
         self.closed.set()
 
     async def close(self) -> None:
         """Close the stream after the acks of everything sent."""
+        if self._watch is not None:
+            self._watch.cancel()
+            self._watch = None
         if self._conn is not None and self.connected:
             pending = list(self._pending.values())
             if pending:

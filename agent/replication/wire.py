@@ -1,4 +1,4 @@
-"""Framing of replication protocol version 2: length prefix, msgpack header, raw data; pure codec + streams."""
+"""Framing of replication protocol version 3: length prefix, msgpack header, raw data; pure codec + streams."""
 
 from __future__ import annotations
 
@@ -13,7 +13,7 @@ from agent.replication import messages as m
 from agent.replication.beneath import PathEscape, split_relpath
 
 MAGIC = b"TNDM"
-VERSION = 2
+VERSION = 3
 MAX_DATA = 64 * 1024 * 1024
 MAX_HEADER = 256 * 1024
 MAX_PATH = 64 * 1024

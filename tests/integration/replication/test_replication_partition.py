@@ -1,4 +1,5 @@
-"""A peer host that goes silent (a partition or a power cut: no reset, no FIN) ends the stream.
+"""A peer that goes silent ends the stream: its host (a partition, a power cut: no reset, no FIN), or
+only its replicator (stopped: its kernel still acknowledges every byte).
 
 Each replicator runs in a network namespace of its own, with a router namespace between them; the
 partition makes the router drop every packet (a pfifo qdisc of length 0 on its links), so that
@@ -10,10 +11,12 @@ the pair resyncs by itself.
 from __future__ import annotations
 
 import os
+import signal
 import subprocess
 import threading
 from collections.abc import Iterator
 from contextlib import contextmanager
+from pathlib import Path
 
 import pytest
 
@@ -68,6 +71,28 @@ def _tc(*args: str, netns: str) -> None:
         raise RuntimeError(f"tc {' '.join(args)} failed: {done.stderr.strip()}")
 
 
+def write_in_background(path: Path) -> tuple[threading.Event, list[BaseException]]:
+    """pwrite 4 KiB + fsync of a new file in a thread: (set once it returned, what it raised)."""
+    done = threading.Event()
+    errors: list[BaseException] = []
+
+    def write() -> None:
+        try:
+            fd = os.open(path, os.O_WRONLY | os.O_CREAT, 0o644)
+            try:
+                os.pwrite(fd, b"d" * 4096, 0)
+                os.fsync(fd)
+            finally:
+                os.close(fd)
+        except BaseException as exc:  # reported by the test, in its own thread
+            errors.append(exc)
+        finally:
+            done.set()
+
+    threading.Thread(target=write, daemon=True).start()
+    return done, errors
+
+
 @pytest.mark.parametrize("ack", ["received", "durable"])
 def test_a_silent_secondary_host_ends_the_stream_and_the_write_completes_locally(pair: Pair, ack: str) -> None:
     with two_hosts() as (primary, router, secondary):
@@ -76,32 +101,38 @@ def test_a_silent_secondary_host_ends_the_stream_and_the_write_completes_locally
         pair.start(ack)
         (pair.primary_dir / "before").write_bytes(b"b" * 8192)
         seen = len(pair.events("primary")), len(pair.events("secondary"))
-        done = threading.Event()
-        errors: list[BaseException] = []
-
-        def write() -> None:
-            try:
-                fd = os.open(pair.primary_dir / "during", os.O_WRONLY | os.O_CREAT, 0o644)
-                try:
-                    os.pwrite(fd, b"d" * 4096, 0)
-                    os.fsync(fd)
-                finally:
-                    os.close(fd)
-            except BaseException as exc:  # reported below, in the test's thread
-                errors.append(exc)
-            finally:
-                done.set()
-
         with partitioned(router):
-            writer = threading.Thread(target=write, daemon=True)
-            writer.start()
+            done, errors = write_in_background(pair.primary_dir / "during")
             lost = pair.wait_event("primary", lambda e: e.get("state") == "disconnected", 60, seen[0])
             # A hang detector, not a timing: without the peer timeout this waits ~15 minutes.
             assert done.wait(60), "the write through the primary still waits for the silent secondary"
             assert not errors, errors
-            assert "silent for 2 s" in lost["reason"], lost
+            # Whichever notices first: the kernel (data unacknowledged) or the pings (no pong).
+            assert "silent for 2 s" in lost["reason"] or "answered nothing for" in lost["reason"], lost
             pair.wait_event("secondary", lambda e: e.get("state") == "disconnected", 60, seen[1])
         assert "the peer's host was silent for 2 s (TCP_USER_TIMEOUT)" in pair.log("secondary")
         pair.wait_in_sync(after=seen[0])
         assert (pair.secondary_dir / "during").read_bytes() == b"d" * 4096
         assert_same_trees(pair)
+
+
+def test_a_secondary_whose_replicator_hangs_is_dropped_and_the_write_completes_locally(pair: Pair) -> None:
+    pair.extra = ["--peer-timeout", PEER_TIMEOUT]
+    # No read-only mount on the secondary: its daemon is the process stopped here.
+    pair.start("received", secondary_mount=False)
+    (pair.primary_dir / "before").write_bytes(b"b" * 8192)
+    seen = len(pair.events("primary"))
+    os.kill(pair.pid("secondary"), signal.SIGSTOP)
+    try:
+        done, errors = write_in_background(pair.primary_dir / "during")
+        lost = pair.wait_event("primary", lambda e: e.get("state") == "disconnected", 60, seen)
+        # A hang detector, not a timing: the stopped replicator's kernel acknowledges every byte,
+        # so without the pings this write waits for as long as the process stays stopped.
+        assert done.wait(60), "the write through the primary still waits for the stopped secondary"
+        assert not errors, errors
+        assert "the peer's replicator answered nothing for" in lost["reason"], lost
+    finally:
+        os.kill(pair.pid("secondary"), signal.SIGCONT)
+    pair.wait_in_sync(after=seen)
+    assert (pair.secondary_dir / "during").read_bytes() == b"d" * 4096
+    assert_same_trees(pair)

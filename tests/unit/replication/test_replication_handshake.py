@@ -66,8 +66,9 @@ async def test_operation_before_hello_is_a_protocol_error(ends: Ends) -> None:
 
 async def test_future_version_is_refused_with_both_numbers(ends: Ends) -> None:
     client, server = ends
-    # A v3 Hello may carry more fields; the answer must still name both versions.
-    packed = msgpack.packb([1, 0, wire.MAGIC, 3, "n", b"n" * 32, STREAM, "durable", "extra"], use_bin_type=True)
+    # A newer Hello may carry more fields; the answer must still name both versions.
+    future = wire.VERSION + 1
+    packed = msgpack.packb([1, 0, wire.MAGIC, future, "n", b"n" * 32, STREAM, "durable", "x"], use_bin_type=True)
     client.transport.write(wire.PREFIX.pack(4 + len(packed), len(packed)) + packed)
-    with pytest.raises(wire.ProtocolError, match="version 3, this node speaks 2"):
+    with pytest.raises(wire.ProtocolError, match=f"version {future}, this node speaks {wire.VERSION}"):
         await handshake.server_handshake(server, "node2", None, lambda s: 0)

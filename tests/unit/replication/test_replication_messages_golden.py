@@ -1,4 +1,4 @@
-"""Golden frames of replication protocol v2: every message encodes to exactly these bytes and decodes back."""
+"""Golden frames of replication protocol v3: every message encodes to exactly these bytes and decodes back."""
 
 from __future__ import annotations
 
@@ -15,18 +15,18 @@ TIMES = (m.TimeFix(b"dir", 1_000_000_001, 2_000_000_002), m.TimeFix(b"", -3, 4))
 
 GOLDEN: list[tuple[wire.Frame, str]] = [
     (
-        wire.Frame(1, m.Hello(magic=b"TNDM", version=2, node="node-a", nonce=NONCE, stream=STREAM, ack="durable")),
+        wire.Frame(1, m.Hello(magic=b"TNDM", version=3, node="node-a", nonce=NONCE, stream=STREAM, ack="durable")),
         (
-            "000000510000004d980101c404544e444d02a66e6f64652d61c420000102030405060708090a0b0c0d0e0f1011121314"
+            "000000510000004d980101c404544e444d03a66e6f64652d61c420000102030405060708090a0b0c0d0e0f1011121314"
             "15161718191a1b1c1d1e1fc4106465666768696a6b6c6d6e6f70717273a764757261626c65"
         ),
     ),
     (
         wire.Frame(
-            0, m.Challenge(magic=b"TNDM", version=2, node="node-b", nonce=NONCE, proof=PROOF, applied_seq=2**40 + 7)
+            0, m.Challenge(magic=b"TNDM", version=3, node="node-b", nonce=NONCE, proof=PROOF, applied_seq=2**40 + 7)
         ),
         (
-            "000000620000005e980200c404544e444d02a66e6f64652d62c420000102030405060708090a0b0c0d0e0f1011121314"
+            "000000620000005e980200c404544e444d03a66e6f64652d62c420000102030405060708090a0b0c0d0e0f1011121314"
             "15161718191a1b1c1d1e1fc420c8c9cacbcccdcecfd0d1d2d3d4d5d6d7d8d9dadbdcdddedfe0e1e2e3e4e5e6e7cf0000"
             "010000000007"
         ),
@@ -42,6 +42,14 @@ GOLDEN: list[tuple[wire.Frame, str]] = [
     (
         wire.Frame(10, m.Fault(status=5, message="Input/output error")),
         "0000001b0000001794050a05b2496e7075742f6f7574707574206572726f72",
+    ),
+    (
+        wire.Frame(0, m.Ping(n=7)),
+        "000000080000000493080007",
+    ),
+    (
+        wire.Frame(0, m.Pong(n=2**32 - 1)),
+        "0000000c00000008930900ceffffffff",
     ),
     (
         wire.Frame(11, m.Write(path=b"dir/file", offset=2**33 + 1, data=b"hello, world", times=TIMES)),

@@ -1,4 +1,4 @@
-"""Wire format of replication protocol v2: round trips, truncation, limits, garbage."""
+"""Wire format of replication protocol v3: round trips, truncation, limits, garbage."""
 
 from __future__ import annotations
 
@@ -149,7 +149,8 @@ def test_well_formed_msgpack_with_wrong_fields_is_refused_cleanly(
         ([27, 1, b"f", None, None, None, None, None, None, [[b"../up", 0, 0]]], b"", r"times\[0\].path"),
         ([1, 0, b"NOPE", 1, "n", b"x" * 32, b"y" * 16, "durable"], b"", "bad magic"),
         ([1, 0, wire.MAGIC, wire.VERSION, "n", b"x" * 32, b"y" * 16, "sometimes"], b"", "Hello.ack: expected one of"),
-        ([1, 0, wire.MAGIC, 3, "n", b"x" * 32, b"y" * 16, "durable", "future"], b"", "version 3, this node speaks 2"),
+        ([1, 0, wire.MAGIC, 4, "n", b"x" * 32, b"y" * 16, "durable", "future"], b"", "version 4, this node speaks 3"),
+        ([1, 0, wire.MAGIC, 2, "n", b"x" * 32, b"y" * 16, "durable"], b"", "version 2, this node speaks 3"),
     ],
 )
 def test_precise_reasons(header: Any, data: bytes, reason: str) -> None:
