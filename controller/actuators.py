@@ -144,6 +144,11 @@ class Actuators:
         if failed:
             raise StepFailed("; ".join(failed))
 
+    def peer_lost(self, module: str) -> None:
+        """The module's peer is declared lost: its primary replicators stop waiting for it now."""
+        for replicator in self.replicators.get(module, []):
+            replicator.peer_lost()
+
     def replication_state(self, module: str, *, replicated: bool) -> tuple[str, int, bool | None]:
         """(state for decide, bytes left to sync, whether the secondary was in sync when it lost its peer)."""
         replicators = self.replicators.get(module, [])

@@ -257,6 +257,9 @@ class Reconciler:
         observed = self._observe(module, rt)
         decision = decide(observed)
         self._log(module, rt, decision)
+        if rt.state == State.PRIM and decision.state == State.ALONE and decision.reason == "PeerLost":
+            # Writes waiting for the lost peer's acks complete locally now, not after the peer timeout.
+            self.actuators.peer_lost(module.name)
         rt.decision = decision
         steps = plan(rt.state, decision.state, restart=decision.restart, replicated=bool(ctx.dirs))
         if decision.restart:

@@ -34,6 +34,7 @@ from agent.replication.sender import Sender
 from agent.replication.wire import ACK_MODES
 
 log = logging.getLogger("agent.replication")
+PEER_DECLARED_LOST = "the agent declared the peer lost (SIGUSR1: its heartbeats stopped)"
 
 # The event loop a replicator runs on. Every replicated call is a chain of wake-ups (the FUSE
 # request, the frame, the ack, the reply), and uvloop's turn of the loop costs about a third of
@@ -124,9 +125,12 @@ async def run_primary(args: argparse.Namespace, events: Events) -> None:
         peer_timeout=args.peer_timeout,
     )
     fs = ReplicatedFS(root_fd, sender, writeback=args.ack == "fsync")
+    loop = asyncio.get_running_loop()
+    # Before the mount (the supervisor signals only a mounted primary): the agent's membership
+    # declared the peer lost, so the writes waiting for it complete locally now.
+    loop.add_signal_handler(signal.SIGUSR1, lambda: sender.drop(PEER_DECLARED_LOST, abort=True))
     mount(fs, str(args.dir), debug=args.debug_fuse, on_request=awake.touch)
     awake.open()
-    loop = asyncio.get_running_loop()
     for sig in (signal.SIGTERM, signal.SIGINT):
         loop.add_signal_handler(sig, pyfuse3.terminate)
     log.info("Primary serving dir=%s peer=%s:%d ack=%s loop=%s", args.dir, *args.peer, args.ack, _loop_name())

@@ -172,9 +172,9 @@ class Sender:
     def _ended(self, why: BaseException | None) -> None:
         self._lose(str(why) if why is not None else "peer closed the stream")
 
-    def drop(self, reason: str) -> None:
-        """End the current stream now (the link reconnects and resyncs)."""
-        self._lose(reason)
+    def drop(self, reason: str, *, abort: bool = False) -> None:
+        """End the current stream now (the link reconnects and resyncs); `abort`: reset, do not flush."""
+        self._lose(reason, abort=abort)
 
     def _lose(self, reason: str, *, abort: bool = False) -> None:
         """The stream is gone: fail what waits for acks (it completes locally); `abort` resets the

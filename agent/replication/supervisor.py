@@ -223,6 +223,15 @@ class Replicator:
         elif kind == "stopped":
             self.status.state, self.status.mounted = "stopped", False
 
+    def peer_lost(self) -> None:
+        """The agent's membership declared the peer lost: a mounted primary ends its stream now
+        (SIGUSR1), and the writes waiting for the peer's acks complete locally at once instead of
+        after the peer timeout."""
+        proc = self._proc
+        if self.role == "primary" and self.status.mounted and proc is not None and proc.returncode is None:
+            with contextlib.suppress(ProcessLookupError):
+                proc.send_signal(signal.SIGUSR1)
+
     async def stop(self) -> None:
         """SIGTERM, then SIGKILL and a lazy unmount if it does not stop in time."""
         proc = self._proc

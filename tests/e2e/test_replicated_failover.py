@@ -99,3 +99,15 @@ def test_the_old_primary_resyncs_online_and_takes_the_app_back(notes: NotesClust
     answer = wait_for("node1 answering", lambda: (a := notes.app_answer()) and a.startswith("200 node1") and a)
     # everything written on node1 before, and on node2 while node1 was away and while it came back
     assert answer == f"200 node1: {10 + len(during)} notes"
+
+
+def test_the_primary_goes_on_writing_when_the_secondarys_host_vanishes(notes: NotesCluster) -> None:
+    assert notes.post("before") is not None
+    # Its cables pulled: no reset, no FIN, its replicator still holds the stream.
+    notes.lab.isolate("node2")
+    wait_for("node1 serving alone", lambda: notes.status("node1").get("node1") == "ALONE", timeout=60)
+    answer = wait_for("a write through the VIP", lambda: notes.post("while node2 is gone"), timeout=60)
+    assert answer.startswith("node1: ")
+    # The heartbeats declared the peer lost before any replication timeout ran out.
+    log = (notes.work / "node1" / "logs" / "notes-data.replicator.log").read_text()
+    assert "the agent declared the peer lost" in log, log[-2000:]
