@@ -27,7 +27,7 @@ EndHandler = Callable[[BaseException | None], None]
 # Called once the frames of one received chunk were handed out and the answers they caused were sent.
 AfterHandler = Callable[[], None]
 # How long the peer's host may stay silent before the kernel ends the connection (bound_silence).
-PEER_TIMEOUT = 10.0
+PEER_TIMEOUT = 30.0
 
 
 def bound_silence(sock: typing.Any, seconds: float) -> None:

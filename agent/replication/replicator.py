@@ -30,7 +30,7 @@ from agent.replication.passthrough import MountError, mount, open_root, use_asyn
 from agent.replication.primary import ReplicatedFS
 from agent.replication.readonly import ReadOnlyFS
 from agent.replication.receiver import Receiver
-from agent.replication.sender import Sender
+from agent.replication.sender import CONNECT_TIMEOUT, Sender
 from agent.replication.wire import ACK_MODES
 
 log = logging.getLogger("agent.replication")
@@ -67,7 +67,13 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--ack", choices=ACK_MODES, default="received", help="primary: ack mode asked")
     p.add_argument("--node", default=socket.gethostname())
     p.add_argument("--secret-file", type=Path, help="shared secret; without it peers are unauthenticated")
-    p.add_argument("--connect-timeout", type=float, default=30.0, help="ignored: the primary retries forever")
+    p.add_argument(
+        "--connect-timeout",
+        type=float,
+        default=CONNECT_TIMEOUT,
+        metavar="SECONDS",
+        help="primary: give up one connection attempt after this long (the next follows; it retries forever)",
+    )
     p.add_argument(
         "--peer-timeout",
         type=float,
@@ -123,6 +129,7 @@ async def run_primary(args: argparse.Namespace, events: Events) -> None:
         ack=args.ack,
         traffic=awake.touch,
         peer_timeout=args.peer_timeout,
+        connect_timeout=args.connect_timeout,
     )
     fs = ReplicatedFS(root_fd, sender, writeback=args.ack == "fsync")
     loop = asyncio.get_running_loop()

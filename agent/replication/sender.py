@@ -17,6 +17,9 @@ log = logging.getLogger(__name__)
 _ANSWERS = (m.Ack, m.Listing, m.Sums)
 # Pings per peer timeout: a healthy peer answers several times before its silence counts.
 PINGS_PER_TIMEOUT = 4
+# One connection attempt gives up after this long: a SYN to a vanished host is retried for minutes,
+# with gaps that grow to 16 s, while a fresh attempt reaches a host that is back at once.
+CONNECT_TIMEOUT = 5.0
 
 # (seq, errno, message) of an operation the secondary failed to apply.
 ErrorHandler = Callable[[int, int, str], None]
@@ -33,11 +36,12 @@ class Sender:
         ack: str,
         traffic: Callable[[], None] | None = None,
         peer_timeout: float = PEER_TIMEOUT,
+        connect_timeout: float = CONNECT_TIMEOUT,
     ) -> None:
         self.node = node
-        # A silent peer host ends the stream after this long (connection.bound_silence); also the
-        # bound of one connection attempt.
+        # A peer silent this long ends the stream (connection.bound_silence, and the pings).
         self.peer_timeout = peer_timeout
+        self.connect_timeout = connect_timeout
         self.traffic = traffic
         self.secret = secret
         self.ack = ack
@@ -63,11 +67,10 @@ class Sender:
             lambda: FrameConnection(traffic=self.traffic, silence=self.peer_timeout), host, port
         )
         try:
-            async with asyncio.timeout(self.peer_timeout if self.peer_timeout > 0 else None):
+            async with asyncio.timeout(self.connect_timeout if self.connect_timeout > 0 else None):
                 _, conn = await connecting
         except TimeoutError:
-            # A SYN to a vanished host is retried for minutes; the next attempt starts afresh.
-            raise TimeoutError(f"no answer from {host}:{port} within {self.peer_timeout:g} s") from None
+            raise TimeoutError(f"no answer from {host}:{port} within {self.connect_timeout:g} s") from None
         stream = os.urandom(16)
         try:
             peer = await client_handshake(conn, self.node, self.secret, stream, self.ack)
