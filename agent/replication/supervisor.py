@@ -211,11 +211,12 @@ class Replicator:
                 self.status.was_in_sync = bool(event["wasInSync"])
             if self.status.state != previous:
                 log.info(
-                    "Replication changed. dir=%s role=%s from=%s to=%s",
+                    "Replication changed. dir=%s role=%s from=%s to=%s%s",
                     self.directory,
                     self.role,
                     previous,
                     self.status.state,
+                    f" reason={event['reason']}" if event.get("reason") else "",
                 )
         elif kind == "error":
             self.status.error = str(event.get("message", ""))
