@@ -25,7 +25,7 @@ from tests.integration.replication.test_replication_resync import assert_same_tr
 from tests.netns import ip, namespace
 
 PEER_TIMEOUT = "2"
-PRIMARY, SECONDARY = "10.213.7.1", "10.213.8.2"
+SECONDARY = "10.213.8.2"  # the primary is 10.213.7.1, the router .254 on both
 
 
 @contextmanager
