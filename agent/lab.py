@@ -33,6 +33,8 @@ SWITCH = "switch"
 _NAME = re.compile(r"^[a-z][a-z0-9-]*$")
 _IP_TIMEOUT = 10.0
 _GRACE = 3.0
+# Rounds of stopping processes that were started while the lab stopped.
+_LATE_ROUNDS = 5
 # Copies of these mounts in a node's namespace would keep other people's namespaces and FUSE daemons alive.
 _PINNING_FSTYPES = "nsfs,fuse,fuseblk"
 _SLEEPER = (
@@ -680,6 +682,18 @@ def _kill_inside(
         log.info("Stopping lab processes. pids=%s", ",".join(map(str, pids)))
     try:
         _terminate(spawned, pids, _GRACE)
+        # A process started while the others stopped (a daemon that starts a script in a session of
+        # its own as it is told to stop) was not in that list: stop those too, until none is left.
+        for _ in range(_LATE_ROUNDS):
+            late = [pid for pid in _pids_inside(netns, mount_ns) if not _gone(pid)]
+            if not late:
+                break
+            log.info("Stopping lab processes started during the stop. pids=%s", ",".join(map(str, late)))
+            _terminate([], late, _GRACE)
+        else:
+            late = [pid for pid in _pids_inside(netns, mount_ns) if not _gone(pid)]
+            if late:
+                return [f"processes kept starting while the lab stopped: {late}"]
     except LabError as exc:
         return [str(exc)]
     for proc in spawned:

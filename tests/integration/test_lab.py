@@ -178,6 +178,19 @@ def test_down_leaves_no_namespace_link_mount_or_process_and_may_be_called_twice(
     lab.down()
 
 
+def test_down_also_ends_a_process_started_while_the_others_stop(tmp_path: Path) -> None:
+    # What a daemon told to stop while it starts a script does: a new session, after down's first look.
+    lab = Lab("tlab-").up()
+    started = tmp_path / "started"
+    script = f"trap 'setsid sleep 600 & echo $! > {started}; exit 0' TERM; while :; do sleep 0.05; done"
+    proc = lab.spawn("node1", ["sh", "-c", script], tmp_path / "sh.log")
+    wait_for("the shell to run", lambda: _pids_of_in("sh", lab["node1"].netns_path) or None)
+    lab.down()
+    assert proc.returncode is not None
+    late = int(wait_for("the late process to be started", lambda: started.exists() and started.read_text().strip()))
+    assert not alive(late), "a process started during down survived it"
+
+
 def test_a_failing_up_removes_what_it_built(monkeypatch: pytest.MonkeyPatch) -> None:
     lab = Lab("tlab-")
     started: list[int] = []
