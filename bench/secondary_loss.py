@@ -41,6 +41,7 @@ def one_run(work: Path) -> float:
             lambda: cluster.status("node1") == {"node1": "PRIM", "node2": "SECOND"},
             timeout=60,
         )
+        wait_for("the app answers through the VIP", lambda: (cluster.app_answer() or "").startswith("200 node1"))
         for i in range(WRITES_BEFORE):
             if cluster.post(f"before {i}") is None:
                 raise RuntimeError("a write failed before the cut")

@@ -60,6 +60,8 @@ def notes(tmp_path: Path) -> Iterator[NotesCluster]:
             lambda: cluster.status("node1") == {"node1": "PRIM", "node2": "SECOND"},
             timeout=60,
         )
+        # startPrim returns once the app is spawned: PRIM can come before the app listens.
+        wait_for("the app answers through the VIP", lambda: (cluster.app_answer() or "").startswith("200 node1"))
         yield cluster
 
 
