@@ -19,9 +19,7 @@ import tempfile
 import time
 from pathlib import Path
 
-from tests.daemons import wait_for
-from tests.e2e.lab_cluster import lab_cluster
-from tests.e2e.test_replicated_failover import DATA, NotesCluster
+from tests.e2e.test_replicated_failover import notes_cluster
 
 WRITES_BEFORE = 10
 # A run that sees no successful write this long after the cut has failed.
@@ -30,18 +28,7 @@ GIVE_UP = 120.0
 
 def one_run(work: Path) -> float:
     """One lab: seconds from the cut to the end of the first write that succeeds after it."""
-    with lab_cluster(work) as base:
-        cluster = NotesCluster(base.lab, work)
-        cluster.lab.private_path(DATA)
-        cluster.start("node1")
-        cluster.start("node2")
-        cluster.cli("node1", "apply", "-f", str(cluster.manifests()))
-        wait_for(
-            "node1 PRIM, node2 SECOND, in sync",
-            lambda: cluster.status("node1") == {"node1": "PRIM", "node2": "SECOND"},
-            timeout=60,
-        )
-        wait_for("the app answers through the VIP", lambda: (cluster.app_answer() or "").startswith("200 node1"))
+    with notes_cluster(work) as cluster:
         for i in range(WRITES_BEFORE):
             if cluster.post(f"before {i}") is None:
                 raise RuntimeError("a write failed before the cut")

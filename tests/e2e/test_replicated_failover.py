@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import sys
 from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 
 import pytest
@@ -47,10 +48,11 @@ class NotesCluster(LabCluster):
         return done.stdout.strip() if done.returncode == 0 else None
 
 
-@pytest.fixture
-def notes(tmp_path: Path) -> Iterator[NotesCluster]:
-    with lab_cluster(tmp_path) as base:
-        cluster = NotesCluster(base.lab, tmp_path)
+@contextmanager
+def notes_cluster(work: Path) -> Iterator[NotesCluster]:
+    """A lab with node1 PRIM and node2 SECOND in sync, the notes app answering through the VIP."""
+    with lab_cluster(work) as base:
+        cluster = NotesCluster(base.lab, work)
         cluster.lab.private_path(DATA)
         cluster.start("node1")
         cluster.start("node2")
@@ -62,6 +64,12 @@ def notes(tmp_path: Path) -> Iterator[NotesCluster]:
         )
         # startPrim returns once the app is spawned: PRIM can come before the app listens.
         wait_for("the app answers through the VIP", lambda: (cluster.app_answer() or "").startswith("200 node1"))
+        yield cluster
+
+
+@pytest.fixture
+def notes(tmp_path: Path) -> Iterator[NotesCluster]:
+    with notes_cluster(tmp_path) as cluster:
         yield cluster
 
 
