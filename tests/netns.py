@@ -14,10 +14,19 @@ from pyroute2 import netns as pyroute2_netns
 
 def ip(*args: str, netns: str | None = None) -> str:
     """Run the ip command (inside the namespace when given) and return its output; raise on failure."""
-    prefix = ["ip", "-n", netns] if netns else ["ip"]
+    return _iproute2("ip", args, netns)
+
+
+def tc(*args: str, netns: str | None = None) -> str:
+    """Run the tc command (inside the namespace when given) and return its output; raise on failure."""
+    return _iproute2("tc", args, netns)
+
+
+def _iproute2(tool: str, args: tuple[str, ...], netns: str | None) -> str:
+    prefix = [tool, "-n", netns] if netns else [tool]
     done = subprocess.run([*prefix, *args], capture_output=True, text=True, timeout=30, check=False)
     if done.returncode != 0:
-        raise RuntimeError(f"ip {' '.join(args)} failed: {done.stderr.strip()}")
+        raise RuntimeError(f"{tool} {' '.join(args)} failed: {done.stderr.strip()}")
     return done.stdout
 
 

@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import os
 import signal
-import subprocess
 import threading
 from collections.abc import Iterator
 from contextlib import contextmanager
@@ -22,7 +21,7 @@ import pytest
 
 from tests.integration.replication.pairs import Pair
 from tests.integration.replication.test_replication_resync import assert_same_trees
-from tests.netns import ip, namespace
+from tests.netns import ip, namespace, tc
 
 PEER_TIMEOUT = "2"
 SECONDARY = "10.213.8.2"  # the primary is 10.213.7.1, the router .254 on both
@@ -40,8 +39,7 @@ def two_hosts() -> Iterator[tuple[str, str, str]]:
             ip("link", "set", f"to-{net[-1]}", "up", netns=router)
             ip("route", "add", "default", "via", f"{net}.254", netns=host)
         # The router's own /proc/sys/net (the namespace's), without needing procps' sysctl.
-        forward = ["sh", "-c", "echo 1 > /proc/sys/net/ipv4/ip_forward"]
-        subprocess.run(["ip", "netns", "exec", router, *forward], check=True, capture_output=True, timeout=30)
+        ip("netns", "exec", router, "sh", "-c", "echo 1 > /proc/sys/net/ipv4/ip_forward")
         yield primary, router, secondary
 
 
@@ -54,18 +52,12 @@ def partitioned(router: str) -> Iterator[None]:
     """
     links = ("to-7", "to-8")
     for dev in links:
-        _tc("qdisc", "add", "dev", dev, "root", "pfifo", "limit", "0", netns=router)
+        tc("qdisc", "add", "dev", dev, "root", "pfifo", "limit", "0", netns=router)
     try:
         yield
     finally:
         for dev in links:
-            _tc("qdisc", "del", "dev", dev, "root", netns=router)
-
-
-def _tc(*args: str, netns: str) -> None:
-    done = subprocess.run(["tc", "-n", netns, *args], capture_output=True, text=True, timeout=30, check=False)
-    if done.returncode != 0:
-        raise RuntimeError(f"tc {' '.join(args)} failed: {done.stderr.strip()}")
+            tc("qdisc", "del", "dev", dev, "root", netns=router)
 
 
 def write_in_background(path: Path) -> tuple[threading.Event, list[BaseException]]:
