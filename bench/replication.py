@@ -306,6 +306,11 @@ def main(argv: list[str] | None = None) -> None:
     )
     p.add_argument("--event-loop", choices=sorted(LOOPS), help="passed to both replicators; default: the replicator's")
     p.add_argument(
+        "--no-native-answers",
+        action="store_true",
+        help="passed to both replicators: every FUSE request through Python (to compare with the default)",
+    )
+    p.add_argument(
         "--fuse-profile",
         action="store_true",
         help="also count and time the FUSE requests of each replicated run (perf, the kernel's fuse tracepoints)",
@@ -319,6 +324,7 @@ def main(argv: list[str] | None = None) -> None:
             p.error(str(exc))
     extra = [] if args.keep_cpus_awake is None else ["--keep-cpus-awake", args.keep_cpus_awake]
     extra += [] if args.event_loop is None else ["--event-loop", args.event_loop]
+    extra += ["--no-native-answers"] if args.no_native_answers else []
     sizes = QUICK if args.quick else FULL
     print(f"# {' '.join(['python -m bench.replication', *(argv or sys.argv[1:])])}")
     print(f"# {machine()} {disk.describe(args.dir, args.fresh_fs)}")

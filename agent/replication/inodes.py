@@ -33,6 +33,11 @@ class Inodes:
     def __getitem__(self, ino: int) -> Node:
         return self._nodes[ino]
 
+    @property
+    def nodes(self) -> dict[int, Node]:
+        """The live table, changed in place (Tandem's pyfuse3 patch answers GETATTR from it)."""
+        return self._nodes
+
     def known(self, ino: int) -> bool:
         """Whether the kernel still holds a lookup of this inode number."""
         return ino in self._nodes

@@ -58,6 +58,15 @@ class Passthrough(pyfuse3.Operations):
         attr.entry_timeout = attr.attr_timeout = self.timeout
         return attr
 
+    def native_tables(self) -> dict[str, Any]:
+        """The tables Tandem's pyfuse3 patch answers requests from without calling Python.
+
+        GETATTR (getattr here), the LOOKUP of a missing name (lookup's ENOENT), READ and RELEASE:
+        the same answers these methods give, without a coroutine each (pyfuse3.native_answers;
+        ~80-120 µs less per request). A subclass that changes one of them changes this too.
+        """
+        return {"nodes": self.inodes.nodes, "files": self._files, "attr_timeout": self.timeout, "release": True}
+
     def _handle(self, table: dict[int, Any], value: Any) -> int:
         fh, self._next_fh = self._next_fh, self._next_fh + 1
         table[fh] = value
@@ -265,8 +274,12 @@ def mount(
     read_only: bool = False,
     debug: bool = False,
     on_request: Callable[[], None] | None = None,
+    native: bool = True,
 ) -> None:
     """Mount the file system over `directory`, whose fd the caller opened beforehand (open_root).
+
+    `native`: requests that only read the file system's tables are answered in pyfuse3 itself
+    (fs.native_tables()); False sends every request to Python (for comparisons).
 
     `on_request` is called once per request served (awake.Awake.touch: a trivial request takes
     ~110-150 µs here while idle CPUs halt, 20-60 µs while they poll).
@@ -285,3 +298,4 @@ def mount(
         pyfuse3.init(fs, directory, options)
     except RuntimeError as exc:
         raise MountError(f"cannot mount {directory}: {exc} (libfuse's reason is logged just before)") from exc
+    pyfuse3.native_answers(**(fs.native_tables() if native else {}))

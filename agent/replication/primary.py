@@ -9,6 +9,7 @@ import logging
 import os
 import stat
 from collections.abc import Callable
+from typing import Any
 
 import pyfuse3
 
@@ -52,6 +53,11 @@ class ReplicatedFS(Passthrough):
         self._killpriv_logged = False
         # writeback: the last operation shipped; acks come in order, so its ack covers all before it.
         self._last: asyncio.Future[m.Message] | None = None
+
+    def native_tables(self) -> dict[str, Any]:
+        # A missing name is a cached negative entry (lookup), and GETXATTR(security.capability) of an
+        # inode in _no_caps is ENODATA (getxattr).
+        return {**super().native_tables(), "negative_timeout": self.timeout, "no_caps": self._no_caps}
 
     def _fix(self, *inos: int | None) -> m.Times:
         fixes = []
@@ -186,6 +192,9 @@ class ReplicatedFS(Passthrough):
             attr = await self._entered(
                 parent_inode, name, lambda p, st: m.Create(p, stat.S_IMODE(st.st_mode), st.st_uid, st.st_gid, flags)
             )
+            # A file made with O_EXCL has no capability (none is ever inherited): the GETXATTR the
+            # kernel sends before its first write is answered without Python.
+            self._no_caps.add(attr.st_ino)
         except BaseException:
             os.close(fd)
             raise

@@ -101,6 +101,13 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         default="uvloop",
         help="uvloop (default: a replicated 4 KiB write took 10-20%% less here) or the standard library's asyncio loop",
     )
+    p.add_argument(
+        "--native-answers",
+        action=argparse.BooleanOptionalAction,
+        default=True,
+        help="answer attribute, missing-name, read and release requests in pyfuse3 itself, from the mount's "
+        "tables (default: yes; no: every request through Python, for comparisons)",
+    )
     p.add_argument("--debug-fuse", action="store_true")
     p.add_argument("--log-file", type=Path, help="append the logs (stderr) to this file")
     args = p.parse_args(argv)
@@ -136,7 +143,7 @@ async def run_primary(args: argparse.Namespace, events: Events) -> None:
     # Before the mount (the supervisor signals only a mounted primary): the agent's membership
     # declared the peer lost, so the writes waiting for it complete locally now.
     loop.add_signal_handler(signal.SIGUSR1, lambda: sender.drop(PEER_DECLARED_LOST, abort=True))
-    mount(fs, str(args.dir), debug=args.debug_fuse, on_request=awake.touch)
+    mount(fs, str(args.dir), debug=args.debug_fuse, on_request=awake.touch, native=args.native_answers)
     awake.open()
     for sig in (signal.SIGTERM, signal.SIGINT):
         loop.add_signal_handler(sig, pyfuse3.terminate)
@@ -153,7 +160,12 @@ async def run_primary(args: argparse.Namespace, events: Events) -> None:
         await sender.close()
         awake.close()
         os.close(root_fd)
-    log.info("Primary stopped and unmounted dir=%s; %d operations on the last stream", args.dir, sender.seq)
+    log.info(
+        "Primary stopped and unmounted dir=%s; %d operations on the last stream; answered natively: %s",
+        args.dir,
+        sender.seq,
+        _native_counts(),
+    )
 
 
 async def run_secondary(args: argparse.Namespace, events: Events) -> None:
@@ -166,7 +178,14 @@ async def run_secondary(args: argparse.Namespace, events: Events) -> None:
         asyncio.get_running_loop().add_signal_handler(sig, stop.set)
     awake = Awake(args.keep_cpus_awake)
     if args.mount:
-        mount(ReadOnlyFS(root_fd), str(args.dir), read_only=True, debug=args.debug_fuse, on_request=awake.touch)
+        mount(
+            ReadOnlyFS(root_fd),
+            str(args.dir),
+            read_only=True,
+            debug=args.debug_fuse,
+            on_request=awake.touch,
+            native=args.native_answers,
+        )
         events.emit("mounted", dir=str(args.dir), readOnly=True)
     try:
         with awake:
@@ -176,7 +195,7 @@ async def run_secondary(args: argparse.Namespace, events: Events) -> None:
             pyfuse3.close(unmount=True)
         with contextlib.suppress(OSError):
             os.close(root_fd)
-    log.info("Secondary stopped dir=%s", args.dir)
+    log.info("Secondary stopped dir=%s; answered natively: %s", args.dir, _native_counts())
 
 
 async def _serve_secondary(
@@ -201,6 +220,11 @@ async def _serve_secondary(
     if fuse is not None:
         pyfuse3.terminate()
         await fuse
+
+
+def _native_counts() -> str:
+    """The requests pyfuse3 answered itself (native_answers), for the log: 'getattr=12 lookup=3 ...'."""
+    return " ".join(f"{kind}={n}" for kind, n in pyfuse3.native_counts().items())
 
 
 SPARE = "--spare"
