@@ -1,0 +1,41 @@
+"""bench.fuse_floor's C passthrough builds, mounts and really does what the benchmark times."""
+
+from __future__ import annotations
+
+import errno
+import os
+import shutil
+from pathlib import Path
+
+import pytest
+
+from bench import fuse_floor
+from tests.integration.replication.pairs import mounted
+
+
+def test_the_c_floor_serves_the_benchmarked_calls_beneath_its_directory(tmp_path: Path) -> None:
+    if shutil.which("cc") is None:
+        pytest.fail("cc is missing: apt-get install -y build-essential")
+    binary = fuse_floor.build(tmp_path)
+    top = tmp_path / "top"
+    (top / "d").mkdir(parents=True)
+    (top / "d" / "old").write_bytes(b"before the mount")
+    with fuse_floor.serving([str(binary), str(top)], top, tmp_path / "floor.log"):
+        assert mounted(top)
+        assert (top / "d" / "old").read_bytes() == b"before the mount"
+        fd = os.open(top / "d" / "new", os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o640)
+        os.pwrite(fd, b"x" * 4096, 8192)
+        os.fsync(fd)
+        os.close(fd)
+        st = os.stat(top / "d" / "new")
+        assert (st.st_size, st.st_mode & 0o777) == (12288, 0o640)
+        with pytest.raises(FileNotFoundError):
+            os.stat(top / "d" / "missing")
+        os.unlink(top / "d" / "old")
+        with pytest.raises(OSError) as info:
+            os.getxattr(top / "d" / "new", "security.capability")
+        assert info.value.errno == errno.ENODATA
+    assert not mounted(top)
+    # Everything happened beneath the directory itself.
+    assert (top / "d" / "new").read_bytes() == b"\0" * 8192 + b"x" * 4096
+    assert not (top / "d" / "old").exists()
