@@ -78,9 +78,10 @@ class Inodes:
             return
         node.lookups -= count
         if node.lookups <= 0:
-            os.close(node.fd)
+            # Out of the table before the fd closes: pyfuse3 answers GETATTR from this table.
             del self._nodes[ino]
             del self._by_key[node.key]
+            os.close(node.fd)
 
     def unname(self, parent: int, name: bytes, ino: int | None) -> None:
         """An entry was removed or renamed away."""
