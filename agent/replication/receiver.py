@@ -22,6 +22,8 @@ from agent.replication.wire import Frame, ProtocolError
 
 log = logging.getLogger(__name__)
 QUEUE_FRAMES = 512
+# An fsync that fails with one of these met the disk itself (not a missing file).
+DISK_ERRORS = frozenset({errno.EIO, errno.ENOSPC, errno.EDQUOT, errno.EROFS})
 
 
 class AckMode(enum.StrEnum):
@@ -65,6 +67,10 @@ class Receiver:
         self._tasks: set[asyncio.Task[None]] = set()
         # `durable`: answers of applied frames, sent once what they changed is on disk.
         self._unflushed: list[Frame] = []
+        # This session's first failure to put changes on disk (a flush, or an fsync that met a disk
+        # error): every later flush and fsync answers with it. An fsync reports a writeback error
+        # once, so a later one may succeed although earlier data never reached the disk.
+        self._disk_error: m.Ack | None = None
 
     def connection(self) -> FrameConnection:
         """A protocol for one accepted connection (`loop.create_server(receiver.connection, ...)`)."""
@@ -112,6 +118,7 @@ class Receiver:
         self.applier.begin(peer.stream)
         self.applier.record_changes(self.mode is AckMode.DURABLE)
         self._unflushed = []
+        self._disk_error = None
         self._connected = True
         self.events.peer("connected")
         log.info("Replication stream open: peer=%s applied_seq=%d mode=%s", peer.node, peer.applied_seq, self.mode)
@@ -156,6 +163,8 @@ class Receiver:
 
     def _settle(self, conn: FrameConnection, frame: Frame, answer: m.Message) -> None:
         """Log, answer and track one applied frame; the answer is queued on the transport."""
+        if isinstance(frame.msg, m.Fsync) and isinstance(answer, m.Ack):
+            answer = self._synced(frame, answer)
         failed = isinstance(answer, m.Ack) and bool(answer.status)
         if failed and isinstance(answer, m.Ack):
             self._failed(frame, answer)
@@ -168,23 +177,41 @@ class Receiver:
         if not failed:
             self._track(frame.msg)
 
+    def _synced(self, frame: Frame, answer: m.Ack) -> m.Ack:
+        """The answer to an applied Fsync: the session's disk error once there was one."""
+        if self._disk_error is not None:
+            return answer if answer.status else self._disk_error
+        if answer.status in DISK_ERRORS:
+            log.error("Replication error: fsync of seq %d failed: %s; no later sync is acknowledged", frame.seq, answer)
+            self._disk_error = m.Ack(answer.status, f"an fsync failed: {os.strerror(answer.status)}")
+        return answer
+
     async def _flush(self, conn: FrameConnection) -> None:
         """`durable`: put on disk what the frames applied since the last flush changed, then answer them.
 
         Every frame applied while nothing else was queued shares this flush (group commit); a large
         one runs in a thread while frames go on arriving and being applied, into the next batch.
+        After a failed flush none is tried again in this session: every answer carries that failure.
         """
         answers, self._unflushed = self._unflushed, []
         large = self.applier.long_sync()
         dirty = self.applier.take_dirty()
-        failure = await asyncio.to_thread(_flushed, dirty) if large else _flushed(dirty)
-        if failure is not None:
-            code = failure.errno or errno.EIO
-            log.error(
-                "Replication error: flushing seq %d-%d to disk failed: %s", answers[0].seq, answers[-1].seq, failure
-            )
-            self.in_sync = False
-            failed = m.Ack(code, f"flushing to disk: {os.strerror(code)}")
+        if self._disk_error is not None:
+            dirty.discard()
+        else:
+            failure = await asyncio.to_thread(_flushed, dirty) if large else _flushed(dirty)
+            if failure is not None:
+                code = failure.errno or errno.EIO
+                log.error(
+                    "Replication error: flushing seq %d-%d to disk failed: %s; no later frame is acknowledged",
+                    answers[0].seq,
+                    answers[-1].seq,
+                    failure,
+                )
+                self.in_sync = False
+                self._disk_error = m.Ack(code, f"flushing to disk: {os.strerror(code)}")
+        if self._disk_error is not None:
+            failed = self._disk_error
             answers = [Frame(a.seq, failed) if isinstance(a.msg, m.Ack) and not a.msg.status else a for a in answers]
         for answer in answers:
             self._answer(conn, answer)

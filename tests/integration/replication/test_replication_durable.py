@@ -20,7 +20,9 @@ from pathlib import Path
 import pytest
 
 from agent.replication import messages as m
+from agent.replication import receiver as receiver_module
 from agent.replication.connection import FrameConnection
+from agent.replication.dirty import Dirty
 from agent.replication.receiver import AckMode
 from agent.replication.wire import Frame
 from bench.disk import loop_mount, make_ext4
@@ -166,3 +168,54 @@ async def test_a_batch_that_cannot_reach_the_disk_is_acknowledged_as_failed(
                 assert set(failed.values()) <= {errno.ENOSPC, errno.EIO, errno.EROFS}, failed
     finally:
         subprocess.run(["umount", "-l", str(host)], check=False)
+
+
+async def test_after_a_failed_flush_no_later_batch_is_acknowledged(
+    disk: Path, monkeypatch: pytest.MonkeyPatch, expected_logs: ExpectedLogs
+) -> None:
+    # fsync reports a writeback error once: a later flush may succeed although the earlier data
+    # never reached the disk. Here the first flush fails and a second one would succeed.
+    expected_logs.expect(r"flushing seq \d+-\d+ to disk failed")
+    expected_logs.expect(r"Replication error applying seq=\d+")
+    flushes: list[int] = []
+
+    def flushed_once(dirty: Dirty) -> OSError | None:
+        flushes.append(1)
+        dirty.discard()
+        return OSError(errno.EIO, "injected") if len(flushes) == 1 else None
+
+    monkeypatch.setattr(receiver_module, "_flushed", flushed_once)
+    async with open_link(disk, AckMode.DURABLE) as link:
+        await _send(link.conn, [m.Create(b"f", 0o644, 0, 0, 0)])
+        first = await _acks(link.conn, 1)
+        assert first == {1: m.Ack(errno.EIO, "flushing to disk: Input/output error")}
+        for seq, op in enumerate([m.Write(b"f", 0, b"x"), m.Mkdir(b"d", 0o755, 0, 0)], 2):
+            link.conn.send_nowait(Frame(seq, op))
+            (ack,) = (await _acks(link.conn, 1)).values()
+            assert isinstance(ack, m.Ack) and ack.status == errno.EIO, ack
+    assert flushes == [1], "a flush was tried again after one failed"
+
+
+@pytest.mark.parametrize("mode", [AckMode.RECEIVED, AckMode.DURABLE])
+async def test_after_a_failed_fsync_no_later_fsync_is_acknowledged(
+    disk: Path, mode: AckMode, monkeypatch: pytest.MonkeyPatch, expected_logs: ExpectedLogs
+) -> None:
+    expected_logs.expect(r"fsync of seq \d+ failed")
+    expected_logs.expect(r"Replication error applying seq=\d+")
+    expected_logs.expect(r"flushing seq \d+-\d+ to disk failed")
+    real, calls = os.fsync, []
+
+    def fsync_fails_once(fd: int) -> None:
+        calls.append(fd)
+        if len(calls) == 1:
+            raise OSError(errno.EIO, "injected")
+        real(fd)
+
+    monkeypatch.setattr(os, "fsync", fsync_fails_once)
+    async with open_link(disk, mode) as link:
+        await _send(link.conn, [m.Create(b"f", 0o644, 0, 0, 0), m.Fsync(b"f", False)])
+        acks = await _acks(link.conn, 2)
+        assert isinstance(acks[2], m.Ack) and acks[2].status == errno.EIO, acks
+        link.conn.send_nowait(Frame(3, m.Fsync(b"f", False)))
+        (ack,) = (await _acks(link.conn, 1)).values()
+        assert isinstance(ack, m.Ack) and ack.status == errno.EIO, ack
