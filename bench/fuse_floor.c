@@ -3,10 +3,18 @@
  * bench/fuse_floor.py builds and mounts it beside Tandem's mount, to show what a request costs when
  * C answers it on a thread that blocks in read(/dev/fuse), against pyfuse3 and Python. It does
  * what the primary's mount does for the benchmarked workloads (create, write, fsync, close,
- * unlink, stat, read) beneath a directory fd opened before the mount, with the same options and
- * cache timeouts, and replicates nothing: the cost of shipping is not in it.
+ * unlink, stat, read, truncate, chmod, utimens) beneath a directory fd opened before the mount, with
+ * the same options and cache timeouts.
  *
- * Usage: fuse_floor DIR (mounts over DIR, serves until unmounted or SIGTERM).
+ * With --peer PORT it also ships every change to a peer on 127.0.0.1, as Tandem's `received` mode
+ * does: a write, create, unlink or truncate returns once the peer has it in memory, an fsync once the
+ * peer's fsync is done too (sent first, so that the two fsyncs overlap). The peer is the same program
+ * run as `fuse_floor --acker DIR PORT`: it acknowledges each operation on receipt (an fsync after
+ * it) and then applies it to a file of its own per inode beneath DIR. The frames are this program's
+ * own, not Tandem's protocol: this measures what shipping costs in C, not a replicator.
+ *
+ * Usage: fuse_floor DIR [--peer PORT]    (mounts over DIR, serves until unmounted or SIGTERM)
+ *        fuse_floor --acker DIR PORT     (prints "listening", serves one connection)
  */
 #define FUSE_USE_VERSION 34
 #define _GNU_SOURCE
@@ -17,7 +25,11 @@
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
+#include <netinet/in.h>
+#include <netinet/tcp.h>
+#include <sys/socket.h>
 #include <sys/stat.h>
+#include <sys/uio.h>
 #include <unistd.h>
 
 #define TIMEOUT 300.0
@@ -34,6 +46,178 @@ struct node {
 
 static struct node root;
 static struct node *table[BUCKETS];
+
+/* --- shipping (--peer) and the acker ----------------------------------------------------------- */
+
+enum { SHIP_WRITE = 1, SHIP_FSYNC, SHIP_CREATE, SHIP_UNLINK, SHIP_TRUNCATE };
+
+struct ship_head {
+    uint32_t len; /* bytes after this field: the rest of the head and the data */
+    uint32_t op;
+    uint64_t seq;
+    uint64_t id;  /* the inode's FUSE node id */
+    int64_t off;  /* WRITE: offset; TRUNCATE: size */
+};
+
+static int peer = -1;
+static uint64_t shipped;
+
+static int io_all(int fd, struct iovec *iov, int count, int writing)
+{
+    while (count > 0) {
+        ssize_t n = writing ? writev(fd, iov, count) : readv(fd, iov, count);
+        if (n < 0 && errno == EINTR)
+            continue;
+        if (n <= 0)
+            return n < 0 ? -errno : -EPIPE;
+        while (count > 0 && (size_t) n >= iov->iov_len) {
+            n -= (ssize_t) iov->iov_len;
+            iov++, count--;
+        }
+        if (count > 0) {
+            iov->iov_base = (char *) iov->iov_base + n;
+            iov->iov_len -= (size_t) n;
+        }
+    }
+    return 0;
+}
+
+/* Send one operation to the peer; its sequence number, or 0 when there is no peer. */
+static uint64_t ship_send(uint32_t op, fuse_ino_t id, int64_t off, const void *data, size_t size)
+{
+    if (peer < 0)
+        return 0;
+    struct ship_head h = {.len = sizeof(h) - 4 + size, .op = op, .seq = ++shipped, .id = id, .off = off};
+    struct iovec iov[2] = {{&h, sizeof(h)}, {(void *) data, size}};
+    if (io_all(peer, iov, size ? 2 : 1, 1) < 0) {
+        perror("fuse_floor: the peer is gone");
+        exit(1);
+    }
+    return h.seq;
+}
+
+/* Wait for the peer's ack of `seq` (acks come in order). */
+static void ship_wait(uint64_t seq)
+{
+    uint64_t ack = 0;
+    struct iovec iov = {&ack, sizeof(ack)};
+    if (seq == 0)
+        return;
+    if (io_all(peer, &iov, 1, 0) < 0 || ack != seq) {
+        fprintf(stderr, "fuse_floor: no ack for %llu from the peer\n", (unsigned long long) seq);
+        exit(1);
+    }
+}
+
+static void ship(uint32_t op, fuse_ino_t id, int64_t off, const void *data, size_t size)
+{
+    ship_wait(ship_send(op, id, off, data, size));
+}
+
+struct mirror {
+    struct mirror *next;
+    uint64_t id;
+    int fd;
+};
+
+static struct mirror *mirrors[BUCKETS];
+
+static struct mirror **mirror_slot(uint64_t id)
+{
+    struct mirror **p = &mirrors[(id * 0x9E3779B97F4A7C15ull >> 48) % BUCKETS];
+    while (*p != NULL && (*p)->id != id)
+        p = &(*p)->next;
+    return p;
+}
+
+/* The acker's file for a node id, opened (and created) on first use. */
+static int mirror_fd(int dir, uint64_t id)
+{
+    struct mirror **p = mirror_slot(id);
+    if (*p == NULL) {
+        char name[32];
+        snprintf(name, sizeof(name), "n%llx", (unsigned long long) id);
+        struct mirror *m = calloc(1, sizeof(*m));
+        if (m == NULL)
+            return -1;
+        m->id = id;
+        m->fd = openat(dir, name, O_WRONLY | O_CREAT | O_CLOEXEC, 0600);
+        *p = m;
+    }
+    return (*p)->fd;
+}
+
+static void mirror_drop(int dir, uint64_t id)
+{
+    char name[32];
+    struct mirror **p = mirror_slot(id), *m = *p;
+    if (m != NULL) {
+        *p = m->next;
+        close(m->fd);
+        free(m);
+    }
+    snprintf(name, sizeof(name), "n%llx", (unsigned long long) id);
+    unlinkat(dir, name, 0);
+}
+
+static int acker(const char *dir_path, int port)
+{
+    int dir = open(dir_path, O_PATH | O_DIRECTORY | O_CLOEXEC);
+    int ls = socket(AF_INET, SOCK_STREAM | SOCK_CLOEXEC, 0), one = 1;
+    struct sockaddr_in addr = {.sin_family = AF_INET, .sin_port = htons((uint16_t) port),
+                               .sin_addr.s_addr = htonl(INADDR_LOOPBACK)};
+    if (dir < 0 || ls < 0 || setsockopt(ls, SOL_SOCKET, SO_REUSEADDR, &one, sizeof(one)) < 0 ||
+        bind(ls, (struct sockaddr *) &addr, sizeof(addr)) < 0 || listen(ls, 1) < 0) {
+        perror("fuse_floor --acker");
+        return 1;
+    }
+    printf("listening\n");
+    fflush(stdout);
+    int c = accept(ls, NULL, NULL);
+    if (c < 0 || setsockopt(c, IPPROTO_TCP, TCP_NODELAY, &one, sizeof(one)) < 0) {
+        perror("fuse_floor --acker: accept");
+        return 1;
+    }
+    size_t cap = 1 << 20;
+    char *data = malloc(cap);
+    for (;;) {
+        struct ship_head h;
+        struct iovec iov = {&h, sizeof(h)};
+        if (io_all(c, &iov, 1, 0) < 0)
+            return 0; /* the mount is gone */
+        size_t size = h.len - (sizeof(h) - 4);
+        if (size > cap) {
+            cap = size;
+            data = realloc(data, cap);
+        }
+        struct iovec body = {data, size};
+        if (data == NULL || (size && io_all(c, &body, 1, 0) < 0))
+            return 1;
+        struct iovec ack = {&h.seq, sizeof(h.seq)};
+        if (h.op != SHIP_FSYNC && io_all(c, &ack, 1, 1) < 0)
+            return 1;
+        int fd = h.op == SHIP_UNLINK ? -1 : mirror_fd(dir, h.id);
+        switch (h.op) {
+        case SHIP_WRITE:
+            if (pwrite(fd, data, size, h.off) < 0)
+                perror("fuse_floor --acker: pwrite");
+            break;
+        case SHIP_TRUNCATE:
+            if (ftruncate(fd, h.off) < 0)
+                perror("fuse_floor --acker: ftruncate");
+            break;
+        case SHIP_FSYNC:
+            if (fsync(fd) < 0)
+                perror("fuse_floor --acker: fsync");
+            if (io_all(c, &ack, 1, 1) < 0)
+                return 1;
+            break;
+        case SHIP_UNLINK:
+            mirror_drop(dir, h.id);
+            break;
+        }
+    }
+}
 
 static struct node *node_of(fuse_ino_t id)
 {
@@ -170,6 +354,7 @@ static void op_create(fuse_req_t req, fuse_ino_t parent, const char *name, mode_
         fuse_reply_err(req, err);
         return;
     }
+    ship(SHIP_CREATE, n->id, 0, NULL, 0);
     struct fuse_entry_param e = {0};
     e.ino = n->id;
     e.attr = st;
@@ -211,12 +396,13 @@ static void op_read(fuse_req_t req, fuse_ino_t id, size_t size, off_t off, struc
 static void op_write(fuse_req_t req, fuse_ino_t id, const char *buf, size_t size, off_t off,
                      struct fuse_file_info *fi)
 {
-    (void) id;
     ssize_t n = pwrite((int) fi->fh, buf, size, off);
-    if (n < 0)
+    if (n < 0) {
         fuse_reply_err(req, errno);
-    else
-        fuse_reply_write(req, (size_t) n);
+        return;
+    }
+    ship(SHIP_WRITE, id, off, buf, (size_t) n);
+    fuse_reply_write(req, (size_t) n);
 }
 
 static void op_flush(fuse_req_t req, fuse_ino_t id, struct fuse_file_info *fi)
@@ -234,13 +420,55 @@ static void op_release(fuse_req_t req, fuse_ino_t id, struct fuse_file_info *fi)
 
 static void op_fsync(fuse_req_t req, fuse_ino_t id, int datasync, struct fuse_file_info *fi)
 {
-    (void) id;
-    fuse_reply_err(req, (datasync ? fdatasync((int) fi->fh) : fsync((int) fi->fh)) < 0 ? errno : 0);
+    uint64_t seq = ship_send(SHIP_FSYNC, id, 0, NULL, 0);
+    int err = (datasync ? fdatasync((int) fi->fh) : fsync((int) fi->fh)) < 0 ? errno : 0;
+    ship_wait(seq);
+    fuse_reply_err(req, err);
 }
 
 static void op_unlink(fuse_req_t req, fuse_ino_t parent, const char *name)
 {
-    fuse_reply_err(req, unlinkat(node_of(parent)->fd, name, 0) < 0 ? errno : 0);
+    struct node *p = node_of(parent);
+    struct stat st;
+    if (fstatat(p->fd, name, &st, AT_SYMLINK_NOFOLLOW) < 0 || unlinkat(p->fd, name, 0) < 0) {
+        fuse_reply_err(req, errno);
+        return;
+    }
+    struct node *n = table[bucket(st.st_dev, st.st_ino)];
+    while (n != NULL && (n->dev != st.st_dev || n->ino != st.st_ino))
+        n = n->next;
+    if (n != NULL)
+        ship(SHIP_UNLINK, n->id, 0, NULL, 0);
+    fuse_reply_err(req, 0);
+}
+
+static void op_setattr(fuse_req_t req, fuse_ino_t id, struct stat *attr, int to_set, struct fuse_file_info *fi)
+{
+    char path[64];
+    int fd = node_of(id)->fd, err = 0;
+    proc_path(path, sizeof(path), fd);
+    if (to_set & FUSE_SET_ATTR_MODE && chmod(path, attr->st_mode & 07777) < 0)
+        err = errno;
+    if (!err && to_set & FUSE_SET_ATTR_SIZE) {
+        if ((fi != NULL ? ftruncate((int) fi->fh, attr->st_size) : truncate(path, attr->st_size)) < 0)
+            err = errno;
+        else
+            ship(SHIP_TRUNCATE, id, attr->st_size, NULL, 0);
+    }
+    if (!err && to_set & (FUSE_SET_ATTR_ATIME | FUSE_SET_ATTR_MTIME)) {
+        struct timespec t[2] = {{.tv_nsec = UTIME_OMIT}, {.tv_nsec = UTIME_OMIT}};
+        if (to_set & FUSE_SET_ATTR_ATIME)
+            t[0] = to_set & FUSE_SET_ATTR_ATIME_NOW ? (struct timespec){.tv_nsec = UTIME_NOW} : attr->st_atim;
+        if (to_set & FUSE_SET_ATTR_MTIME)
+            t[1] = to_set & FUSE_SET_ATTR_MTIME_NOW ? (struct timespec){.tv_nsec = UTIME_NOW} : attr->st_mtim;
+        if (utimensat(AT_FDCWD, path, t, 0) < 0)
+            err = errno;
+    }
+    if (err) {
+        fuse_reply_err(req, err);
+        return;
+    }
+    op_getattr(req, id, fi);
 }
 
 static void op_mkdir(fuse_req_t req, fuse_ino_t parent, const char *name, mode_t mode)
@@ -274,6 +502,7 @@ static const struct fuse_lowlevel_ops ops = {
     .forget = op_forget,
     .forget_multi = op_forget_multi,
     .getattr = op_getattr,
+    .setattr = op_setattr,
     .create = op_create,
     .open = op_open,
     .read = op_read,
@@ -289,14 +518,27 @@ static const struct fuse_lowlevel_ops ops = {
 
 int main(int argc, char **argv)
 {
-    if (argc != 2) {
-        fprintf(stderr, "usage: %s DIR\n", argv[0]);
+    if (argc == 4 && strcmp(argv[1], "--acker") == 0)
+        return acker(argv[2], atoi(argv[3]));
+    if (argc != 2 && !(argc == 4 && strcmp(argv[2], "--peer") == 0)) {
+        fprintf(stderr, "usage: %s DIR [--peer PORT] | --acker DIR PORT\n", argv[0]);
         return 2;
     }
     root.fd = open(argv[1], O_PATH | O_DIRECTORY | O_CLOEXEC);
     if (root.fd < 0) {
         perror(argv[1]);
         return 1;
+    }
+    if (argc == 4) {
+        int one = 1;
+        struct sockaddr_in addr = {.sin_family = AF_INET, .sin_port = htons((uint16_t) atoi(argv[3])),
+                                   .sin_addr.s_addr = htonl(INADDR_LOOPBACK)};
+        peer = socket(AF_INET, SOCK_STREAM | SOCK_CLOEXEC, 0);
+        if (peer < 0 || connect(peer, (struct sockaddr *) &addr, sizeof(addr)) < 0 ||
+            setsockopt(peer, IPPROTO_TCP, TCP_NODELAY, &one, sizeof(one)) < 0) {
+            perror("fuse_floor: connecting to the peer");
+            return 1;
+        }
     }
     root.id = FUSE_ROOT_ID;
     char *args_v[] = {argv[0], "-o", "default_permissions,allow_other,fsname=floor,subtype=floor", NULL};

@@ -2,12 +2,15 @@
 
 Run as root from the repository: `.venv/bin/python -m bench.fuse_floor [--quick] [--profile]`.
 
-Three trees on one disk, side by side in one run: the local directory; `bench/fuse_floor.c`, a
-minimal libfuse3 passthrough in C (built here with cc); and Tandem's primary mount running alone
-(its peer's port is closed, so nothing is shipped and every write completes locally). Both mounts
-answer the same requests beneath a directory fd with the same options and timeouts, so the gap
-between them is what Python and pyfuse3 cost per request, and the gap to the local tree is what
-FUSE itself costs. Replication adds its round trips on top (bench.replication).
+Five trees on one disk, taking turns in one run: the local directory; `bench/fuse_floor.c`, a
+minimal libfuse3 passthrough in C (built here with cc); the same C passthrough shipping every change
+to a C peer on loopback that acknowledges it on receipt (an fsync after its own fsync) and applies
+it, as Tandem's `received` mode does; Tandem's primary mount running alone (its peer's port is
+closed, so nothing is shipped and every write completes locally); and a Tandem pair in `received`
+mode. The mounts answer the same requests beneath a directory fd with the same options and
+timeouts, so C against Tandem alone is what Python and pyfuse3 cost per request, the local tree
+against C alone what FUSE itself costs, and the shipped C tree the floor of a native replicated
+data path on this machine.
 
 Idle CPUs poll during the whole run (a PM QoS request of 0 µs, as Tandem's replicator holds
 while it serves): on a VM whose idle vCPUs halt, each wake-up of a sleeping daemon otherwise
@@ -29,7 +32,17 @@ from pathlib import Path
 
 from agent.replication import awake
 from bench import disk, fuse_profile
-from bench.replication import FULL, QUICK, REPO, Sizes, bench_fsync_latency, calibration, machine
+from bench.replication import (
+    FULL,
+    QUICK,
+    REPO,
+    Sizes,
+    bench_fsync_latency,
+    bench_sqlite,
+    calibration,
+    machine,
+    replicated_pair,
+)
 from tests.integration.replication.pairs import free_port, mounted, unmount
 
 SOURCE = Path(__file__).with_name("fuse_floor.c")
@@ -122,42 +135,82 @@ def small_files(tops: Sequence[Path], count: int) -> list[tuple[float, float, fl
     return [(count / c, count / r, count / u) for c, r, u in spent]
 
 
+@contextlib.contextmanager
+def acker(binary: Path, mirror: Path, log: Path) -> Iterator[int]:
+    """The C floor's peer (`fuse_floor --acker`) on a free loopback port; yields the port."""
+    port = free_port()
+    with open(log, "ab") as err:
+        proc = subprocess.Popen([str(binary), "--acker", str(mirror), str(port)], stdout=subprocess.PIPE, stderr=err)
+    try:
+        assert proc.stdout is not None
+        if proc.stdout.readline() != b"listening\n":
+            raise SystemExit(f"fuse_floor --acker did not start (exit {proc.poll()}); see {log}")
+        yield port
+    finally:
+        if proc.poll() is None:
+            proc.terminate()
+        proc.wait(30)
+        if proc.stdout is not None:
+            proc.stdout.close()
+
+
+TREES = ("local", "C", "C, shipped to a C peer", "Tandem alone", "Tandem, received")
+
+
 def run(base: Path, sizes: Sizes, profile: bool) -> str:
-    """Every workload in the three trees; a markdown table, and with `profile` the request tables."""
-    local, native, python = base / "local", base / "c", base / "python"
-    for d in (local, native, python):
+    """Every workload in every tree (TREES), taking turns; a markdown table, with `profile` the requests."""
+    local, native, shipped, alone = base / "local", base / "c", base / "c-shipped", base / "python"
+    for d in (local, native, shipped, alone, base / "c-mirror"):
         d.mkdir()
     binary = build(base)
-    primary = [sys.executable, "-m", "agent.replication.replicator", "--role", "primary", "--dir", str(python)]
+    primary = [sys.executable, "-m", "agent.replication.replicator", "--role", "primary", "--dir", str(alone)]
     primary += ["--peer", f"127.0.0.1:{free_port()}", "--node", "floor"]
-    rows: list[tuple[str, str, list[float]]] = []
-    recorders = [fuse_profile.Recorder(native, enabled=profile), fuse_profile.Recorder(python, enabled=profile)]
-    with (
-        cpus_polling(),
-        serving([str(binary), str(native)], native, base / "c.log"),
-        serving(primary, python, base / "python.log"),
-    ):
-        lat = [bench_fsync_latency(local, sizes)]
-        for top, rec in zip((native, python), recorders, strict=True):
-            with rec.section("4 KiB write+fsync", sizes.fsync_writes):
-                lat.append(bench_fsync_latency(top, sizes))
-        rows.append(("4 KiB write+fsync p50", "µs", [p50 for p50, _, _ in lat]))
-        rows.append(("4 KiB write+fsync", "IOPS", [iops for _, _, iops in lat]))
-        with contextlib.ExitStack() as stack:
-            for rec in recorders:
-                stack.enter_context(rec.section("small files, per file (create, read, unlink)", sizes.small_files))
-            files = small_files((local, native, python), sizes.small_files)
-    for i, name in enumerate(("create+write 4 KiB+close", "open+read 4 KiB+close", "unlink")):
-        rows.append((f"{name}, {sizes.small_files} files", "files/s", [f[i] for f in files]))
-    out = ["| benchmark | unit | local | C (libfuse) | Python (Tandem, alone) | C is faster by |"]
-    out.append("|---|---|---|---|---|---|")
-    for name, unit, (lv, cv, pv) in rows:
-        faster = pv / cv if unit == "µs" else cv / pv
-        out.append(f"| {name} | {unit} | {lv:,.0f} | {cv:,.0f} | {pv:,.0f} | {faster:.2f}x |")
+    with contextlib.ExitStack() as stack:
+        stack.enter_context(cpus_polling())
+        stack.enter_context(serving([str(binary), str(native)], native, base / "c.log"))
+        port = stack.enter_context(acker(binary, base / "c-mirror", base / "acker.log"))
+        stack.enter_context(serving([str(binary), str(shipped), "--peer", str(port)], shipped, base / "c.log"))
+        stack.enter_context(serving(primary, alone, base / "python.log"))
+        replicated, _ = stack.enter_context(replicated_pair(base, "received"))
+        tops = (local, native, shipped, alone, replicated)
+        recorders = [fuse_profile.Recorder(top, enabled=profile) for top in tops[1:]]
+        rows = _workloads(tops, recorders, sizes)
+    out = ["| benchmark | unit | " + " | ".join(TREES) + " |", "|---" * (len(TREES) + 2) + "|"]
+    for name, unit, values in rows:
+        if unit == "µs":
+            cells = [f"{values[0]:,.0f}", *(f"+{v - values[0]:,.0f}" for v in values[1:])]
+        else:
+            cells = [f"{values[0]:,.0f}", *(f"{v:,.0f} ({v / values[0]:.2f}x)" for v in values[1:])]
+        out.append(f"| {name} | {unit} | " + " | ".join(cells) + " |")
     if profile:
-        for label, rec in zip(("C (libfuse)", "Python (Tandem, alone)"), recorders, strict=True):
+        for label, rec in zip(TREES[1:], recorders, strict=True):
             out += ["", f"Requests, {label}:", "", rec.render()]
     return "\n".join(out)
+
+
+def _workloads(
+    tops: Sequence[Path], recorders: Sequence[fuse_profile.Recorder], sizes: Sizes
+) -> list[tuple[str, str, list[float]]]:
+    """write+fsync latency, small files and SQLite in each tree; rows of (name, unit, one value per tree)."""
+    rows: list[tuple[str, str, list[float]]] = []
+    lat = [bench_fsync_latency(tops[0], sizes)]
+    for top, rec in zip(tops[1:], recorders, strict=True):
+        with rec.section("4 KiB write+fsync", sizes.fsync_writes):
+            lat.append(bench_fsync_latency(top, sizes))
+    rows.append(("4 KiB write+fsync p50 (added over local)", "µs", [p50 for p50, _, _ in lat]))
+    rows.append(("4 KiB write+fsync", "IOPS", [iops for _, _, iops in lat]))
+    with contextlib.ExitStack() as stack:
+        for rec in recorders:
+            stack.enter_context(rec.section("small files, per file (create, read, unlink)", sizes.small_files))
+        files = small_files(tops, sizes.small_files)
+    for i, name in enumerate(("create+write 4 KiB+close", "open+read 4 KiB+close", "unlink")):
+        rows.append((f"{name}, {sizes.small_files} files", "files/s", [f[i] for f in files]))
+    tx = [bench_sqlite(tops[0], sizes)]
+    for top, rec in zip(tops[1:], recorders, strict=True):
+        with rec.section("SQLite WAL FULL, per transaction", sizes.sqlite_tx):
+            tx.append(bench_sqlite(top, sizes))
+    rows.append(("SQLite WAL synchronous=FULL", "tx/s", tx))
+    return rows
 
 
 def main(argv: list[str] | None = None) -> None:

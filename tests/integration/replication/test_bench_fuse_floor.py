@@ -39,3 +39,29 @@ def test_the_c_floor_serves_the_benchmarked_calls_beneath_its_directory(tmp_path
     # Everything happened beneath the directory itself.
     assert (top / "d" / "new").read_bytes() == b"\0" * 8192 + b"x" * 4096
     assert not (top / "d" / "old").exists()
+
+
+def test_the_shipped_c_floor_hands_every_change_to_its_peer(tmp_path: Path) -> None:
+    binary = fuse_floor.build(tmp_path)
+    top, mirror = tmp_path / "top", tmp_path / "mirror"
+    top.mkdir()
+    mirror.mkdir()
+    with (
+        fuse_floor.acker(binary, mirror, tmp_path / "acker.log") as port,
+        fuse_floor.serving([str(binary), str(top), "--peer", str(port)], top, tmp_path / "floor.log"),
+    ):
+        fd = os.open(top / "kept", os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+        os.write(fd, b"a" * 10_000)
+        os.ftruncate(fd, 6_000)
+        os.pwrite(fd, b"b" * 100, 5_000)
+        os.fsync(fd)
+        os.close(fd)
+        (top / "gone").write_bytes(b"soon removed")
+        os.unlink(top / "gone")
+        # Acknowledged on receipt: the peer has applied it once a later fsync is answered.
+        fd = os.open(top / "kept", os.O_WRONLY)
+        os.fsync(fd)
+        os.close(fd)
+        copies = list(mirror.iterdir())
+        assert len(copies) == 1, copies
+        assert copies[0].read_bytes() == b"a" * 5_000 + b"b" * 100 + b"a" * 900
