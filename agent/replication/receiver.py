@@ -182,7 +182,11 @@ class Receiver:
         if self._disk_error is not None:
             return answer if answer.status else self._disk_error
         if answer.status in DISK_ERRORS:
-            log.error("Replication error: fsync of seq %d failed: %s; no later sync is acknowledged", frame.seq, answer)
+            log.error(
+                "Replication error: fsync of seq %d failed: %s; no later sync is acknowledged",
+                frame.seq,
+                answer.message,
+            )
             self._disk_error = m.Ack(answer.status, f"an fsync failed: {os.strerror(answer.status)}")
         return answer
 
