@@ -13,8 +13,13 @@
  * it) and then applies it to a file of its own per inode beneath DIR. The frames are this program's
  * own, not Tandem's protocol: this measures what shipping costs in C, not a replicator.
  *
- * Usage: fuse_floor DIR [--peer PORT]    (mounts over DIR, serves until unmounted or SIGTERM)
- *        fuse_floor --acker DIR PORT     (prints "listening", serves one connection)
+ * With --tandem PORT it ships the same operations to a real Tandem secondary replicator instead,
+ * in replication protocol v3 (docs/dev/replication.md: an unauthenticated handshake, then Create,
+ * Write, Truncate, Unlink and Fsync frames naming files by path, `received` mode): a C primary in
+ * front of the Python secondary, the first stages of docs/dev/native-data-path.md.
+ *
+ * Usage: fuse_floor DIR [--peer PORT | --tandem PORT]   (mounts over DIR, serves until unmounted)
+ *        fuse_floor --acker DIR PORT                    (prints "listening", serves one connection)
  */
 #define FUSE_USE_VERSION 34
 #define _GNU_SOURCE
@@ -42,14 +47,16 @@ struct node {
     dev_t dev;
     ino_t ino;
     uint64_t lookups;
+    char *path;        /* root-relative, as first looked up (--tandem names files by path) */
 };
 
 static struct node root;
 static struct node *table[BUCKETS];
+static struct node *node_of(fuse_ino_t id);
 
 /* --- shipping (--peer) and the acker ----------------------------------------------------------- */
 
-enum { SHIP_WRITE = 1, SHIP_FSYNC, SHIP_CREATE, SHIP_UNLINK, SHIP_TRUNCATE };
+enum { SHIP_WRITE = 1, SHIP_FSYNC, SHIP_CREATE, SHIP_UNLINK, SHIP_TRUNCATE, SHIP_MKDIR, SHIP_RMDIR };
 
 struct ship_head {
     uint32_t len; /* bytes after this field: the rest of the head and the data */
@@ -60,6 +67,7 @@ struct ship_head {
 };
 
 static int peer = -1;
+static int tandem = 0; /* --tandem: the peer is a Tandem secondary (protocol v3) */
 static uint64_t shipped;
 
 static int io_all(int fd, struct iovec *iov, int count, int writing)
@@ -83,10 +91,15 @@ static int io_all(int fd, struct iovec *iov, int count, int writing)
 }
 
 /* Send one operation to the peer; its sequence number, or 0 when there is no peer. */
+static uint64_t tandem_ship(uint32_t op, fuse_ino_t id, int64_t off, const void *data, size_t size);
+static void tandem_wait(uint64_t seq);
+
 static uint64_t ship_send(uint32_t op, fuse_ino_t id, int64_t off, const void *data, size_t size)
 {
     if (peer < 0)
         return 0;
+    if (tandem)
+        return tandem_ship(op, id, off, data, size);
     struct ship_head h = {.len = sizeof(h) - 4 + size, .op = op, .seq = ++shipped, .id = id, .off = off};
     struct iovec iov[2] = {{&h, sizeof(h)}, {(void *) data, size}};
     if (io_all(peer, iov, size ? 2 : 1, 1) < 0) {
@@ -103,6 +116,10 @@ static void ship_wait(uint64_t seq)
     struct iovec iov = {&ack, sizeof(ack)};
     if (seq == 0)
         return;
+    if (tandem) {
+        tandem_wait(seq);
+        return;
+    }
     if (io_all(peer, &iov, 1, 0) < 0 || ack != seq) {
         fprintf(stderr, "fuse_floor: no ack for %llu from the peer\n", (unsigned long long) seq);
         exit(1);
@@ -112,6 +129,194 @@ static void ship_wait(uint64_t seq)
 static void ship(uint32_t op, fuse_ino_t id, int64_t off, const void *data, size_t size)
 {
     ship_wait(ship_send(op, id, off, data, size));
+}
+
+/* --- Tandem's replication protocol v3 (--tandem) ------------------------------------------------ */
+
+struct mp {
+    uint8_t b[8192];
+    size_t n;
+};
+
+static void mp_byte(struct mp *m, uint8_t v)
+{
+    m->b[m->n++] = v;
+}
+
+static void mp_be(struct mp *m, uint64_t v, int bytes)
+{
+    for (int i = bytes - 1; i >= 0; i--)
+        mp_byte(m, (uint8_t) (v >> (8 * i)));
+}
+
+/* msgpack's smallest encodings, as msgpack.packb writes them. */
+static void mp_uint(struct mp *m, uint64_t v)
+{
+    if (v < 0x80)
+        mp_byte(m, (uint8_t) v);
+    else if (v <= 0xFF)
+        mp_byte(m, 0xCC), mp_be(m, v, 1);
+    else if (v <= 0xFFFF)
+        mp_byte(m, 0xCD), mp_be(m, v, 2);
+    else if (v <= 0xFFFFFFFFu)
+        mp_byte(m, 0xCE), mp_be(m, v, 4);
+    else
+        mp_byte(m, 0xCF), mp_be(m, v, 8);
+}
+
+static void mp_bin(struct mp *m, const void *p, size_t len)
+{
+    if (len <= 0xFF)
+        mp_byte(m, 0xC4), mp_be(m, len, 1);
+    else
+        mp_byte(m, 0xC5), mp_be(m, len, 2);
+    memcpy(m->b + m->n, p, len);
+    m->n += len;
+}
+
+static void mp_str(struct mp *m, const char *s)
+{
+    size_t len = strlen(s); /* < 32 here */
+    mp_byte(m, (uint8_t) (0xA0 | len));
+    memcpy(m->b + m->n, s, len);
+    m->n += len;
+}
+
+/* Send one frame: the length word, the header length, the header and the data. */
+static void tandem_send(struct mp *head, const void *data, size_t size)
+{
+    uint8_t prefix[8];
+    uint32_t length = (uint32_t) (4 + head->n + size), hlen = (uint32_t) head->n;
+    for (int i = 0; i < 4; i++)
+        prefix[i] = (uint8_t) (length >> (24 - 8 * i)), prefix[4 + i] = (uint8_t) (hlen >> (24 - 8 * i));
+    struct iovec iov[3] = {{prefix, 8}, {head->b, head->n}, {(void *) data, size}};
+    if (io_all(peer, iov, size ? 3 : 2, 1) < 0) {
+        perror("fuse_floor: the secondary is gone");
+        exit(1);
+    }
+}
+
+/* Read one frame's header into m; its op code and sequence number (the data is read and dropped).
+ * m->n is left at the first byte after the sequence number. */
+static void tandem_read(struct mp *m, uint64_t *op, uint64_t *seq)
+{
+    size_t length_of_header;
+    uint8_t word[4];
+    struct iovec iov = {word, 4};
+    if (io_all(peer, &iov, 1, 0) < 0)
+        goto gone;
+    uint32_t length = (uint32_t) word[0] << 24 | word[1] << 16 | word[2] << 8 | word[3];
+    if (length < 4 || length - 4 > sizeof(m->b))
+        goto bad;
+    iov = (struct iovec){word, 4};
+    if (io_all(peer, &iov, 1, 0) < 0)
+        goto gone;
+    length_of_header = length - 4;
+    iov = (struct iovec){m->b, length_of_header};
+    if (length_of_header && io_all(peer, &iov, 1, 0) < 0)
+        goto gone;
+    /* [op, seq, ...]: a fixarray, a positive fixint op, then the seq. */
+    if (length_of_header < 4 || (m->b[0] & 0xF0) != 0x90)
+        goto bad;
+    *op = m->b[1];
+    if (m->b[2] < 0x80) {
+        *seq = m->b[2];
+        m->n = 3;
+        return;
+    }
+    int width = m->b[2] == 0xCC ? 1 : m->b[2] == 0xCD ? 2 : m->b[2] == 0xCE ? 4 : m->b[2] == 0xCF ? 8 : 0;
+    if (width == 0 || length_of_header < 4u + width)
+        goto bad;
+    *seq = 0;
+    for (int i = 0; i < width; i++)
+        *seq = *seq << 8 | m->b[3 + i];
+    m->n = 3 + (size_t) width;
+    return;
+gone:
+    perror("fuse_floor: the secondary is gone");
+    exit(1);
+bad:
+    fprintf(stderr, "fuse_floor: a frame from the secondary that this program does not read\n");
+    exit(1);
+}
+
+/* The unauthenticated handshake of a new stream in `received` mode. */
+static void tandem_handshake(void)
+{
+    struct mp m = {.n = 0};
+    uint8_t nonce[32], stream[16];
+    uint64_t op, seq;
+    for (size_t i = 0; i < sizeof(nonce); i++)
+        nonce[i] = (uint8_t) rand();
+    for (size_t i = 0; i < sizeof(stream); i++)
+        stream[i] = (uint8_t) rand();
+    mp_byte(&m, 0x98), mp_uint(&m, 1), mp_uint(&m, 0), mp_bin(&m, "TNDM", 4), mp_uint(&m, 3);
+    mp_str(&m, "floor"), mp_bin(&m, nonce, 32), mp_bin(&m, stream, 16), mp_str(&m, "received");
+    tandem_send(&m, NULL, 0);
+    tandem_read(&m, &op, &seq);
+    if (op != 2) {
+        fprintf(stderr, "fuse_floor: the secondary answered op %llu to Hello\n", (unsigned long long) op);
+        exit(1);
+    }
+    m.n = 0;
+    mp_byte(&m, 0x93), mp_uint(&m, 3), mp_uint(&m, 0), mp_bin(&m, "", 0);
+    tandem_send(&m, NULL, 0);
+    tandem_read(&m, &op, &seq);
+    if (op != 4 || m.b[m.n] != 0) {
+        fprintf(stderr, "fuse_floor: the secondary refused the handshake\n");
+        exit(1);
+    }
+}
+
+/* One operation as a Tandem frame; `off` is the offset (Write) or the size (Truncate). */
+static uint64_t tandem_ship(uint32_t op, fuse_ino_t id, int64_t off, const void *data, size_t size)
+{
+    struct node *n = node_of(id);
+    struct mp m = {.n = 0};
+    if (n->path == NULL)
+        return 0;
+    uint64_t seq = ++shipped;
+    size_t plen = strlen(n->path);
+    switch (op) {
+    case SHIP_WRITE: /* [16, seq, path, offset, times] + data */
+        mp_byte(&m, 0x95), mp_uint(&m, 16), mp_uint(&m, seq), mp_bin(&m, n->path, plen);
+        mp_uint(&m, (uint64_t) off), mp_byte(&m, 0x90);
+        break;
+    case SHIP_TRUNCATE: /* [17, seq, path, size, times] */
+        mp_byte(&m, 0x95), mp_uint(&m, 17), mp_uint(&m, seq), mp_bin(&m, n->path, plen);
+        mp_uint(&m, (uint64_t) off), mp_byte(&m, 0x90);
+        break;
+    case SHIP_CREATE: /* [19, seq, path, mode, uid, gid, flags, times] */
+        mp_byte(&m, 0x98), mp_uint(&m, 19), mp_uint(&m, seq), mp_bin(&m, n->path, plen);
+        mp_uint(&m, 0600), mp_uint(&m, 0), mp_uint(&m, 0), mp_uint(&m, 0), mp_byte(&m, 0x90);
+        break;
+    case SHIP_MKDIR: /* [20, seq, path, mode, uid, gid, times] */
+        mp_byte(&m, 0x97), mp_uint(&m, 20), mp_uint(&m, seq), mp_bin(&m, n->path, plen);
+        mp_uint(&m, 0755), mp_uint(&m, 0), mp_uint(&m, 0), mp_byte(&m, 0x90);
+        break;
+    case SHIP_UNLINK: /* [22, seq, path, times] */
+    case SHIP_RMDIR:  /* [23, seq, path, times] */
+        mp_byte(&m, 0x94), mp_uint(&m, op == SHIP_UNLINK ? 22 : 23), mp_uint(&m, seq), mp_bin(&m, n->path, plen);
+        mp_byte(&m, 0x90);
+        break;
+    case SHIP_FSYNC: /* [30, seq, path, datasync] */
+        mp_byte(&m, 0x94), mp_uint(&m, 30), mp_uint(&m, seq), mp_bin(&m, n->path, plen), mp_byte(&m, 0xC2);
+        break;
+    }
+    tandem_send(&m, data, op == SHIP_WRITE ? size : 0);
+    return seq;
+}
+
+static void tandem_wait(uint64_t seq)
+{
+    struct mp m;
+    uint64_t op, got;
+    tandem_read(&m, &op, &got);
+    if (op != 4 || got != seq || m.b[m.n] != 0) {
+        fprintf(stderr, "fuse_floor: op %llu for seq %llu from the secondary, expected its ack\n",
+                (unsigned long long) op, (unsigned long long) seq);
+        exit(1);
+    }
 }
 
 struct mirror {
@@ -196,7 +401,7 @@ static int acker(const char *dir_path, int port)
         struct iovec ack = {&h.seq, sizeof(h.seq)};
         if (h.op != SHIP_FSYNC && io_all(c, &ack, 1, 1) < 0)
             return 1;
-        int fd = h.op == SHIP_UNLINK ? -1 : mirror_fd(dir, h.id);
+        int fd = h.op == SHIP_UNLINK || h.op >= SHIP_MKDIR ? -1 : mirror_fd(dir, h.id);
         switch (h.op) {
         case SHIP_WRITE:
             if (pwrite(fd, data, size, h.off) < 0)
@@ -261,6 +466,8 @@ static int learn(struct node *parent, const char *name, struct node **out, struc
             return ENOMEM;
         }
         n->fd = fd, n->dev = st->st_dev, n->ino = st->st_ino;
+        if (asprintf(&n->path, "%s%s%s", parent->path, *parent->path ? "/" : "", name) < 0)
+            n->path = NULL;
         n->id = (fuse_ino_t) (uintptr_t) n;
         n->next = table[b];
         table[b] = n;
@@ -282,6 +489,7 @@ static void forget_one(fuse_ino_t id, uint64_t count)
         p = &(*p)->next;
     *p = n->next;
     close(n->fd);
+    free(n->path);
     free(n);
 }
 
@@ -426,19 +634,35 @@ static void op_fsync(fuse_req_t req, fuse_ino_t id, int datasync, struct fuse_fi
     fuse_reply_err(req, err);
 }
 
-static void op_unlink(fuse_req_t req, fuse_ino_t parent, const char *name)
+/* The node the kernel knows at parent/name, or NULL; *links: its link count. */
+static struct node *known(struct node *parent, const char *name, nlink_t *links)
 {
-    struct node *p = node_of(parent);
     struct stat st;
-    if (fstatat(p->fd, name, &st, AT_SYMLINK_NOFOLLOW) < 0 || unlinkat(p->fd, name, 0) < 0) {
-        fuse_reply_err(req, errno);
-        return;
-    }
+    if (fstatat(parent->fd, name, &st, AT_SYMLINK_NOFOLLOW) < 0)
+        return NULL;
     struct node *n = table[bucket(st.st_dev, st.st_ino)];
     while (n != NULL && (n->dev != st.st_dev || n->ino != st.st_ino))
         n = n->next;
-    if (n != NULL)
+    *links = st.st_nlink;
+    return n;
+}
+
+static void op_unlink(fuse_req_t req, fuse_ino_t parent, const char *name)
+{
+    nlink_t links = 0;
+    struct node *n = known(node_of(parent), name, &links);
+    if (unlinkat(node_of(parent)->fd, name, 0) < 0) {
+        fuse_reply_err(req, errno);
+        return;
+    }
+    if (n != NULL) {
         ship(SHIP_UNLINK, n->id, 0, NULL, 0);
+        if (n->path != NULL && tandem && links <= 1) {
+            /* No name left: later writes (an mmap's writeback) are not shipped, as in Tandem. */
+            free(n->path);
+            n->path = NULL;
+        }
+    }
     fuse_reply_err(req, 0);
 }
 
@@ -480,15 +704,25 @@ static void op_mkdir(fuse_req_t req, fuse_ino_t parent, const char *name, mode_t
         return;
     }
     int err = learn(p, name, &n, &st);
-    if (err)
+    if (err) {
         fuse_reply_err(req, err);
-    else
-        answer_entry(req, n, &st);
+        return;
+    }
+    ship(SHIP_MKDIR, n->id, 0, NULL, 0);
+    answer_entry(req, n, &st);
 }
 
 static void op_rmdir(fuse_req_t req, fuse_ino_t parent, const char *name)
 {
-    fuse_reply_err(req, unlinkat(node_of(parent)->fd, name, AT_REMOVEDIR) < 0 ? errno : 0);
+    nlink_t links = 0;
+    struct node *n = known(node_of(parent), name, &links);
+    if (unlinkat(node_of(parent)->fd, name, AT_REMOVEDIR) < 0) {
+        fuse_reply_err(req, errno);
+        return;
+    }
+    if (n != NULL)
+        ship(SHIP_RMDIR, n->id, 0, NULL, 0);
+    fuse_reply_err(req, 0);
 }
 
 static void op_getxattr(fuse_req_t req, fuse_ino_t id, const char *name, size_t size)
@@ -520,8 +754,9 @@ int main(int argc, char **argv)
 {
     if (argc == 4 && strcmp(argv[1], "--acker") == 0)
         return acker(argv[2], atoi(argv[3]));
-    if (argc != 2 && !(argc == 4 && strcmp(argv[2], "--peer") == 0)) {
-        fprintf(stderr, "usage: %s DIR [--peer PORT] | --acker DIR PORT\n", argv[0]);
+    tandem = argc == 4 && strcmp(argv[2], "--tandem") == 0;
+    if (argc != 2 && !(argc == 4 && (strcmp(argv[2], "--peer") == 0 || tandem))) {
+        fprintf(stderr, "usage: %s DIR [--peer PORT | --tandem PORT] | --acker DIR PORT\n", argv[0]);
         return 2;
     }
     root.fd = open(argv[1], O_PATH | O_DIRECTORY | O_CLOEXEC);
@@ -539,8 +774,11 @@ int main(int argc, char **argv)
             perror("fuse_floor: connecting to the peer");
             return 1;
         }
+        if (tandem)
+            tandem_handshake();
     }
     root.id = FUSE_ROOT_ID;
+    root.path = "";
     char *args_v[] = {argv[0], "-o", "default_permissions,allow_other,fsname=floor,subtype=floor", NULL};
     struct fuse_args args = FUSE_ARGS_INIT(3, args_v);
     struct fuse_session *se = fuse_session_new(&args, &ops, sizeof(ops), NULL);

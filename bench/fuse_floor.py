@@ -2,10 +2,11 @@
 
 Run as root from the repository: `.venv/bin/python -m bench.fuse_floor [--quick] [--profile]`.
 
-Five trees on one disk, taking turns in one run: the local directory; `bench/fuse_floor.c`, a
+Six trees on one disk, taking turns in one run: the local directory; `bench/fuse_floor.c`, a
 minimal libfuse3 passthrough in C (built here with cc); the same C passthrough shipping every change
 to a C peer on loopback that acknowledges it on receipt (an fsync after its own fsync) and applies
-it, as Tandem's `received` mode does; Tandem's primary mount running alone (its peer's port is
+it, as Tandem's `received` mode does; the same again shipping to Tandem's own secondary replicator
+in protocol v3 (a C primary in front of the Python secondary); Tandem's primary mount running alone (its peer's port is
 closed, so nothing is shipped and every write completes locally); and a Tandem pair in `received`
 mode. The mounts answer the same requests beneath a directory fd with the same options and
 timeouts, so C against Tandem alone is what Python and pyfuse3 cost per request, the local tree
@@ -154,13 +155,45 @@ def acker(binary: Path, mirror: Path, log: Path) -> Iterator[int]:
             proc.stdout.close()
 
 
-TREES = ("local", "C", "C, shipped to a C peer", "Tandem alone", "Tandem, received")
+@contextlib.contextmanager
+def tandem_secondary(mirror: Path, log: Path) -> Iterator[int]:
+    """A Tandem secondary replicator (no mount) on a free loopback port, for `fuse_floor --tandem`."""
+    port = free_port()
+    cmd = [sys.executable, "-m", "agent.replication.replicator", "--role", "secondary", "--dir", str(mirror)]
+    cmd += ["--listen", f"127.0.0.1:{port}", "--no-mount", "--node", "mirror"]
+    with open(log, "ab") as err:
+        proc = subprocess.Popen(cmd, cwd=REPO, stdout=subprocess.PIPE, stderr=err)
+    try:
+        assert proc.stdout is not None
+        for line in proc.stdout:
+            if b'"listening"' in line:
+                break
+        else:
+            raise SystemExit(f"the secondary replicator did not start (exit {proc.poll()}); see {log}")
+        yield port
+    finally:
+        if proc.poll() is None:
+            proc.terminate()
+        proc.wait(30)
+        if proc.stdout is not None:
+            proc.stdout.close()
+
+
+TREES = (
+    "local",
+    "C",
+    "C, shipped to a C peer",
+    "C, shipped to Tandem's secondary",
+    "Tandem alone",
+    "Tandem, received",
+)
 
 
 def run(base: Path, sizes: Sizes, profile: bool) -> str:
     """Every workload in every tree (TREES), taking turns; a markdown table, with `profile` the requests."""
     local, native, shipped, alone = base / "local", base / "c", base / "c-shipped", base / "python"
-    for d in (local, native, shipped, alone, base / "c-mirror"):
+    to_tandem = base / "c-to-tandem"
+    for d in (local, native, shipped, to_tandem, alone, base / "c-mirror", base / "tandem-mirror"):
         d.mkdir()
     binary = build(base)
     primary = [sys.executable, "-m", "agent.replication.replicator", "--role", "primary", "--dir", str(alone)]
@@ -170,9 +203,11 @@ def run(base: Path, sizes: Sizes, profile: bool) -> str:
         stack.enter_context(serving([str(binary), str(native)], native, base / "c.log"))
         port = stack.enter_context(acker(binary, base / "c-mirror", base / "acker.log"))
         stack.enter_context(serving([str(binary), str(shipped), "--peer", str(port)], shipped, base / "c.log"))
+        port = stack.enter_context(tandem_secondary(base / "tandem-mirror", base / "tandem-mirror.log"))
+        stack.enter_context(serving([str(binary), str(to_tandem), "--tandem", str(port)], to_tandem, base / "c.log"))
         stack.enter_context(serving(primary, alone, base / "python.log"))
         replicated, _ = stack.enter_context(replicated_pair(base, "received"))
-        tops = (local, native, shipped, alone, replicated)
+        tops = (local, native, shipped, to_tandem, alone, replicated)
         recorders = [fuse_profile.Recorder(top, enabled=profile) for top in tops[1:]]
         rows = _workloads(tops, recorders, sizes)
     out = ["| benchmark | unit | " + " | ".join(TREES) + " |", "|---" * (len(TREES) + 2) + "|"]

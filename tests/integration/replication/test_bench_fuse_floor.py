@@ -65,3 +65,32 @@ def test_the_shipped_c_floor_hands_every_change_to_its_peer(tmp_path: Path) -> N
         copies = list(mirror.iterdir())
         assert len(copies) == 1, copies
         assert copies[0].read_bytes() == b"a" * 5_000 + b"b" * 100 + b"a" * 900
+
+
+def test_the_c_floor_speaks_protocol_v3_to_a_tandem_secondary(tmp_path: Path) -> None:
+    binary = fuse_floor.build(tmp_path)
+    top, mirror = tmp_path / "top", tmp_path / "mirror"
+    top.mkdir()
+    mirror.mkdir()
+    with (
+        fuse_floor.tandem_secondary(mirror, tmp_path / "secondary.log") as port,
+        fuse_floor.serving([str(binary), str(top), "--tandem", str(port)], top, tmp_path / "floor.log"),
+    ):
+        (top / "d").mkdir()
+        fd = os.open(top / "d" / "kept", os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+        os.write(fd, b"a" * 300_000)
+        os.ftruncate(fd, 200_000)
+        os.pwrite(fd, b"b" * 100, 100_000)
+        # Past 127 frames a sequence number takes more than one byte of msgpack.
+        for i in range(300):
+            os.pwrite(fd, b"c", 150_000 + i)
+        os.fsync(fd)
+        os.close(fd)
+        (top / "gone").write_bytes(b"soon removed")
+        os.unlink(top / "gone")
+        fd = os.open(top / "d" / "kept", os.O_WRONLY)
+        os.fsync(fd)  # answered once the secondary applied everything before it
+        os.close(fd)
+    expected = b"a" * 100_000 + b"b" * 100 + b"a" * 49_900 + b"c" * 300 + b"a" * 49_700
+    assert (mirror / "d" / "kept").read_bytes() == expected
+    assert not (mirror / "gone").exists()
