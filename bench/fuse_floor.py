@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import errno
 import os
 import shutil
 import struct
@@ -209,7 +210,13 @@ def run(base: Path, sizes: Sizes, profile: bool) -> str:
         replicated, _ = stack.enter_context(replicated_pair(base, "received"))
         tops = (local, native, shipped, to_tandem, alone, replicated)
         recorders = [fuse_profile.Recorder(top, enabled=profile) for top in tops[1:]]
-        rows = _workloads(tops, recorders, sizes)
+        try:
+            rows = _workloads(tops, recorders, sizes)
+        except OSError as exc:
+            if exc.errno not in (errno.ENOTCONN, errno.ECONNABORTED):
+                raise
+            logs = "\n".join(_tail(base / name) for name in ("c.log", "acker.log", "tandem-mirror.log"))
+            raise SystemExit(f"a mount's daemon died during the run ({exc}); its logs:\n{logs}") from None
     out = ["| benchmark | unit | " + " | ".join(TREES) + " |", "|---" * (len(TREES) + 2) + "|"]
     for name, unit, values in rows:
         if unit == "µs":
@@ -221,6 +228,12 @@ def run(base: Path, sizes: Sizes, profile: bool) -> str:
         for label, rec in zip(TREES[1:], recorders, strict=True):
             out += ["", f"Requests, {label}:", "", rec.render()]
     return "\n".join(out)
+
+
+def _tail(log: Path, lines: int = 20) -> str:
+    """The last lines of a daemon's log, named, for an error message."""
+    text = log.read_text(errors="replace").splitlines()[-lines:] if log.exists() else ["(no log)"]
+    return f"--- {log.name}\n" + "\n".join(text)
 
 
 def _workloads(
