@@ -90,10 +90,11 @@ static int io_all(int fd, struct iovec *iov, int count, int writing)
     return 0;
 }
 
-/* Send one operation to the peer; its sequence number, or 0 when there is no peer. */
 static uint64_t tandem_ship(uint32_t op, fuse_ino_t id, int64_t off, const void *data, size_t size);
 static void tandem_wait(uint64_t seq);
 
+/* Send one operation to the peer; its sequence number, or 0 when there is no peer (or, with
+ * --tandem, nothing to ship: an inode without a name). */
 static uint64_t ship_send(uint32_t op, fuse_ino_t id, int64_t off, const void *data, size_t size)
 {
     if (peer < 0)
