@@ -445,6 +445,15 @@ static void answer_entry(fuse_req_t req, struct node *n, const struct stat *st)
     fuse_reply_entry(req, &e);
 }
 
+/* The node of the inode `st` describes, if the kernel knows it. */
+static struct node *find(const struct stat *st)
+{
+    struct node *n = table[bucket(st->st_dev, st->st_ino)];
+    while (n != NULL && (n->dev != st->st_dev || n->ino != st->st_ino))
+        n = n->next;
+    return n;
+}
+
 /* Count one lookup of parent/name; open the inode if new. 0 or an errno. */
 static int learn(struct node *parent, const char *name, struct node **out, struct stat *st)
 {
@@ -457,9 +466,7 @@ static int learn(struct node *parent, const char *name, struct node **out, struc
         return err;
     }
     unsigned b = bucket(st->st_dev, st->st_ino);
-    struct node *n = table[b];
-    while (n != NULL && (n->dev != st->st_dev || n->ino != st->st_ino))
-        n = n->next;
+    struct node *n = find(st);
     if (n == NULL) {
         n = calloc(1, sizeof(*n));
         if (n == NULL) {
@@ -641,11 +648,8 @@ static struct node *known(struct node *parent, const char *name, nlink_t *links)
     struct stat st;
     if (fstatat(parent->fd, name, &st, AT_SYMLINK_NOFOLLOW) < 0)
         return NULL;
-    struct node *n = table[bucket(st.st_dev, st.st_ino)];
-    while (n != NULL && (n->dev != st.st_dev || n->ino != st.st_ino))
-        n = n->next;
     *links = st.st_nlink;
-    return n;
+    return find(&st);
 }
 
 static void op_unlink(fuse_req_t req, fuse_ino_t parent, const char *name)

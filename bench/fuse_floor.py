@@ -25,7 +25,6 @@ import contextlib
 import errno
 import os
 import shutil
-import struct
 import subprocess
 import sys
 import time
@@ -40,9 +39,9 @@ from bench.replication import (
     REPO,
     Sizes,
     bench_fsync_latency,
+    bench_small_files,
     bench_sqlite,
-    calibration,
-    machine,
+    header,
     replicated_pair,
 )
 from tests.integration.replication.pairs import free_port, mounted, unmount
@@ -71,7 +70,7 @@ def cpus_polling() -> Iterator[None]:
     except OSError as exc:
         raise SystemExit(f"bench.fuse_floor needs {awake.DEVICE}: {exc.strerror}") from None
     try:
-        os.write(fd, struct.pack("=i", 0))
+        os.write(fd, awake.POLL)
         yield
     finally:
         os.close(fd)
@@ -104,56 +103,30 @@ def serving(cmd: Sequence[str], path: Path, log: Path) -> Iterator[None]:
         unmount(path)
 
 
-def small_files(tops: Sequence[Path], count: int) -> list[tuple[float, float, float]]:
-    """Create+write 4 KiB+close, open+read+close, then unlink, in each tree; files/s for each phase.
-
-    The trees take turns in rounds of 1,000 files, and every create comes before any unlink (ext4
-    skips inodes freed in the last minutes when it allocates, bench.disk).
-    """
-    body = os.urandom(4096)
-    dirs = [top / "small" for top in tops]
-    for d in dirs:
-        d.mkdir()
-    spent = [[0.0, 0.0, 0.0] for _ in tops]
-    for phase in range(3):
-        for start in range(0, count, 1000):
-            for k, d in enumerate(dirs):
-                t0 = time.perf_counter()
-                for i in range(start, min(start + 1000, count)):
-                    path = d / f"f{i}"
-                    if phase == 0:
-                        fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o644)
-                        os.write(fd, body)
-                        os.close(fd)
-                    elif phase == 1:
-                        fd = os.open(path, os.O_RDONLY)
-                        os.read(fd, 8192)
-                        os.close(fd)
-                    else:
-                        os.unlink(path)
-                spent[k][phase] += time.perf_counter() - t0
-    for d in dirs:
-        d.rmdir()
-    return [(count / c, count / r, count / u) for c, r, u in spent]
-
-
 @contextlib.contextmanager
-def acker(binary: Path, mirror: Path, log: Path) -> Iterator[int]:
-    """The C floor's peer (`fuse_floor --acker`) on a free loopback port; yields the port."""
-    port = free_port()
+def _listening(cmd: Sequence[str], marker: bytes, what: str, log: Path) -> Iterator[None]:
+    """Run a peer until the block ends, once a line of its stdout holds `marker` (it listens)."""
     with open(log, "ab") as err:
-        proc = subprocess.Popen([str(binary), "--acker", str(mirror), str(port)], stdout=subprocess.PIPE, stderr=err)
+        proc = subprocess.Popen(cmd, cwd=REPO, stdout=subprocess.PIPE, stderr=err)
     try:
         assert proc.stdout is not None
-        if proc.stdout.readline() != b"listening\n":
-            raise SystemExit(f"fuse_floor --acker did not start (exit {proc.poll()}); see {log}")
-        yield port
+        if not any(marker in line for line in proc.stdout):
+            raise SystemExit(f"{what} did not start (exit {proc.poll()}); see {log}")
+        yield
     finally:
         if proc.poll() is None:
             proc.terminate()
         proc.wait(30)
         if proc.stdout is not None:
             proc.stdout.close()
+
+
+@contextlib.contextmanager
+def acker(binary: Path, mirror: Path, log: Path) -> Iterator[int]:
+    """The C floor's peer (`fuse_floor --acker`) on a free loopback port; yields the port."""
+    port = free_port()
+    with _listening([str(binary), "--acker", str(mirror), str(port)], b"listening", "fuse_floor --acker", log):
+        yield port
 
 
 @contextlib.contextmanager
@@ -162,22 +135,8 @@ def tandem_secondary(mirror: Path, log: Path) -> Iterator[int]:
     port = free_port()
     cmd = [sys.executable, "-m", "agent.replication.replicator", "--role", "secondary", "--dir", str(mirror)]
     cmd += ["--listen", f"127.0.0.1:{port}", "--no-mount", "--node", "mirror"]
-    with open(log, "ab") as err:
-        proc = subprocess.Popen(cmd, cwd=REPO, stdout=subprocess.PIPE, stderr=err)
-    try:
-        assert proc.stdout is not None
-        for line in proc.stdout:
-            if b'"listening"' in line:
-                break
-        else:
-            raise SystemExit(f"the secondary replicator did not start (exit {proc.poll()}); see {log}")
+    with _listening(cmd, b'"listening"', "the secondary replicator", log):
         yield port
-    finally:
-        if proc.poll() is None:
-            proc.terminate()
-        proc.wait(30)
-        if proc.stdout is not None:
-            proc.stdout.close()
 
 
 TREES = (
@@ -250,7 +209,7 @@ def _workloads(
     with contextlib.ExitStack() as stack:
         for rec in recorders:
             stack.enter_context(rec.section("small files, per file (create, read, unlink)", sizes.small_files))
-        files = small_files(tops, sizes.small_files)
+        files = bench_small_files(tops, sizes.small_files, read=True)
     for i, name in enumerate(("create+write 4 KiB+close", "open+read 4 KiB+close", "unlink")):
         rows.append((f"{name}, {sizes.small_files} files", "files/s", [f[i] for f in files]))
     tx = [bench_sqlite(tops[0], sizes)]
@@ -268,13 +227,8 @@ def main(argv: list[str] | None = None) -> None:
     disk.add_arguments(p, fresh_gib=0)
     args = p.parse_args(argv)
     if args.profile:
-        try:
-            fuse_profile.check()
-        except fuse_profile.ProfileError as exc:
-            p.error(str(exc))
-    print(f"# {' '.join(['python -m bench.fuse_floor', *(argv or sys.argv[1:])])}")
-    print(f"# {machine()} {disk.describe(args.dir, args.fresh_fs)}")
-    print(f"# {calibration()}\n")
+        fuse_profile.require(p)
+    header("bench.fuse_floor", argv, args)
     with disk.work_dir(args.dir, "tandem-floor-", args.fresh_fs) as tmp:
         print(run(tmp, QUICK if args.quick else FULL, args.profile))
 

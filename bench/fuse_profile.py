@@ -9,6 +9,7 @@ Recording costs a few µs per request, so the figures of a profiled run are a li
 
 from __future__ import annotations
 
+import argparse
 import contextlib
 import os
 import re
@@ -88,6 +89,14 @@ def check() -> None:
         raise ProfileError("--fuse-profile needs perf (apt-get install linux-perf)")
     if not Path("/sys/kernel/tracing/events/fuse/fuse_request_send").exists():
         raise ProfileError("--fuse-profile needs the FUSE tracepoints (fuse:fuse_request_send); this kernel has none")
+
+
+def require(parser: argparse.ArgumentParser) -> None:
+    """Exit through `parser` with check()'s reason when the FUSE requests cannot be profiled here."""
+    try:
+        check()
+    except ProfileError as exc:
+        parser.error(str(exc))
 
 
 @contextlib.contextmanager

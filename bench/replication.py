@@ -166,34 +166,39 @@ def bench_fsync_latency(top: Path, sizes: Sizes) -> tuple[float, float, float]:
     return q[49], q[98], len(lat) / (sum(lat) / 1e6)
 
 
-def bench_small_files(tops: tuple[Path, Path], sizes: Sizes) -> tuple[tuple[float, float], tuple[float, float]]:
-    """Create + write 4 KiB + close, then unlink, of many small files in each of two trees.
+def bench_small_files(tops: Sequence[Path], count: int, *, read: bool = False) -> list[tuple[float, ...]]:
+    """Create + write 4 KiB + close, (with `read`) open + read + close, then unlink, in each tree.
 
-    Files per second for each phase and tree. The trees take turns in rounds of 1,000 files, and
+    Files per second for each phase, per tree. The trees take turns in rounds of 1,000 files, and
     every create comes before any unlink: ext4 skips inodes freed in the last minutes when it
     allocates (recently_deleted), so a create that follows many unlinks is slower, whichever tree.
     """
-    body, count = os.urandom(4096), sizes.small_files
+    body = os.urandom(4096)
+    phases = ("create", "read", "unlink") if read else ("create", "unlink")
     dirs = [top / "small" for top in tops]
     for d in dirs:
         d.mkdir()
-    spent = [[0.0, 0.0], [0.0, 0.0]]
-    for phase in (0, 1):
+    spent = [[0.0] * len(phases) for _ in tops]
+    for phase, kind in enumerate(phases):
         for start in range(0, count, 1000):
             for k, d in enumerate(dirs):
                 t0 = time.perf_counter()
                 for i in range(start, min(start + 1000, count)):
-                    if phase == 0:
-                        fd = os.open(d / f"f{i}", os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o644)
+                    path = d / f"f{i}"
+                    if kind == "create":
+                        fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o644)
                         os.write(fd, body)
                         os.close(fd)
+                    elif kind == "read":
+                        fd = os.open(path, os.O_RDONLY)
+                        os.read(fd, 8192)
+                        os.close(fd)
                     else:
-                        os.unlink(d / f"f{i}")
+                        os.unlink(path)
                 spent[k][phase] += time.perf_counter() - t0
     for d in dirs:
         d.rmdir()
-    (lc, lu), (rc, ru) = spent
-    return (count / lc, count / lu), (count / rc, count / ru)
+    return [tuple(count / seconds for seconds in tree) for tree in spent]
 
 
 def bench_sqlite(top: Path, sizes: Sizes) -> float:
@@ -242,7 +247,7 @@ def run_mode(
         rows.append(Row("4 KiB write+fsync p99", "µs", lp99, rp99, higher_is_better=False))
         # The local tree takes turns with the mount here; its requests do not reach the mount.
         with traced.section("small files, per file (create+write+close, later unlink)", sizes.small_files):
-            (lc, lu), (rc, ru) = bench_small_files((local, mnt), sizes)
+            (lc, lu), (rc, ru) = bench_small_files((local, mnt), sizes.small_files)
         rows.append(Row(f"create+write 4 KiB+close, {sizes.small_files} files", "files/s", lc, rc))
         rows.append(Row(f"unlink, {sizes.small_files} files", "files/s", lu, ru))
         sqlite_local = bench_sqlite(local, sizes)
@@ -255,6 +260,13 @@ def run_mode(
 def machine() -> str:
     """One line naming the machine the figures come from."""
     return f"nproc={os.cpu_count()} kernel={platform.release()} python={platform.python_version()}"
+
+
+def header(module: str, argv: list[str] | None, args: argparse.Namespace) -> None:
+    """The lines every disk benchmark starts with: its command, the machine and disk, a calibration."""
+    print(f"# {' '.join([f'python -m {module}', *(argv or sys.argv[1:])])}")
+    print(f"# {machine()} {disk.describe(args.dir, args.fresh_fs)}")
+    print(f"# {calibration()}\n")
 
 
 def calibration(rounds: int = 2000) -> str:
@@ -318,17 +330,12 @@ def main(argv: list[str] | None = None) -> None:
     disk.add_arguments(p, fresh_gib=0)
     args = p.parse_args(argv)
     if args.fuse_profile:
-        try:
-            fuse_profile.check()
-        except fuse_profile.ProfileError as exc:
-            p.error(str(exc))
+        fuse_profile.require(p)
     extra = [] if args.keep_cpus_awake is None else ["--keep-cpus-awake", args.keep_cpus_awake]
     extra += [] if args.event_loop is None else ["--event-loop", args.event_loop]
     extra += ["--no-native-answers"] if args.no_native_answers else []
     sizes = QUICK if args.quick else FULL
-    print(f"# {' '.join(['python -m bench.replication', *(argv or sys.argv[1:])])}")
-    print(f"# {machine()} {disk.describe(args.dir, args.fresh_fs)}")
-    print(f"# {calibration()}\n")
+    header("bench.replication", argv, args)
     with disk.work_dir(args.dir, "tandem-bench-", args.fresh_fs) as tmp:
         for ack in args.modes.split(","):
             rows, rss, requests = run_mode(tmp, ack, sizes, extra, profile=args.fuse_profile)

@@ -21,7 +21,8 @@ log = logging.getLogger(__name__)
 
 DEVICE = "/dev/cpu_dma_latency"
 HOLD_SECONDS = 0.01
-_POLL = struct.pack("=i", 0)
+# The request that makes idle CPUs poll (0 µs of exit latency).
+POLL = struct.pack("=i", 0)
 # PM_QOS_CPU_LATENCY_DEFAULT_VALUE (2000 s): a request of this value constrains nothing.
 _RELEASED = struct.pack("=i", 2_000_000_000)
 
@@ -69,7 +70,7 @@ class Awake:
             return
         assert self._loop is not None
         self._last = self._loop.time()
-        if not self.active and self._set(_POLL):
+        if not self.active and self._set(POLL):
             self.active = True
             self._loop.call_at(self._last + self.hold, self._expire)
 
