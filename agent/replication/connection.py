@@ -15,6 +15,7 @@ import socket
 import typing
 from collections.abc import Callable
 
+from agent.replication.messages import Message
 from agent.replication.wire import Frame, ProtocolError, decode_body, encode_parts, frame_length
 
 FrameHandler = Callable[[Frame], None]
@@ -50,6 +51,13 @@ def bound_silence(sock: typing.Any, seconds: float) -> None:
     sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_USER_TIMEOUT, max(1, round(seconds * 1000)))
 
 
+def lost(exc: Exception, silence: float) -> ConnectionResetError:
+    """Why a connection ended, as the end of the stream is reported (`silence`: bound_silence's)."""
+    if isinstance(exc, TimeoutError) and silence > 0:
+        return ConnectionResetError(f"the peer's host was silent for {silence:g} s (TCP_USER_TIMEOUT): {exc}")
+    return ConnectionResetError(str(exc))
+
+
 class FrameParser:
     """Splits a byte stream into validated frames; pure, so the framing rules are tested without sockets."""
 
@@ -80,6 +88,11 @@ class FrameParser:
             del buf[:end]
             self._length = None
             frames.append(frame)
+
+    @property
+    def empty(self) -> bool:
+        """Whether no partial frame is buffered."""
+        return not self._buf
 
     def end(self) -> None:
         """The peer closed the stream: fine between frames, a ProtocolError inside one."""
@@ -119,6 +132,7 @@ class FrameConnection(asyncio.Protocol):
         self._drainers: list[asyncio.Future[None]] = []
         self._closed = asyncio.get_running_loop().create_future()
         self.peername: object = None
+        self._seq = 0
 
     # --- asyncio.Protocol ----------------------------------------------------------------------
 
@@ -177,11 +191,7 @@ class FrameConnection(asyncio.Protocol):
         return False
 
     def connection_lost(self, exc: Exception | None) -> None:
-        if isinstance(exc, TimeoutError) and self._silence > 0:
-            why = f"the peer's host was silent for {self._silence:g} s (TCP_USER_TIMEOUT): {exc}"
-            self._finish(ConnectionResetError(why))
-        else:
-            self._finish(ConnectionResetError(str(exc)) if exc is not None else None)
+        self._finish(lost(exc, self._silence) if exc is not None else None)
         for fut in self._drainers:
             if not fut.done():
                 fut.set_exception(ConnectionResetError("connection lost"))
@@ -235,6 +245,10 @@ class FrameConnection(asyncio.Protocol):
         if self._ended:
             self._notify_end()
 
+    def idle(self) -> bool:
+        """Whether nothing was received that is not consumed yet (no frame, no partial frame)."""
+        return not self._frames and self._parser.empty
+
     def detach(self) -> None:
         """Stop delivering: later frames and the end of the stream are dropped."""
         self._on_frame = self._on_end = self._after = None
@@ -263,6 +277,16 @@ class FrameConnection(asyncio.Protocol):
             on_end(self._end)
 
     # --- writing -------------------------------------------------------------------------------
+
+    @property
+    def seq(self) -> int:
+        """The last sequence number send_op gave."""
+        return self._seq
+
+    def send_op(self, msg: Message) -> tuple[int, int]:
+        """Send the stream's next operation: its sequence number and its size in bytes."""
+        self._seq += 1
+        return self._seq, self.send_nowait(Frame(self._seq, msg))
 
     def send_nowait(self, frame: Frame) -> int:
         """Queue a frame on the transport (see drain() for backpressure); return its size in bytes."""

@@ -42,11 +42,20 @@ class ReplicatedFS(Passthrough):
     handle_killpriv_v2 = True
 
     def __init__(
-        self, root_fd: int, sender: Sender, *, timeout: float = CACHE_SECONDS, writeback: bool = False
+        self,
+        root_fd: int,
+        sender: Sender,
+        *,
+        timeout: float = CACHE_SECONDS,
+        writeback: bool = False,
+        engine: bool = True,
     ) -> None:
         super().__init__(root_fd, timeout=timeout)
         self.sender = sender
         self.enable_writeback_cache = writeback
+        # The native data path (agent/replication/native, with Tandem's pyfuse3): its thread serves
+        # WRITE and FSYNC of the files registered with it (_register), except in `fsync` mode.
+        self.tandem_engine = engine and not writeback and hasattr(pyfuse3, "engine_file")
         self._unsynced: dict[int, int] = {}
         # Inodes known to carry no file capability: the kernel asks before every write().
         self._no_caps: set[int] = set()
@@ -198,7 +207,9 @@ class ReplicatedFS(Passthrough):
         except BaseException:
             os.close(fd)
             raise
-        return pyfuse3.FileInfo(fh=self._handle(self._files, (fd, attr.st_ino))), attr
+        fh = self._handle(self._files, (fd, attr.st_ino))
+        self._register(fh)
+        return pyfuse3.FileInfo(fh=fh), attr
 
     @passes_errors
     async def link(
@@ -336,11 +347,8 @@ class ReplicatedFS(Passthrough):
         group; the kernel does not say who that is, so this drops it then too (the safe side).
         `target`: an open fd of the file, or its /proc path.
         """
-        if not _killpriv_v2():
+        if not self._killpriv_granted():
             return
-        if not self._killpriv_logged:
-            self._killpriv_logged = True
-            log.info("The kernel granted HANDLE_KILLPRIV_V2: no GETXATTR before writes; this mount drops capabilities")
         if inode not in self._no_caps:
             try:
                 os.removexattr(target, _CAPS)
@@ -377,7 +385,25 @@ class ReplicatedFS(Passthrough):
                 os.close(fd)
                 raise
             await self._ship_if_named(inode, lambda path: m.Truncate(path, 0, self._fix(inode)))
-        return pyfuse3.FileInfo(fh=self._handle(self._files, (fd, inode)))
+        fh = self._handle(self._files, (fd, inode))
+        self._register(fh)
+        return pyfuse3.FileInfo(fh=fh)
+
+    def _killpriv_granted(self) -> bool:
+        """Whether the kernel granted HANDLE_KILLPRIV_V2 (logged the first time it is seen)."""
+        if not _killpriv_v2():
+            return False
+        if not self._killpriv_logged:
+            self._killpriv_logged = True
+            log.info("The kernel granted HANDLE_KILLPRIV_V2: no GETXATTR before writes; this mount drops capabilities")
+        return True
+
+    def _register(self, fh: int) -> None:
+        """Tell the native data path an open file's fd and the path its frames name now."""
+        self._killpriv_granted()
+        if self.tandem_engine:
+            fd, inode = self._files[fh]
+            pyfuse3.engine_file(fh, fd, self.inodes.path(inode))
 
     @passes_errors
     async def write(self, fh: int, off: int, buf: bytes, kill_suidgid: bool = False) -> int:
@@ -388,6 +414,9 @@ class ReplicatedFS(Passthrough):
         if written >= syscalls.STREAM_WRITE_BYTES:
             syscalls.start_writeback(fd, off, written)
         await self._ship_if_named(inode, lambda path: m.Write(path, off, bytes(buf[:written]), self._fix(inode)))
+        # The engine sent this write here: its path changed since it was registered (or the file
+        # needed its privileges dropped, or a resync runs). The path it has from now on.
+        self._register(fh)
         return written
 
     @passes_errors
@@ -408,6 +437,8 @@ class ReplicatedFS(Passthrough):
     @passes_errors
     async def fsync(self, fh: int, datasync: bool) -> None:
         fd, inode = self._files[fh]
+        if self.tandem_engine:
+            self._unsynced[inode] = self._unsynced.get(inode, 0) + pyfuse3.engine_unsynced(fh)
         await self._sync(inode, fd, datasync)
 
     async def _sync(self, inode: int, fd: int | None, datasync: bool) -> None:

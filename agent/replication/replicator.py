@@ -20,7 +20,7 @@ from pathlib import Path
 import pyfuse3
 import uvloop
 
-from agent.replication import syscalls
+from agent.replication import engine, syscalls
 from agent.replication.applier import Applier
 from agent.replication.awake import HOLD_SECONDS, Awake
 from agent.replication.connection import PEER_TIMEOUT
@@ -108,6 +108,13 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         help="answer attribute, missing-name, read and release requests in pyfuse3 itself, from the mount's "
         "tables (default: yes; no: every request through Python, for comparisons)",
     )
+    p.add_argument(
+        "--native-writes",
+        action=argparse.BooleanOptionalAction,
+        default=True,
+        help="primary, ack received or durable: serve and replicate writes and fsyncs in the native data path's "
+        "own thread, without Python (default: yes, with Tandem's pyfuse3; no: through Python, for comparisons)",
+    )
     p.add_argument("--debug-fuse", action="store_true")
     p.add_argument("--log-file", type=Path, help="append the logs (stderr) to this file")
     args = p.parse_args(argv)
@@ -138,13 +145,17 @@ async def run_primary(args: argparse.Namespace, events: Events) -> None:
         peer_timeout=args.peer_timeout,
         connect_timeout=args.connect_timeout,
     )
-    fs = ReplicatedFS(root_fd, sender, writeback=args.ack == "fsync")
+    fs = ReplicatedFS(root_fd, sender, writeback=args.ack == "fsync", engine=args.native_writes)
     loop = asyncio.get_running_loop()
     # Before the mount (the supervisor signals only a mounted primary): the agent's membership
     # declared the peer lost, so the writes waiting for it complete locally now.
     loop.add_signal_handler(signal.SIGUSR1, lambda: sender.drop(PEER_DECLARED_LOST, abort=True))
     mount(fs, str(args.dir), debug=args.debug_fuse, on_request=awake.touch, native=args.native_answers)
     awake.open()
+    if engine.available():
+        log.info("The native data path serves writes and fsyncs (ack=%s)", args.ack)
+        if awake.requested:
+            pyfuse3.engine_awake(awake.hold)
     for sig in (signal.SIGTERM, signal.SIGINT):
         loop.add_signal_handler(sig, pyfuse3.terminate)
     log.info("Primary serving dir=%s peer=%s:%d ack=%s loop=%s", args.dir, *args.peer, args.ack, _loop_name())
@@ -223,8 +234,10 @@ async def _serve_secondary(
 
 
 def _native_counts() -> str:
-    """The requests pyfuse3 answered itself (native_answers), for the log: 'getattr=12 lookup=3 ...'."""
-    return " ".join(f"{kind}={n}" for kind, n in pyfuse3.native_counts().items())
+    """The requests answered without Python (native_answers, and the native data path's writes and
+    fsyncs), for the log: 'getattr=12 lookup=3 ...'."""
+    counts = {**pyfuse3.native_counts(), **getattr(pyfuse3, "engine_counts", dict)()}
+    return " ".join(f"{kind}={n}" for kind, n in counts.items())
 
 
 SPARE = "--spare"

@@ -8,6 +8,9 @@ import logging
 import os
 from collections.abc import Callable
 
+import pyfuse3
+
+from agent.replication import engine
 from agent.replication import messages as m
 from agent.replication.connection import PEER_TIMEOUT, FrameConnection
 from agent.replication.handshake import Peer, client_handshake
@@ -46,14 +49,13 @@ class Sender:
         self.secret = secret
         self.ack = ack
         self.stream = os.urandom(16)
-        self.seq = 0
         self.connected = False
         self.diverged = False
         self.peer: Peer | None = None
         self.lost_reason = ""
         self.closed = asyncio.Event()
         self.on_error: ErrorHandler | None = None
-        self.observer: Callable[[m.Message], None] | None = None
+        self._observer: Callable[[m.Message], None] | None = None
         self.sent_bytes = 0
         self._conn: FrameConnection | None = None
         self._pending: dict[int, asyncio.Future[m.Message]] = {}
@@ -79,8 +81,15 @@ class Sender:
             raise
         if not peer.authenticated:
             log.warning("Replication peer node=%s is unauthenticated: no shared secret configured", peer.node)
-        self.stream, self.seq, self.closed = stream, 0, asyncio.Event()
+        if engine.available() and self.ack != "fsync":
+            try:
+                conn = await engine.adopt(conn, self.traffic, self.peer_timeout)
+            except BaseException:
+                conn.close()
+                raise
+        self.stream, self.closed = stream, asyncio.Event()
         self.peer, self._conn, self.connected = peer, conn, True
+        self._serve()
         self._heard = asyncio.get_running_loop().time()
         conn.deliver(self._answer, self._ended)
         if self.peer_timeout > 0:
@@ -88,20 +97,40 @@ class Sender:
         log.info("Replication stream to node=%s open, ack=%s", peer.node, self.ack)
         return peer
 
+    @property
+    def seq(self) -> int:
+        """The last sequence number given on the current (or last) stream."""
+        return self._conn.seq if self._conn is not None else 0
+
+    @property
+    def observer(self) -> Callable[[m.Message], None] | None:
+        """Told every live operation before it is sent (a resync); none may bypass it meanwhile."""
+        return self._observer
+
+    @observer.setter
+    def observer(self, observer: Callable[[m.Message], None] | None) -> None:
+        self._observer = observer
+        self._serve()
+
+    def _serve(self) -> None:
+        """Let the native data path serve writes and fsyncs while a stream is up and nothing watches."""
+        if isinstance(self._conn, engine.EngineConnection):
+            pyfuse3.engine_serve(self.connected and self._observer is None)
+
     def submit(self, msg: m.Message) -> asyncio.Future[m.Message] | None:
         """Send one live operation now, in call order; None when no peer is connected (running alone)."""
-        if self.observer is not None:
-            self.observer(msg)
+        if self._observer is not None:
+            self._observer(msg)
         return self.send(msg)
 
     def send(self, msg: m.Message) -> asyncio.Future[m.Message] | None:
         """Send one frame without telling the observer (the resync's own frames)."""
         if not self.connected or self._conn is None:
             return None
-        self.seq += 1
         fut: asyncio.Future[m.Message] = asyncio.get_running_loop().create_future()
-        self._pending[self.seq] = fut
-        self.sent_bytes += self._conn.send_nowait(Frame(self.seq, msg))
+        seq, size = self._conn.send_op(msg)
+        self._pending[seq] = fut
+        self.sent_bytes += size
         return fut
 
     async def drain(self) -> None:
@@ -189,6 +218,7 @@ class Sender:
             log.warning("Replication stream lost, running alone (full resync needed): %s", reason)
             self.lost_reason = reason
         self.connected = False
+        self._serve()
         self.diverged = True
         for fut in self._pending.values():
             if not fut.done():

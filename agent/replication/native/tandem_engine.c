@@ -1,0 +1,898 @@
+/* Tandem's native data path on the primary (docs/dev/native-data-path.md): WRITE and FSYNC served
+ * and replicated without Python.
+ *
+ * Built into Tandem's pyfuse3 (scripts/setup copies this file next to tandem_io.c, which includes
+ * it), so that it shares the session's /dev/fuse and the patch's HANDLE_KILLPRIV_V2 state.
+ *
+ * Two threads of its own, which never touch Python objects:
+ *
+ * - F is the only reader of /dev/fuse. A WRITE or FSYNC of a file Python registered (te_file) is
+ *   served here: pwrite or fsync, its frame on the replication stream, and the reply once the
+ *   secondary's ack is in. Every other request, and every case F is not sure of, goes to pyfuse3
+ *   whole, through a SOCK_SEQPACKET pair that pyfuse3's session reads instead of /dev/fuse.
+ * - R reads the replication stream once Python's handshake is done on it (te_attach). The ack of a
+ *   frame F sent replies to its FUSE request; every other frame (the answers to Python's frames,
+ *   Faults, Pongs) is passed on to Python through a socket pair that its FrameConnection reads.
+ *
+ * One counter numbers every frame of the stream, F's and Python's: both send under send_mu, which
+ * assigns the number and writes the frame at once, so frames leave in the order of their numbers.
+ *
+ * Order. The kernel holds an inode's lock for the whole of a WRITE (and a truncate), so F and Python
+ * never change one file at the same time. A Write frame names its file by path, and a rename or an
+ * unlink changes what a path names: F only uses a path Python registered in the current generation,
+ * and the generation moves on under send_mu as Python's Rename, Unlink or Rmdir frame is numbered.
+ * A Write numbered before that frame is applied before it on the secondary, where the old path
+ * still names the file; after it, F sends the request to Python, which ships it by the new path and
+ * registers that. While a resync runs Python serves everything (te_serve(0)).
+ *
+ * Lock order: send_mu, then tab_mu. R never holds send_mu while it waits on anything.
+ */
+#include <errno.h>
+#include <fcntl.h>
+#include <poll.h>
+#include <pthread.h>
+#include <stdint.h>
+#include <stdio.h>
+#include <stdlib.h>
+#include <string.h>
+#include <sys/eventfd.h>
+#include <sys/socket.h>
+#include <sys/stat.h>
+#include <sys/uio.h>
+#include <sys/xattr.h>
+#include <time.h>
+#include <unistd.h>
+#include <linux/fuse.h>
+
+#include "tandem_frames.h"
+
+/* The largest request: FUSE_MAX_MAX_PAGES (256) pages of data and its headers. */
+#define TE_REQUEST (256 * 4096 + 8192)
+#define TE_BUCKETS 1024
+/* agent/replication/syscalls.py: STREAM_WRITE_BYTES and INLINE_SYNC_BYTES. */
+#define TE_STREAM_WRITE_BYTES (256 * 1024)
+#define TE_INLINE_SYNC_BYTES (1 << 20)
+/* Answers R holds for Python before it stops reading the stream. */
+#define TE_FORWARD_MAX (64u << 20)
+
+enum { TE_WRITE = 1, TE_FSYNC = 2 };
+
+struct te_file {
+    struct te_file *next;
+    uint64_t fh;
+    int fd;
+    uint64_t gen;      /* the generation its path was registered in */
+    uint64_t unsynced; /* bytes F wrote since its last fsync */
+    size_t plen;
+    char path[];       /* root-relative; plen 0 is "no name": Python serves it */
+};
+
+struct te_wait {
+    struct te_wait *next;
+    uint64_t seq, unique;
+    uint32_t size; /* WRITE: bytes written */
+    int kind;
+    int local;     /* FSYNC: -1 running, else 0 or the errno of the local fsync */
+    int answered;  /* the secondary acknowledged it, or the stream ended */
+    int replied;
+};
+
+static struct {
+    int on;
+    int dev;            /* F's dup of /dev/fuse */
+    int fwd_r, fwd_w;   /* requests for pyfuse3 */
+    int stop;           /* an eventfd: F ends when it is readable */
+    pthread_t f;
+    pthread_mutex_t send_mu, tab_mu;
+    int sock;           /* the replication stream, -1 without one */
+    int dead;           /* the stream ended: nothing more is numbered on it */
+    int ans_w;          /* R's end of the pair Python reads */
+    pthread_t r;
+    int r_on;
+    uint64_t seq;
+    uint64_t gen;
+    int serving;
+    char lost[256];
+    int lost_errno;     /* the system error that ended the stream, or 0 */
+    struct te_file *files[TE_BUCKETS];
+    struct te_wait *waits[TE_BUCKETS];
+    uint64_t n_write, n_fsync;
+    int qos;            /* this engine's own PM QoS request, or -1 */
+    int64_t hold_ns;
+    int64_t last_ns;
+    int qos_on;
+} E = {.dev = -1, .fwd_r = -1, .fwd_w = -1, .stop = -1, .sock = -1, .ans_w = -1, .qos = -1,
+       .send_mu = PTHREAD_MUTEX_INITIALIZER, .tab_mu = PTHREAD_MUTEX_INITIALIZER};
+
+static int64_t te_now(void)
+{
+    struct timespec ts;
+    clock_gettime(CLOCK_MONOTONIC, &ts);
+    return (int64_t) ts.tv_sec * 1000000000 + ts.tv_nsec;
+}
+
+static size_t te_bucket(uint64_t key)
+{
+    return (size_t) ((key * 0x9E3779B97F4A7C15ull) >> 40) % TE_BUCKETS;
+}
+
+/* --- tables (tab_mu) ------------------------------------------------------------------------ */
+
+static struct te_file **te_file_slot(uint64_t fh)
+{
+    struct te_file **p = &E.files[te_bucket(fh)];
+    while (*p != NULL && (*p)->fh != fh)
+        p = &(*p)->next;
+    return p;
+}
+
+static struct te_wait **te_wait_slot(uint64_t seq)
+{
+    struct te_wait **p = &E.waits[te_bucket(seq)];
+    while (*p != NULL && (*p)->seq != seq)
+        p = &(*p)->next;
+    return p;
+}
+
+static void te_file_drop(uint64_t fh)
+{
+    struct te_file **p = te_file_slot(fh), *f = *p;
+    if (f != NULL) {
+        *p = f->next;
+        free(f);
+    }
+}
+
+/* --- replies to the kernel --------------------------------------------------------------------- */
+
+static void te_reply(uint64_t unique, int error, const void *arg, size_t size)
+{
+    struct fuse_out_header out = {.len = (uint32_t) (sizeof(out) + size), .error = -error, .unique = unique};
+    struct iovec iov[2] = {{&out, sizeof(out)}, {(void *) arg, size}};
+    /* ENOENT: the caller was interrupted by a fatal signal and the kernel dropped the request. */
+    (void) !writev(E.dev, iov, size ? 2 : 1);
+}
+
+static void te_reply_write(uint64_t unique, uint32_t size)
+{
+    struct fuse_write_out w = {.size = size};
+    te_reply(unique, 0, &w, sizeof(w));
+}
+
+/* A wait that has all it needs replies; 1 when it can go. tab_mu held. */
+static int te_settle(struct te_wait *w)
+{
+    if (!w->replied) {
+        if (w->kind == TE_WRITE && w->answered) {
+            te_reply_write(w->unique, w->size);
+            w->replied = 1;
+        } else if (w->kind == TE_FSYNC && w->local > 0) {
+            te_reply(w->unique, w->local, NULL, 0);
+            w->replied = 1;
+        } else if (w->kind == TE_FSYNC && w->local == 0 && w->answered) {
+            te_reply(w->unique, 0, NULL, 0);
+            w->replied = 1;
+        }
+    }
+    return w->replied && w->answered;
+}
+
+/* --- PM QoS: idle CPUs poll while F serves requests (agent/replication/awake.py) ---------------- */
+
+static void te_touch(void)
+{
+    if (E.qos < 0)
+        return;
+    __atomic_store_n(&E.last_ns, te_now(), __ATOMIC_RELAXED);
+    if (!E.qos_on) {
+        int32_t poll_now = 0;
+        E.qos_on = write(E.qos, &poll_now, sizeof(poll_now)) == sizeof(poll_now);
+    }
+}
+
+/* How long F may sleep in poll(): until the request lapses, or for ever. */
+static int te_qos_timeout(void)
+{
+    if (E.qos < 0 || !E.qos_on)
+        return -1;
+    int64_t left = __atomic_load_n(&E.last_ns, __ATOMIC_RELAXED) + E.hold_ns - te_now();
+    if (left > 0)
+        return (int) (left / 1000000) + 1;
+    int32_t released = 2000000000;
+    (void) !write(E.qos, &released, sizeof(released));
+    E.qos_on = 0;
+    return -1;
+}
+
+/* --- the stream (send_mu) ---------------------------------------------------------------------- */
+
+/* Write all of iov to the stream (non-blocking: waits for room); 0 or an errno. */
+static int te_send_all(struct iovec *iov, int count)
+{
+    while (count > 0) {
+        ssize_t n = sendmsg(E.sock, &(struct msghdr){.msg_iov = iov, .msg_iovlen = (size_t) count}, MSG_NOSIGNAL);
+        if (n < 0) {
+            if (errno == EINTR)
+                continue;
+            if (errno != EAGAIN)
+                return errno;
+            struct pollfd p = {.fd = E.sock, .events = POLLOUT};
+            if (poll(&p, 1, -1) < 0 && errno != EINTR)
+                return errno;
+            continue;
+        }
+        while (count > 0 && (size_t) n >= iov->iov_len) {
+            n -= (ssize_t) iov->iov_len;
+            iov++, count--;
+        }
+        if (count > 0) {
+            iov->iov_base = (char *) iov->iov_base + n;
+            iov->iov_len -= (size_t) n;
+        }
+    }
+    return 0;
+}
+
+/* Number a frame whose header carries the placeholder sequence number (tf_seq_at) and send it.
+ * send_mu held. Returns 0 or an errno; *seq is the number given. */
+static int te_send_numbered(uint8_t *prefix_and_head, size_t head_len, const void *data, size_t size,
+                            size_t seq_at, uint64_t *seq)
+{
+    *seq = ++E.seq;
+    tf_put_be(prefix_and_head + seq_at, *seq, 8);
+    struct iovec iov[2] = {{prefix_and_head, head_len}, {(void *) data, size}};
+    int err = te_send_all(iov, size ? 2 : 1);
+    if (err) {
+        snprintf(E.lost, sizeof(E.lost), "sending to the secondary failed: %s", strerror(err));
+        E.lost_errno = err;
+        shutdown(E.sock, SHUT_RDWR);
+    }
+    return err;
+}
+
+/* --- F: WRITE and FSYNC -------------------------------------------------------------------------- */
+
+struct te_target {
+    int fd;
+    uint64_t gen;
+    uint64_t unsynced;
+    size_t plen;
+    char path[TF_PATH_MAX];
+};
+
+/* The registered file behind fh, if F may serve it now; 0 otherwise. */
+static int te_target(uint64_t fh, struct te_target *t, int take_unsynced)
+{
+    int ok = 0;
+    pthread_mutex_lock(&E.tab_mu);
+    struct te_file *f = *te_file_slot(fh);
+    if (f != NULL && f->plen > 0 && f->plen <= sizeof(t->path) &&
+        f->gen == __atomic_load_n(&E.gen, __ATOMIC_ACQUIRE)) {
+        t->fd = f->fd, t->gen = f->gen, t->plen = f->plen, t->unsynced = f->unsynced;
+        memcpy(t->path, f->path, f->plen);
+        if (take_unsynced && f->unsynced < TE_INLINE_SYNC_BYTES)
+            f->unsynced = 0;
+        ok = 1;
+    }
+    pthread_mutex_unlock(&E.tab_mu);
+    return ok;
+}
+
+static int te_may_serve(void)
+{
+    return __atomic_load_n(&E.serving, __ATOMIC_ACQUIRE) && !__atomic_load_n(&E.dead, __ATOMIC_ACQUIRE);
+}
+
+/* What HANDLE_KILLPRIV_V2 leaves to the file system (primary.py, _kill_privs): if this write would
+ * have to drop a capability or a set-ID bit, Python does it. */
+static int te_plain(int fd, uint32_t write_flags)
+{
+    if (!tandem_killpriv_v2)
+        return 1;
+    if (fgetxattr(fd, "security.capability", NULL, 0) >= 0)
+        return 0;
+    if (errno != ENODATA && errno != EOPNOTSUPP)
+        return 0;
+    if (write_flags & FUSE_WRITE_KILL_SUIDGID) {
+        struct stat st;
+        if (fstat(fd, &st) != 0 || (st.st_mode & (S_ISUID | S_ISGID)))
+            return 0;
+    }
+    return 1;
+}
+
+/* Under send_mu: may a frame built for t still be numbered? (serving, the stream, t's path) */
+static int te_still(const struct te_target *t)
+{
+    return te_may_serve() && E.sock >= 0 && t->gen == __atomic_load_n(&E.gen, __ATOMIC_ACQUIRE);
+}
+
+/* 1: answered here; 0: the request goes to Python. */
+static int te_write(const struct fuse_in_header *in, size_t n)
+{
+    const struct fuse_write_in *w = (const void *) (in + 1);
+    const char *data = (const char *) (w + 1);
+    struct te_target t;
+    struct stat st;
+
+    if (n < sizeof(*in) + sizeof(*w) || n - sizeof(*in) - sizeof(*w) < w->size)
+        return 0;
+    if (!te_may_serve() || !te_target(w->fh, &t, 0) || !te_plain(t.fd, w->write_flags))
+        return 0;
+    ssize_t done = pwrite(t.fd, data, w->size, (off_t) w->offset);
+    if (done < 0) {
+        te_reply(in->unique, errno, NULL, 0);
+        return 1;
+    }
+    if (done >= TE_STREAM_WRITE_BYTES)
+        sync_file_range(t.fd, (off_t) w->offset, done, SYNC_FILE_RANGE_WRITE);
+    if (fstat(t.fd, &st) != 0) {
+        te_reply(in->unique, errno, NULL, 0);
+        return 1;
+    }
+    /* [16, seq, path, offset, [[path, atime_ns, mtime_ns]]] + data */
+    static struct tf_buf head; /* F's alone */
+    struct tf_buf *h = &head;
+    tf_begin(h, 5, 16);
+    size_t seq_at = tf_seq_placeholder(h);
+    tf_bin(h, t.path, t.plen), tf_uint(h, w->offset);
+    tf_byte(h, 0x91), tf_byte(h, 0x93), tf_bin(h, t.path, t.plen);
+    tf_int(h, (int64_t) st.st_atim.tv_sec * 1000000000 + st.st_atim.tv_nsec);
+    tf_int(h, (int64_t) st.st_mtim.tv_sec * 1000000000 + st.st_mtim.tv_nsec);
+    tf_end(h, (size_t) done);
+
+    pthread_mutex_lock(&E.send_mu);
+    if (!te_still(&t)) {
+        int gone = !te_may_serve() || E.sock < 0;
+        pthread_mutex_unlock(&E.send_mu);
+        if (gone && __atomic_load_n(&E.dead, __ATOMIC_ACQUIRE)) {
+            /* The stream ended: the write completes locally (Python's link resyncs). */
+            te_reply_write(in->unique, (uint32_t) done);
+            return 1;
+        }
+        return 0; /* Python writes the same bytes again and ships them by the path it knows now */
+    }
+    struct te_wait *wt = calloc(1, sizeof(*wt));
+    if (wt == NULL) {
+        pthread_mutex_unlock(&E.send_mu);
+        return 0;
+    }
+    wt->unique = in->unique, wt->size = (uint32_t) done, wt->kind = TE_WRITE, wt->local = 0;
+    uint64_t seq;
+    pthread_mutex_lock(&E.tab_mu);
+    wt->seq = E.seq + 1;
+    struct te_wait **slot = te_wait_slot(wt->seq);
+    wt->next = NULL, *slot = wt;
+    struct te_file *f = *te_file_slot(w->fh);
+    if (f != NULL)
+        f->unsynced += (uint64_t) done;
+    pthread_mutex_unlock(&E.tab_mu);
+    /* A failed send ends the stream: R then answers every wait, this one included. */
+    te_send_numbered(h->b, h->n, data, (size_t) done, seq_at, &seq);
+    pthread_mutex_unlock(&E.send_mu);
+    __atomic_add_fetch(&E.n_write, 1, __ATOMIC_RELAXED);
+    return 1;
+}
+
+static int te_fsync(const struct fuse_in_header *in, size_t n)
+{
+    const struct fuse_fsync_in *s = (const void *) (in + 1);
+    struct te_target t;
+    int datasync = (s->fsync_flags & FUSE_FSYNC_FDATASYNC) != 0;
+
+    if (n < sizeof(*in) + sizeof(*s) || !te_may_serve() || !te_target(s->fh, &t, 1))
+        return 0;
+    if (t.unsynced >= TE_INLINE_SYNC_BYTES)
+        return 0; /* Python fsyncs a large file in a thread of its own */
+    /* [30, seq, path, datasync] */
+    static struct tf_buf head; /* F's alone */
+    struct tf_buf *h = &head;
+    tf_begin(h, 4, 30);
+    size_t seq_at = tf_seq_placeholder(h);
+    tf_bin(h, t.path, t.plen), tf_byte(h, datasync ? 0xC3 : 0xC2);
+    tf_end(h, 0);
+
+    struct te_wait *wt = NULL;
+    pthread_mutex_lock(&E.send_mu);
+    if (te_still(&t) && (wt = calloc(1, sizeof(*wt))) != NULL) {
+        uint64_t seq;
+        wt->unique = in->unique, wt->kind = TE_FSYNC, wt->local = -1;
+        pthread_mutex_lock(&E.tab_mu);
+        wt->seq = E.seq + 1;
+        *te_wait_slot(wt->seq) = wt;
+        pthread_mutex_unlock(&E.tab_mu);
+        te_send_numbered(h->b, h->n, NULL, 0, seq_at, &seq);
+    }
+    pthread_mutex_unlock(&E.send_mu);
+    if (wt == NULL && !__atomic_load_n(&E.dead, __ATOMIC_ACQUIRE))
+        return 0;
+    /* The local fsync runs while the secondary does the same. */
+    int r = datasync ? fdatasync(t.fd) : fsync(t.fd);
+    int err = r < 0 ? errno : 0;
+    __atomic_add_fetch(&E.n_fsync, 1, __ATOMIC_RELAXED);
+    if (wt == NULL) {
+        te_reply(in->unique, err, NULL, 0); /* no stream: durable here, as Python does alone */
+        return 1;
+    }
+    pthread_mutex_lock(&E.tab_mu);
+    struct te_wait **slot = te_wait_slot(wt->seq);
+    if (*slot == wt) {
+        wt->local = err;
+        if (te_settle(wt)) {
+            *slot = wt->next;
+            free(wt);
+        }
+    }
+    pthread_mutex_unlock(&E.tab_mu);
+    return 1;
+}
+
+static void *te_fuse_thread(void *arg)
+{
+    (void) arg;
+    char *buf = malloc(TE_REQUEST);
+    if (buf == NULL)
+        goto out;
+    for (;;) {
+        struct pollfd p[2] = {{.fd = E.dev, .events = POLLIN}, {.fd = E.stop, .events = POLLIN}};
+        int ready = poll(p, 2, te_qos_timeout());
+        if (ready == 0 || (ready < 0 && errno == EINTR))
+            continue;
+        if (p[1].revents)
+            break;
+        ssize_t n = read(E.dev, buf, TE_REQUEST);
+        if (n < 0) {
+            if (errno == EAGAIN || errno == EINTR || errno == ENOENT)
+                continue;
+            break; /* ENODEV: unmounted */
+        }
+        const struct fuse_in_header *in = (const void *) buf;
+        if ((size_t) n < sizeof(*in))
+            continue;
+        if (in->opcode == FUSE_INTERRUPT) {
+            /* ENOSYS makes the kernel send no more (tandem_io.c). */
+            te_reply(in->unique, ENOSYS, NULL, 0);
+            continue;
+        }
+        if (in->opcode == FUSE_RELEASE && (size_t) n >= sizeof(*in) + sizeof(struct fuse_release_in)) {
+            /* Out of the table before Python closes the fd. */
+            pthread_mutex_lock(&E.tab_mu);
+            te_file_drop(((const struct fuse_release_in *) (in + 1))->fh);
+            pthread_mutex_unlock(&E.tab_mu);
+        } else if ((in->opcode == FUSE_WRITE && te_write(in, (size_t) n)) ||
+                   (in->opcode == FUSE_FSYNC && te_fsync(in, (size_t) n))) {
+            te_touch();
+            continue;
+        }
+        while (send(E.fwd_w, buf, (size_t) n, MSG_NOSIGNAL) < 0 && errno == EINTR)
+            ;
+    }
+out:
+    free(buf);
+    /* pyfuse3's next read finds the end (tandem_read: ENODEV) and its session ends. */
+    shutdown(E.fwd_w, SHUT_RDWR);
+    return NULL;
+}
+
+/* --- R: the answers ------------------------------------------------------------------------------ */
+
+struct te_out {
+    uint8_t *b;
+    size_t n, cap;
+};
+
+static int te_out_add(struct te_out *o, const uint8_t *p, size_t n)
+{
+    if (o->n + n > o->cap) {
+        size_t cap = o->cap ? o->cap : 65536;
+        while (cap < o->n + n)
+            cap *= 2;
+        uint8_t *b = realloc(o->b, cap);
+        if (b == NULL)
+            return -1;
+        o->b = b, o->cap = cap;
+    }
+    memcpy(o->b + o->n, p, n);
+    o->n += n;
+    return 0;
+}
+
+static void te_out_flush(struct te_out *o)
+{
+    while (o->n > 0) {
+        ssize_t n = send(E.ans_w, o->b, o->n, MSG_NOSIGNAL | MSG_DONTWAIT);
+        if (n <= 0)
+            return;
+        memmove(o->b, o->b + n, o->n - (size_t) n);
+        o->n -= (size_t) n;
+    }
+}
+
+/* One whole frame from the secondary: 1 if it answered F's frame (and was handled here). */
+static int te_answer(uint8_t *frame, size_t len)
+{
+    uint64_t op, seq;
+    size_t at;
+    if (tf_read_head(frame, len, &op, &seq, &at) != 0 || (op != 4 && op != 5) || seq == 0)
+        return 0;
+    pthread_mutex_lock(&E.tab_mu);
+    struct te_wait **slot = te_wait_slot(seq), *w = *slot;
+    int mine = w != NULL && !w->answered;
+    int failed = 0;
+    if (mine) {
+        /* [4, seq, status, message]: a status other than 0 is a replication error, which Python
+         * reports as it reports a Fault. The call itself succeeded here. */
+        failed = op == 5 || (at < len && frame[at] != 0);
+        w->answered = 1;
+        if (te_settle(w)) {
+            *slot = w->next;
+            free(w);
+        }
+    }
+    pthread_mutex_unlock(&E.tab_mu);
+    if (mine && failed && op == 4)
+        frame[tf_op_at(frame)] = 5; /* the same fields: a Fault for Python's error handler */
+    return mine && !failed;
+}
+
+/* The stream ended: every wait is answered (its call completes locally). */
+static void te_end_waits(void)
+{
+    pthread_mutex_lock(&E.tab_mu);
+    for (size_t i = 0; i < TE_BUCKETS; i++) {
+        struct te_wait **p = &E.waits[i];
+        while (*p != NULL) {
+            struct te_wait *w = *p;
+            w->answered = 1;
+            if (te_settle(w)) {
+                *p = w->next;
+                free(w);
+            } else {
+                p = &w->next;
+            }
+        }
+    }
+    pthread_mutex_unlock(&E.tab_mu);
+}
+
+static void *te_reader_thread(void *arg)
+{
+    (void) arg;
+    struct te_out out = {0};
+    size_t cap = 1 << 20, have = 0;
+    uint8_t *in = malloc(cap);
+    const char *why = NULL;
+    int err = 0;
+
+    while (in != NULL) {
+        struct pollfd p[2] = {{.fd = E.sock, .events = out.n < TE_FORWARD_MAX ? POLLIN : 0},
+                              {.fd = E.ans_w, .events = out.n ? POLLOUT : 0}};
+        if (poll(p, 2, -1) < 0) {
+            if (errno == EINTR)
+                continue;
+            err = errno;
+            break;
+        }
+        if (p[1].revents & (POLLERR | POLLHUP)) {
+            why = "the replicator stopped reading its stream";
+            break;
+        }
+        if (p[1].revents & POLLOUT)
+            te_out_flush(&out);
+        if (!(p[0].revents & (POLLIN | POLLERR | POLLHUP)))
+            continue;
+        ssize_t n = recv(E.sock, in + have, cap - have, MSG_DONTWAIT);
+        if (n < 0) {
+            if (errno == EAGAIN || errno == EINTR)
+                continue;
+            err = errno;
+            break;
+        }
+        if (n == 0)
+            break;
+        have += (size_t) n;
+        size_t used = 0;
+        for (;;) {
+            size_t need = tf_frame_size(in + used, have - used);
+            if (need == (size_t) -1) {
+                /* Not a frame of this protocol: Python's parser says why and ends the stream. */
+                te_out_add(&out, in + used, have - used);
+                used = have;
+                break;
+            }
+            if (need == 0 || need > have - used) {
+                if (need > cap) {
+                    uint8_t *bigger = realloc(in, need);
+                    if (bigger == NULL) {
+                        err = ENOMEM;
+                        goto end;
+                    }
+                    in = bigger, cap = need;
+                }
+                break;
+            }
+            if (!te_answer(in + used, need))
+                te_out_add(&out, in + used, need);
+            used += need;
+        }
+        memmove(in, in + used, have - used);
+        have -= used;
+        te_out_flush(&out);
+    }
+end:
+    pthread_mutex_lock(&E.send_mu);
+    __atomic_store_n(&E.dead, 1, __ATOMIC_RELEASE);
+    if (E.lost[0] == 0) {
+        if (why != NULL)
+            snprintf(E.lost, sizeof(E.lost), "%s", why);
+        else if (err)
+            snprintf(E.lost, sizeof(E.lost), "%s", strerror(err)), E.lost_errno = err;
+    }
+    pthread_mutex_unlock(&E.send_mu);
+    te_end_waits();
+    /* What Python has not read yet still reaches it, then the end of the stream. */
+    int flags = fcntl(E.ans_w, F_GETFL);
+    if (flags >= 0)
+        fcntl(E.ans_w, F_SETFL, flags & ~O_NONBLOCK);
+    while (out.n > 0) {
+        ssize_t n = send(E.ans_w, out.b, out.n, MSG_NOSIGNAL);
+        if (n <= 0)
+            break;
+        memmove(out.b, out.b + n, out.n - (size_t) n);
+        out.n -= (size_t) n;
+    }
+    free(out.b);
+    free(in);
+    shutdown(E.ans_w, SHUT_RDWR);
+    return NULL;
+}
+
+/* --- what pyfuse3 calls ---------------------------------------------------------------------- */
+
+/* Start F over a mounted session's /dev/fuse fd; the fd pyfuse3 then waits on, or -errno. */
+static int te_start(int dev)
+{
+    int pair[2];
+    int size = 4 * TE_REQUEST;
+    if (E.on)
+        return -EBUSY;
+    if (socketpair(AF_UNIX, SOCK_SEQPACKET | SOCK_CLOEXEC, 0, pair) < 0)
+        return -errno;
+    if ((setsockopt(pair[1], SOL_SOCKET, SO_SNDBUFFORCE, &size, sizeof(size)) < 0 &&
+         setsockopt(pair[1], SOL_SOCKET, SO_SNDBUF, &size, sizeof(size)) < 0) ||
+        (setsockopt(pair[0], SOL_SOCKET, SO_RCVBUFFORCE, &size, sizeof(size)) < 0 &&
+         setsockopt(pair[0], SOL_SOCKET, SO_RCVBUF, &size, sizeof(size)) < 0) ||
+        fcntl(pair[0], F_SETFL, O_NONBLOCK) < 0 || (E.stop = eventfd(0, EFD_CLOEXEC)) < 0 ||
+        (E.dev = fcntl(dev, F_DUPFD_CLOEXEC, 0)) < 0) {
+        int err = errno;
+        close(pair[0]), close(pair[1]);
+        if (E.stop >= 0)
+            close(E.stop);
+        E.stop = -1;
+        return -err;
+    }
+    E.fwd_r = pair[0], E.fwd_w = pair[1];
+    int err = pthread_create(&E.f, NULL, te_fuse_thread, NULL);
+    if (err) {
+        close(pair[0]), close(pair[1]), close(E.dev), close(E.stop);
+        E.dev = E.fwd_r = E.fwd_w = E.stop = -1;
+        return -err;
+    }
+    E.on = 1;
+    return E.fwd_r;
+}
+
+/* pyfuse3's read of one request, from F (tandem_read). */
+static ssize_t te_forwarded(void *buf, size_t len)
+{
+    ssize_t n = recv(E.fwd_r, buf, len, 0);
+    if (n == 0) {
+        errno = ENODEV; /* F saw the end of the session */
+        return -1;
+    }
+    return n;
+}
+
+/* The session ends (after the unmount): stop F and R and wait for them. */
+static void te_stop(void)
+{
+    uint64_t one = 1;
+    if (!E.on)
+        return;
+    (void) !write(E.stop, &one, sizeof(one));
+    shutdown(E.fwd_r, SHUT_RDWR); /* a send to pyfuse3 that waits for room fails */
+    pthread_join(E.f, NULL);
+    pthread_mutex_lock(&E.send_mu);
+    __atomic_store_n(&E.serving, 0, __ATOMIC_RELEASE);
+    if (E.sock >= 0)
+        shutdown(E.sock, SHUT_RDWR);
+    pthread_mutex_unlock(&E.send_mu);
+    if (E.r_on)
+        pthread_join(E.r, NULL);
+    E.r_on = 0;
+    close(E.dev), close(E.fwd_r), close(E.fwd_w), close(E.stop);
+    if (E.sock >= 0)
+        close(E.sock);
+    if (E.ans_w >= 0)
+        close(E.ans_w);
+    if (E.qos >= 0)
+        close(E.qos);
+    pthread_mutex_lock(&E.tab_mu);
+    for (size_t i = 0; i < TE_BUCKETS; i++)
+        while (E.files[i] != NULL)
+            te_file_drop(E.files[i]->fh);
+    pthread_mutex_unlock(&E.tab_mu);
+    E.dev = E.fwd_r = E.fwd_w = E.stop = E.sock = E.ans_w = E.qos = -1;
+    E.on = 0;
+}
+
+/* Take over a stream whose handshake Python did: `sock` is the engine's own fd of it. Returns the
+ * fd of the pair Python reads the other answers from, or -errno. */
+static int te_attach(int sock)
+{
+    int pair[2];
+    if (!E.on)
+        return -ENOTCONN;
+    if (E.r_on) {
+        pthread_mutex_lock(&E.send_mu);
+        if (E.sock >= 0)
+            shutdown(E.sock, SHUT_RDWR);
+        pthread_mutex_unlock(&E.send_mu);
+        pthread_join(E.r, NULL);
+        E.r_on = 0;
+    }
+    if (socketpair(AF_UNIX, SOCK_STREAM | SOCK_CLOEXEC, 0, pair) < 0)
+        return -errno;
+    fcntl(pair[1], F_SETFL, O_NONBLOCK);
+    pthread_mutex_lock(&E.send_mu);
+    if (E.sock >= 0)
+        close(E.sock);
+    if (E.ans_w >= 0)
+        close(E.ans_w);
+    E.sock = sock, E.ans_w = pair[1], E.seq = 0, E.lost[0] = 0, E.lost_errno = 0;
+    __atomic_store_n(&E.dead, 0, __ATOMIC_RELEASE);
+    __atomic_add_fetch(&E.gen, 1, __ATOMIC_RELEASE); /* paths are registered anew for each stream */
+    int err = pthread_create(&E.r, NULL, te_reader_thread, NULL);
+    if (err) {
+        E.sock = E.ans_w = -1;
+        __atomic_store_n(&E.dead, 1, __ATOMIC_RELEASE);
+        pthread_mutex_unlock(&E.send_mu);
+        close(pair[0]), close(pair[1]), close(sock);
+        return -err;
+    }
+    E.r_on = 1;
+    pthread_mutex_unlock(&E.send_mu);
+    return pair[0];
+}
+
+/* End the stream: `abort` resets it, else the secondary sees its end after what was sent. */
+static void te_detach(int abort)
+{
+    pthread_mutex_lock(&E.send_mu);
+    __atomic_store_n(&E.serving, 0, __ATOMIC_RELEASE);
+    __atomic_store_n(&E.dead, 1, __ATOMIC_RELEASE);
+    if (E.sock >= 0) {
+        if (abort) {
+            struct linger now = {.l_onoff = 1, .l_linger = 0};
+            setsockopt(E.sock, SOL_SOCKET, SO_LINGER, &now, sizeof(now));
+            shutdown(E.sock, SHUT_RDWR);
+        } else {
+            shutdown(E.sock, SHUT_WR);
+        }
+    }
+    pthread_mutex_unlock(&E.send_mu);
+}
+
+/* Python's frame, with tf_seq_placeholder() in its header when `numbered`. Returns the number it
+ * got (0 for an unnumbered frame) or -errno. A Rename, Unlink or Rmdir starts a new generation. */
+static int64_t te_send(uint8_t *head, size_t head_len, const void *data, size_t size, int numbered)
+{
+    uint64_t op = 0, seq = 0;
+    size_t seq_at = 0;
+    int err;
+    if (tf_placeholder_at(head, head_len, &op, &seq_at) != 0 && numbered)
+        return -EINVAL;
+    pthread_mutex_lock(&E.send_mu);
+    if (E.sock < 0 || E.dead) {
+        pthread_mutex_unlock(&E.send_mu);
+        return -ENOTCONN;
+    }
+    if (op == 22 || op == 23 || op == 24)
+        __atomic_add_fetch(&E.gen, 1, __ATOMIC_RELEASE);
+    if (numbered) {
+        err = te_send_numbered(head, head_len, data, size, seq_at, &seq);
+    } else {
+        struct iovec iov[2] = {{head, head_len}, {(void *) data, size}};
+        err = te_send_all(iov, size ? 2 : 1);
+        if (err)
+            shutdown(E.sock, SHUT_RDWR);
+    }
+    pthread_mutex_unlock(&E.send_mu);
+    return err ? -err : (int64_t) seq;
+}
+
+/* Python registers (or, path NULL, forgets the path of) an open file F may serve. */
+static int te_file(uint64_t fh, int fd, const char *path, size_t plen)
+{
+    struct te_file *f = NULL;
+    if (path != NULL && (f = malloc(sizeof(*f) + plen)) == NULL)
+        return -ENOMEM;
+    pthread_mutex_lock(&E.tab_mu);
+    struct te_file **slot = te_file_slot(fh), *old = *slot;
+    uint64_t unsynced = old != NULL ? old->unsynced : 0;
+    if (old != NULL) {
+        *slot = old->next;
+        free(old);
+    }
+    if (f != NULL) {
+        f->fh = fh, f->fd = fd, f->plen = plen, f->unsynced = unsynced;
+        f->gen = __atomic_load_n(&E.gen, __ATOMIC_ACQUIRE);
+        memcpy(f->path, path, plen);
+        f->next = E.files[te_bucket(fh)];
+        E.files[te_bucket(fh)] = f;
+    }
+    pthread_mutex_unlock(&E.tab_mu);
+    return 0;
+}
+
+/* The bytes F wrote to fh since its last fsync; they count as synced from now on. */
+static uint64_t te_unsynced(uint64_t fh)
+{
+    uint64_t n = 0;
+    pthread_mutex_lock(&E.tab_mu);
+    struct te_file *f = *te_file_slot(fh);
+    if (f != NULL)
+        n = f->unsynced, f->unsynced = 0;
+    pthread_mutex_unlock(&E.tab_mu);
+    return n;
+}
+
+static void te_serve(int on)
+{
+    pthread_mutex_lock(&E.send_mu);
+    __atomic_store_n(&E.serving, on, __ATOMIC_RELEASE);
+    pthread_mutex_unlock(&E.send_mu);
+}
+
+/* Idle CPUs poll while F serves requests and `hold_ns` after (a PM QoS request of its own). */
+static int te_awake(int64_t hold_ns)
+{
+    if (E.qos >= 0 || hold_ns <= 0)
+        return 0;
+    int fd = open("/dev/cpu_dma_latency", O_WRONLY | O_CLOEXEC);
+    int32_t released = 2000000000;
+    if (fd < 0)
+        return -errno;
+    if (write(fd, &released, sizeof(released)) != sizeof(released)) {
+        int err = errno;
+        close(fd);
+        return -err;
+    }
+    E.hold_ns = hold_ns, E.qos = fd;
+    return 0;
+}
+
+static int te_on(void)
+{
+    return E.on;
+}
+
+/* Why the last stream ended; read after R ended it (stable then). *err: its errno, or 0. */
+static const char *te_lost(int *err)
+{
+    *err = E.lost_errno;
+    return E.lost;
+}
+
+static unsigned long long te_count(int which)
+{
+    return __atomic_load_n(which ? &E.n_fsync : &E.n_write, __ATOMIC_RELAXED);
+}
+
+static unsigned long long te_seq(void)
+{
+    pthread_mutex_lock(&E.send_mu);
+    unsigned long long seq = E.seq;
+    pthread_mutex_unlock(&E.send_mu);
+    return seq;
+}
