@@ -37,6 +37,8 @@
 #include <sys/uio.h>
 #include <unistd.h>
 
+#include "tandem_frames.h"
+
 #define TIMEOUT 300.0
 #define BUCKETS 65536
 
@@ -134,104 +136,34 @@ static void ship(uint32_t op, fuse_ino_t id, int64_t off, const void *data, size
 
 /* --- Tandem's replication protocol v3 (--tandem) ------------------------------------------------ */
 
-struct mp {
-    uint8_t b[8192];
-    size_t n;
-};
+/* Frames as the native data path writes and reads them (agent/replication/native/tandem_frames.h). */
 
-static void mp_byte(struct mp *m, uint8_t v)
+/* Send one frame built in h, and `size` bytes of data after its header. */
+static void tandem_send(struct tf_buf *h, const void *data, size_t size)
 {
-    m->b[m->n++] = v;
-}
-
-static void mp_be(struct mp *m, uint64_t v, int bytes)
-{
-    for (int i = bytes - 1; i >= 0; i--)
-        mp_byte(m, (uint8_t) (v >> (8 * i)));
-}
-
-/* msgpack's smallest encodings, as msgpack.packb writes them. */
-static void mp_uint(struct mp *m, uint64_t v)
-{
-    if (v < 0x80)
-        mp_byte(m, (uint8_t) v);
-    else if (v <= 0xFF)
-        mp_byte(m, 0xCC), mp_be(m, v, 1);
-    else if (v <= 0xFFFF)
-        mp_byte(m, 0xCD), mp_be(m, v, 2);
-    else if (v <= 0xFFFFFFFFu)
-        mp_byte(m, 0xCE), mp_be(m, v, 4);
-    else
-        mp_byte(m, 0xCF), mp_be(m, v, 8);
-}
-
-static void mp_bin(struct mp *m, const void *p, size_t len)
-{
-    if (len <= 0xFF)
-        mp_byte(m, 0xC4), mp_be(m, len, 1);
-    else
-        mp_byte(m, 0xC5), mp_be(m, len, 2);
-    memcpy(m->b + m->n, p, len);
-    m->n += len;
-}
-
-static void mp_str(struct mp *m, const char *s)
-{
-    size_t len = strlen(s); /* < 32 here */
-    mp_byte(m, (uint8_t) (0xA0 | len));
-    memcpy(m->b + m->n, s, len);
-    m->n += len;
-}
-
-/* Send one frame: the length word, the header length, the header and the data. */
-static void tandem_send(struct mp *head, const void *data, size_t size)
-{
-    uint8_t prefix[8];
-    uint32_t length = (uint32_t) (4 + head->n + size), hlen = (uint32_t) head->n;
-    for (int i = 0; i < 4; i++)
-        prefix[i] = (uint8_t) (length >> (24 - 8 * i)), prefix[4 + i] = (uint8_t) (hlen >> (24 - 8 * i));
-    struct iovec iov[3] = {{prefix, 8}, {head->b, head->n}, {(void *) data, size}};
-    if (io_all(peer, iov, size ? 3 : 2, 1) < 0) {
+    tf_end(h, size);
+    struct iovec iov[2] = {{h->b, h->n}, {(void *) data, size}};
+    if (io_all(peer, iov, size ? 2 : 1, 1) < 0) {
         perror("fuse_floor: the secondary is gone");
         exit(1);
     }
 }
 
-/* Read one frame's header into m; its op code and sequence number (the data is read and dropped).
- * m->n is left at the first byte after the sequence number. */
-static void tandem_read(struct mp *m, uint64_t *op, uint64_t *seq)
+/* Read one frame (without data) into h; its op code and sequence number. h->n is left at the first
+ * byte after the sequence number. */
+static void tandem_read(struct tf_buf *h, uint64_t *op, uint64_t *seq)
 {
-    size_t length_of_header;
-    uint8_t word[4];
-    struct iovec iov = {word, 4};
+    struct iovec iov = {h->b, 4};
     if (io_all(peer, &iov, 1, 0) < 0)
         goto gone;
-    uint32_t length = (uint32_t) word[0] << 24 | word[1] << 16 | word[2] << 8 | word[3];
-    if (length < 4 || length - 4 > sizeof(m->b))
+    uint64_t length = tf_get_be(h->b, 4);
+    if (length < 4 || length > sizeof(h->b) - 4)
         goto bad;
-    iov = (struct iovec){word, 4};
+    iov = (struct iovec){h->b + 4, length};
     if (io_all(peer, &iov, 1, 0) < 0)
         goto gone;
-    length_of_header = length - 4;
-    iov = (struct iovec){m->b, length_of_header};
-    if (length_of_header && io_all(peer, &iov, 1, 0) < 0)
-        goto gone;
-    /* [op, seq, ...]: a fixarray, a positive fixint op, then the seq. */
-    if (length_of_header < 4 || (m->b[0] & 0xF0) != 0x90)
+    if (tf_read_head(h->b, 4 + length, op, seq, &h->n) != 0)
         goto bad;
-    *op = m->b[1];
-    if (m->b[2] < 0x80) {
-        *seq = m->b[2];
-        m->n = 3;
-        return;
-    }
-    int width = m->b[2] == 0xCC ? 1 : m->b[2] == 0xCD ? 2 : m->b[2] == 0xCE ? 4 : m->b[2] == 0xCF ? 8 : 0;
-    if (width == 0 || length_of_header < 4u + width)
-        goto bad;
-    *seq = 0;
-    for (int i = 0; i < width; i++)
-        *seq = *seq << 8 | m->b[3 + i];
-    m->n = 3 + (size_t) width;
     return;
 gone:
     perror("fuse_floor: the secondary is gone");
@@ -244,23 +176,22 @@ bad:
 /* The unauthenticated handshake of a new stream in `received` mode. */
 static void tandem_handshake(void)
 {
-    struct mp m = {.n = 0};
+    struct tf_buf m;
     uint8_t nonce[32], stream[16];
     uint64_t op, seq;
     for (size_t i = 0; i < sizeof(nonce); i++)
         nonce[i] = (uint8_t) rand();
     for (size_t i = 0; i < sizeof(stream); i++)
         stream[i] = (uint8_t) rand();
-    mp_byte(&m, 0x98), mp_uint(&m, 1), mp_uint(&m, 0), mp_bin(&m, "TNDM", 4), mp_uint(&m, 3);
-    mp_str(&m, "floor"), mp_bin(&m, nonce, 32), mp_bin(&m, stream, 16), mp_str(&m, "received");
+    tf_begin(&m, 8, 1), tf_uint(&m, 0), tf_bin(&m, "TNDM", 4), tf_uint(&m, 3);
+    tf_str(&m, "floor"), tf_bin(&m, nonce, 32), tf_bin(&m, stream, 16), tf_str(&m, "received");
     tandem_send(&m, NULL, 0);
     tandem_read(&m, &op, &seq);
     if (op != 2) {
         fprintf(stderr, "fuse_floor: the secondary answered op %llu to Hello\n", (unsigned long long) op);
         exit(1);
     }
-    m.n = 0;
-    mp_byte(&m, 0x93), mp_uint(&m, 3), mp_uint(&m, 0), mp_bin(&m, "", 0);
+    tf_begin(&m, 3, 3), tf_uint(&m, 0), tf_bin(&m, "", 0);
     tandem_send(&m, NULL, 0);
     tandem_read(&m, &op, &seq);
     if (op != 4 || m.b[m.n] != 0) {
@@ -273,35 +204,35 @@ static void tandem_handshake(void)
 static uint64_t tandem_ship(uint32_t op, fuse_ino_t id, int64_t off, const void *data, size_t size)
 {
     struct node *n = node_of(id);
-    struct mp m = {.n = 0};
+    struct tf_buf m;
     if (n->path == NULL)
         return 0;
     uint64_t seq = ++shipped;
     size_t plen = strlen(n->path);
     switch (op) {
     case SHIP_WRITE: /* [16, seq, path, offset, times] + data */
-        mp_byte(&m, 0x95), mp_uint(&m, 16), mp_uint(&m, seq), mp_bin(&m, n->path, plen);
-        mp_uint(&m, (uint64_t) off), mp_byte(&m, 0x90);
+        tf_begin(&m, 5, 16), tf_uint(&m, seq), tf_bin(&m, n->path, plen);
+        tf_uint(&m, (uint64_t) off), tf_byte(&m, 0x90);
         break;
     case SHIP_TRUNCATE: /* [17, seq, path, size, times] */
-        mp_byte(&m, 0x95), mp_uint(&m, 17), mp_uint(&m, seq), mp_bin(&m, n->path, plen);
-        mp_uint(&m, (uint64_t) off), mp_byte(&m, 0x90);
+        tf_begin(&m, 5, 17), tf_uint(&m, seq), tf_bin(&m, n->path, plen);
+        tf_uint(&m, (uint64_t) off), tf_byte(&m, 0x90);
         break;
     case SHIP_CREATE: /* [19, seq, path, mode, uid, gid, flags, times] */
-        mp_byte(&m, 0x98), mp_uint(&m, 19), mp_uint(&m, seq), mp_bin(&m, n->path, plen);
-        mp_uint(&m, 0600), mp_uint(&m, 0), mp_uint(&m, 0), mp_uint(&m, 0), mp_byte(&m, 0x90);
+        tf_begin(&m, 8, 19), tf_uint(&m, seq), tf_bin(&m, n->path, plen);
+        tf_uint(&m, 0600), tf_uint(&m, 0), tf_uint(&m, 0), tf_uint(&m, 0), tf_byte(&m, 0x90);
         break;
     case SHIP_MKDIR: /* [20, seq, path, mode, uid, gid, times] */
-        mp_byte(&m, 0x97), mp_uint(&m, 20), mp_uint(&m, seq), mp_bin(&m, n->path, plen);
-        mp_uint(&m, 0755), mp_uint(&m, 0), mp_uint(&m, 0), mp_byte(&m, 0x90);
+        tf_begin(&m, 7, 20), tf_uint(&m, seq), tf_bin(&m, n->path, plen);
+        tf_uint(&m, 0755), tf_uint(&m, 0), tf_uint(&m, 0), tf_byte(&m, 0x90);
         break;
     case SHIP_UNLINK: /* [22, seq, path, times] */
     case SHIP_RMDIR:  /* [23, seq, path, times] */
-        mp_byte(&m, 0x94), mp_uint(&m, op == SHIP_UNLINK ? 22 : 23), mp_uint(&m, seq), mp_bin(&m, n->path, plen);
-        mp_byte(&m, 0x90);
+        tf_begin(&m, 4, op == SHIP_UNLINK ? 22 : 23), tf_uint(&m, seq), tf_bin(&m, n->path, plen);
+        tf_byte(&m, 0x90);
         break;
     case SHIP_FSYNC: /* [30, seq, path, datasync] */
-        mp_byte(&m, 0x94), mp_uint(&m, 30), mp_uint(&m, seq), mp_bin(&m, n->path, plen), mp_byte(&m, 0xC2);
+        tf_begin(&m, 4, 30), tf_uint(&m, seq), tf_bin(&m, n->path, plen), tf_byte(&m, 0xC2);
         break;
     }
     tandem_send(&m, data, op == SHIP_WRITE ? size : 0);
@@ -310,7 +241,7 @@ static uint64_t tandem_ship(uint32_t op, fuse_ino_t id, int64_t off, const void 
 
 static void tandem_wait(uint64_t seq)
 {
-    struct mp m;
+    struct tf_buf m;
     uint64_t op, got;
     tandem_read(&m, &op, &got);
     if (op != 4 || got != seq || m.b[m.n] != 0) {

@@ -47,6 +47,7 @@ from bench.replication import (
 from tests.integration.replication.pairs import free_port, mounted, unmount
 
 SOURCE = Path(__file__).with_name("fuse_floor.c")
+NATIVE = Path(__file__).resolve().parent.parent / "agent" / "replication" / "native"
 _MOUNT_SECONDS = 30
 
 
@@ -58,7 +59,8 @@ def build(into: Path) -> Path:
     if flags.returncode != 0:
         raise SystemExit("bench.fuse_floor needs libfuse3's headers (apt-get install libfuse3-dev)")
     binary = into / "fuse_floor"
-    subprocess.run(["cc", "-O2", "-Wall", "-o", str(binary), str(SOURCE), *flags.stdout.split()], check=True)
+    frames = f"-I{NATIVE}"  # tandem_frames.h, the native data path's frames
+    subprocess.run(["cc", "-O2", "-Wall", frames, "-o", str(binary), str(SOURCE), *flags.stdout.split()], check=True)
     return binary
 
 

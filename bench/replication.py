@@ -323,6 +323,11 @@ def main(argv: list[str] | None = None) -> None:
         help="passed to both replicators: every FUSE request through Python (to compare with the default)",
     )
     p.add_argument(
+        "--no-native-writes",
+        action="store_true",
+        help="passed to both replicators: writes and fsyncs served through Python, not the native data path",
+    )
+    p.add_argument(
         "--fuse-profile",
         action="store_true",
         help="also count and time the FUSE requests of each replicated run (perf, the kernel's fuse tracepoints)",
@@ -334,6 +339,7 @@ def main(argv: list[str] | None = None) -> None:
     extra = [] if args.keep_cpus_awake is None else ["--keep-cpus-awake", args.keep_cpus_awake]
     extra += [] if args.event_loop is None else ["--event-loop", args.event_loop]
     extra += ["--no-native-answers"] if args.no_native_answers else []
+    extra += ["--no-native-writes"] if args.no_native_writes else []
     sizes = QUICK if args.quick else FULL
     header("bench.replication", argv, args)
     with disk.work_dir(args.dir, "tandem-bench-", args.fresh_fs) as tmp:

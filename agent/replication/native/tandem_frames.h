@@ -78,6 +78,15 @@ static inline void tf_bin(struct tf_buf *h, const void *p, size_t len)
     h->n += len;
 }
 
+/* A short text (under 32 bytes). */
+static inline void tf_str(struct tf_buf *h, const char *s)
+{
+    size_t len = strlen(s);
+    tf_byte(h, (uint8_t) (0xA0 | len));
+    memcpy(h->b + h->n, s, len);
+    h->n += len;
+}
+
 /* A frame's header begins: room for the two words, the array of `fields` items (up to 15), its op. */
 static inline void tf_begin(struct tf_buf *h, unsigned fields, unsigned op)
 {
