@@ -137,6 +137,12 @@ class Applier:
         self.unsynced = 0
         return taken
 
+    def applied_by_others(self, seq: int, written: int) -> None:
+        """Frames up to `seq` of this stream were applied elsewhere (the native data path), writing
+        `written` bytes; the next frame here is the one after."""
+        self.applied_seq = max(self.applied_seq, seq)
+        self.unsynced += written
+
     def blocking(self, msg: m.Message) -> bool:
         """Whether applying `msg` may take long enough that it belongs in a thread, off the event loop."""
         return self.long_sync() if isinstance(msg, m.Fsync) else msg.BLOCKING

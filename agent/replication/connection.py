@@ -16,13 +16,13 @@ import typing
 from collections.abc import Callable
 
 from agent.replication.messages import Message
-from agent.replication.wire import Frame, ProtocolError, decode_body, encode_parts, frame_length
+from agent.replication.wire import Frame, ProtocolError, decode_body, encode, encode_parts, frame_length
 
 FrameHandler = Callable[[Frame], None]
-# Frames buffered for read() before the socket is paused (a peer cannot flood a handshake).
-_READ_AHEAD = 64
 # Data at least this large is written after its header rather than joined with it.
 _LARGE = 64 * 1024
+# Frames buffered for read() before the socket is paused (a peer cannot flood a handshake).
+_READ_AHEAD = 64
 # Why the connection ended: None for a clean end of stream, else the ProtocolError or ConnectionError.
 EndHandler = Callable[[BaseException | None], None]
 # Called once the frames of one received chunk were handed out and the answers they caused were sent.
@@ -93,6 +93,13 @@ class FrameParser:
     def empty(self) -> bool:
         """Whether no partial frame is buffered."""
         return not self._buf
+
+    def take(self) -> bytes:
+        """The bytes of a partial frame, which this parser then forgets."""
+        taken = bytes(self._buf)
+        self._buf.clear()
+        self._length = None
+        return taken
 
     def end(self) -> None:
         """The peer closed the stream: fine between frames, a ProtocolError inside one."""
@@ -179,7 +186,17 @@ class FrameConnection(asyncio.Protocol):
     def _uncork(self) -> None:
         corked, self._corked = self._corked, None
         if corked and self._transport is not None and not self._transport.is_closing():
-            self._transport.writelines(corked)
+            self._emit(corked)
+
+    def _emit(self, chunks: list[bytes]) -> None:
+        """Write these bytes to the peer, in order."""
+        assert self._transport is not None
+        if len(chunks) == 2 and len(chunks[1]) >= _LARGE:
+            # Two sends instead of one joined copy of the data.
+            self._transport.write(chunks[0])
+            self._transport.write(chunks[1])
+        else:
+            self._transport.writelines(chunks)
 
     def eof_received(self) -> bool:
         try:
@@ -249,6 +266,12 @@ class FrameConnection(asyncio.Protocol):
         """Whether nothing was received that is not consumed yet (no frame, no partial frame)."""
         return not self._frames and self._parser.empty
 
+    def take_unread(self) -> bytes:
+        """The bytes received and not consumed yet (frames as their wire bytes, then a partial one)."""
+        unread = b"".join(encode(frame) for frame in self._frames) + self._parser.take()
+        self._frames.clear()
+        return unread
+
     def detach(self) -> None:
         """Stop delivering: later frames and the end of the stream are dropped."""
         self._on_frame = self._on_end = self._after = None
@@ -297,14 +320,8 @@ class FrameConnection(asyncio.Protocol):
             self._traffic()
         if self._corked is not None:
             self._corked += (head, data) if data else (head,)
-        elif len(data) >= _LARGE:
-            # Two sends instead of one joined copy of the data.
-            self._transport.write(head)
-            self._transport.write(data)
-        elif data:
-            self._transport.writelines((head, data))
         else:
-            self._transport.write(head)
+            self._emit([head, data] if data else [head])
         return len(head) + len(data)
 
     async def drain(self) -> None:

@@ -11,6 +11,7 @@ socket pair, read exactly as the stream was read before.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 import os
 import socket
@@ -113,3 +114,62 @@ async def adopt(conn: FrameConnection, traffic: Any = None, silence: float = 0.0
     )
     econn.peername = conn.peername
     return econn
+
+
+class ReceiverConnection(FrameConnection):
+    """The secondary's stream once the engine has it: the frames it passes on are read here, and the
+    answers go out through it. Python applies what it is passed exactly as before; the engine
+    applies the Write frames it can itself (`receiver_handled`, `receiver_applied`)."""
+
+    def __init__(self, *, traffic: Any = None, silence: float = 0.0) -> None:
+        super().__init__(traffic=traffic, silence=0.0)
+        self._tcp_silence = silence
+
+    def _emit(self, chunks: list[bytes]) -> None:
+        # Once the primary is gone its answers have no reader; the end of the stream reaches this
+        # connection through the pair in a moment, as a closed socket's would.
+        with contextlib.suppress(ConnectionResetError):
+            pyfuse3.receiver_send(b"".join(chunks))
+
+    def close(self) -> None:
+        pyfuse3.receiver_detach()
+        super().close()
+
+    def abort(self) -> None:
+        pyfuse3.receiver_detach()
+        super().abort()
+
+    def eof_received(self) -> bool:
+        err, why = pyfuse3.receiver_lost()
+        if err:
+            self._finish(lost(OSError(err, why), self._tcp_silence))
+            return False
+        return super().eof_received()
+
+
+def receiver_available() -> bool:
+    """Whether this process can hand a secondary's stream to the native data path."""
+    return hasattr(pyfuse3, "receiver_attach")
+
+
+async def adopt_receiver(
+    conn: FrameConnection, root_fd: int, traffic: Any = None, silence: float = 0.0
+) -> ReceiverConnection:
+    """Hand a secondary's `received` stream, handshake done, over to the engine; the connection to
+    go on with. What was already read past the handshake goes to the engine first."""
+    own = os.dup(conn.transport.get_extra_info("socket").fileno())
+    root = os.dup(root_fd)
+    conn.pause_reading()
+    conn.detach()
+    try:
+        answers = pyfuse3.receiver_attach(own, root, conn.take_unread())
+    except BaseException:
+        os.close(own)
+        os.close(root)
+        raise
+    conn.abort()
+    _, rconn = await asyncio.get_running_loop().create_unix_connection(
+        lambda: ReceiverConnection(traffic=traffic, silence=silence), sock=socket.socket(fileno=answers)
+    )
+    rconn.peername = conn.peername
+    return rconn

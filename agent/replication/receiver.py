@@ -11,6 +11,9 @@ import logging
 import os
 from collections.abc import Callable
 
+import pyfuse3
+
+from agent.replication import engine
 from agent.replication import messages as m
 from agent.replication.applier import Applier
 from agent.replication.beneath import PathEscape
@@ -49,8 +52,12 @@ class Receiver:
         events: Events | None = None,
         traffic: Callable[[], None] | None = None,
         peer_timeout: float = PEER_TIMEOUT,
+        native: bool = False,
     ) -> None:
         self.applier = applier
+        # `received` streams go to the native data path, which applies the Write frames it can.
+        self.native = native and engine.receiver_available()
+        self._handed = False
         self.traffic = traffic
         # A silent primary host ends its session after this long (connection.bound_silence), so
         # that the next connection, once it is back, is not left waiting behind a dead one.
@@ -122,12 +129,29 @@ class Receiver:
         self._connected = True
         self.events.peer("connected")
         log.info("Replication stream open: peer=%s applied_seq=%d mode=%s", peer.node, peer.applied_seq, self.mode)
+        if self.native and self.mode is AckMode.RECEIVED:
+            handed = await engine.adopt_receiver(conn, self.applier.beneath.root_fd, self.traffic, self.peer_timeout)
+            self._conns.add(handed)
+            self._handed = True
+            try:
+                await self._stream(handed)
+            finally:
+                self._handed = False
+                self._conns.discard(handed)
+                handed.close()
+                await handed.wait_closed()
+            return
+        await self._stream(conn)
+
+    async def _stream(self, conn: FrameConnection) -> None:
+        """Receive, apply and answer the session's frames until the stream ends."""
         stream = _Stream(
             conn,
             self.mode,
             self.applier.applied_seq,
             lambda frame: self._apply_now(conn, frame),
             lambda: bool(self._unflushed),
+            self._native_progress if self._handed else None,
         )
         conn.deliver(stream.received, stream.ended, stream.apply_received)
         # Whatever ends the connection, frames already received (and, in `received` mode,
@@ -141,7 +165,16 @@ class Receiver:
         if stream.end is not None:
             raise stream.end
 
+    def _native_progress(self) -> int:
+        """The native data path's part of the stream: the last frame it applied (0: none yet); the
+        applier then counts it applied, with the bytes it wrote."""
+        handled = int(pyfuse3.receiver_handled())
+        self.applier.applied_by_others(handled, int(pyfuse3.receiver_unsynced()))
+        return handled
+
     async def _apply(self, conn: FrameConnection, frame: Frame) -> None:
+        if self._handed:
+            self._native_progress()
         if self.applier.blocking(frame.msg):
             answer = await asyncio.to_thread(self.applier.apply, frame)
         else:
@@ -152,6 +185,8 @@ class Receiver:
 
     def _apply_now(self, conn: FrameConnection, frame: Frame) -> bool:
         """Apply a frame in the turn that received it, when nothing is ahead of it; False: queue it."""
+        if self._handed:
+            self._native_progress()
         if self.applier.blocking(frame.msg) or conn.writing_paused:
             return False
         try:
@@ -163,6 +198,8 @@ class Receiver:
 
     def _settle(self, conn: FrameConnection, frame: Frame, answer: m.Message) -> None:
         """Log, answer and track one applied frame; the answer is queued on the transport."""
+        if self._handed:
+            pyfuse3.receiver_applied()  # the native data path may apply the frames after it
         if isinstance(frame.msg, m.Fsync) and isinstance(answer, m.Ack):
             answer = self._synced(frame, answer)
         failed = isinstance(answer, m.Ack) and bool(answer.status)
@@ -271,8 +308,11 @@ class _Stream:
         applied_seq: int,
         apply_now: Callable[[Frame], bool],
         flush_due: Callable[[], bool],
+        native: Callable[[], int] | None = None,
     ) -> None:
         self.conn = conn
+        # The native data path's last applied frame: the stream goes on after it.
+        self.native = native
         self.mode = mode
         self.applied_seq = applied_seq
         self.apply_now = apply_now
@@ -294,6 +334,8 @@ class _Stream:
             return
         if not frame.msg.OPERATION:
             raise ProtocolError(f"{type(frame.msg).__name__} is not an operation (seq {frame.seq})")
+        if self.native is not None and self._expected is not None:
+            self._expected = max(self._expected, self.native() + 1)
         if self._expected is None:
             if not 1 <= frame.seq <= self.applied_seq + 1:
                 raise ProtocolError(f"stream resumes at seq {frame.seq}, applied {self.applied_seq}")

@@ -113,7 +113,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         action=argparse.BooleanOptionalAction,
         default=True,
         help="primary, ack received or durable: serve and replicate writes and fsyncs in the native data path's "
-        "own thread, without Python (default: yes, with Tandem's pyfuse3; no: through Python, for comparisons)",
+        "own thread, without Python; secondary, ack received: apply Write frames there (default: yes, with "
+        "Tandem's pyfuse3; no: through Python, for comparisons)",
     )
     p.add_argument("--debug-fuse", action="store_true")
     p.add_argument("--log-file", type=Path, help="append the logs (stderr) to this file")
@@ -219,7 +220,10 @@ async def _serve_secondary(
         events=events,
         traffic=awake.touch,
         peer_timeout=args.peer_timeout,
+        native=args.native_writes,
     )
+    if receiver.native and awake.requested:
+        pyfuse3.engine_awake(awake.hold)
     server = await asyncio.get_running_loop().create_server(receiver.connection, *args.listen)
     fuse = asyncio.create_task(pyfuse3.main()) if args.mount else None
     log.info("Secondary listening on %s:%d dir=%s mounted=%s loop=%s", *args.listen, args.dir, args.mount, _loop_name())
@@ -236,7 +240,11 @@ async def _serve_secondary(
 def _native_counts() -> str:
     """The requests answered without Python (native_answers, and the native data path's writes and
     fsyncs), for the log: 'getattr=12 lookup=3 ...'."""
-    counts = {**pyfuse3.native_counts(), **getattr(pyfuse3, "engine_counts", dict)()}
+    counts = {
+        **pyfuse3.native_counts(),
+        **getattr(pyfuse3, "engine_counts", dict)(),
+        **getattr(pyfuse3, "receiver_counts", dict)(),
+    }
     return " ".join(f"{kind}={n}" for kind, n in counts.items())
 
 

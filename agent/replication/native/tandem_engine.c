@@ -206,17 +206,17 @@ static int te_qos_timeout(void)
 
 /* --- the stream (send_mu) ---------------------------------------------------------------------- */
 
-/* Write all of iov to the stream (non-blocking: waits for room); 0 or an errno. */
-static int te_send_all(struct iovec *iov, int count)
+/* Write all of iov to a socket (non-blocking: waits for room); 0 or an errno. */
+static int te_send_on(int sock, struct iovec *iov, int count)
 {
     while (count > 0) {
-        ssize_t n = sendmsg(E.sock, &(struct msghdr){.msg_iov = iov, .msg_iovlen = (size_t) count}, MSG_NOSIGNAL);
+        ssize_t n = sendmsg(sock, &(struct msghdr){.msg_iov = iov, .msg_iovlen = (size_t) count}, MSG_NOSIGNAL);
         if (n < 0) {
             if (errno == EINTR)
                 continue;
             if (errno != EAGAIN)
                 return errno;
-            struct pollfd p = {.fd = E.sock, .events = POLLOUT};
+            struct pollfd p = {.fd = sock, .events = POLLOUT};
             if (poll(&p, 1, -1) < 0 && errno != EINTR)
                 return errno;
             continue;
@@ -231,6 +231,12 @@ static int te_send_all(struct iovec *iov, int count)
         }
     }
     return 0;
+}
+
+/* Write all of iov to the stream. send_mu held. */
+static int te_send_all(struct iovec *iov, int count)
+{
+    return te_send_on(E.sock, iov, count);
 }
 
 /* Number a frame whose header carries the placeholder sequence number (tf_seq_at) and send it.
@@ -464,8 +470,11 @@ static void *te_fuse_thread(void *arg)
             te_touch();
             continue;
         }
-        while (send(E.fwd_w, buf, (size_t) n, MSG_NOSIGNAL) < 0 && errno == EINTR)
+        ssize_t sent;
+        while ((sent = send(E.fwd_w, buf, (size_t) n, MSG_NOSIGNAL)) < 0 && errno == EINTR)
             ;
+        if (sent < 0) /* never left waiting: pyfuse3 is gone, or the request does not fit */
+            te_reply(in->unique, EIO, NULL, 0);
     }
 out:
     free(buf);
@@ -497,10 +506,11 @@ static int te_out_add(struct te_out *o, const uint8_t *p, size_t n)
     return 0;
 }
 
-static void te_out_flush(struct te_out *o)
+/* Pass on to `fd` what it takes now. */
+static void te_out_flush_to(struct te_out *o, int fd)
 {
     while (o->n > 0) {
-        ssize_t n = send(E.ans_w, o->b, o->n, MSG_NOSIGNAL | MSG_DONTWAIT);
+        ssize_t n = send(fd, o->b, o->n, MSG_NOSIGNAL | MSG_DONTWAIT);
         if (n <= 0)
             return;
         memmove(o->b, o->b + n, o->n - (size_t) n);
@@ -578,7 +588,7 @@ static void *te_reader_thread(void *arg)
             break;
         }
         if (p[1].revents & POLLOUT)
-            te_out_flush(&out);
+            te_out_flush_to(&out, E.ans_w);
         if (!(p[0].revents & (POLLIN | POLLERR | POLLHUP)))
             continue;
         ssize_t n = recv(E.sock, in + have, cap - have, MSG_DONTWAIT);
@@ -617,7 +627,7 @@ static void *te_reader_thread(void *arg)
         }
         memmove(in, in + used, have - used);
         have -= used;
-        te_out_flush(&out);
+        te_out_flush_to(&out, E.ans_w);
     }
 end:
     pthread_mutex_lock(&E.send_mu);
@@ -701,14 +711,26 @@ static void te_stop(void)
         return;
     (void) !write(E.stop, &one, sizeof(one));
     shutdown(E.fwd_r, SHUT_RDWR); /* a send to pyfuse3 that waits for room fails */
-    pthread_join(E.f, NULL);
+    struct timespec limit;
+    clock_gettime(CLOCK_REALTIME, &limit);
+    limit.tv_sec += 2;
+    if (pthread_timedjoin_np(E.f, NULL, &limit) != 0) {
+        /* F waits for room on a stream whose peer reads nothing: end the stream under it. */
+        int sock = E.sock;
+        if (sock >= 0)
+            shutdown(sock, SHUT_RDWR);
+        pthread_join(E.f, NULL);
+    }
     pthread_mutex_lock(&E.send_mu);
     __atomic_store_n(&E.serving, 0, __ATOMIC_RELEASE);
     if (E.sock >= 0)
         shutdown(E.sock, SHUT_RDWR);
     pthread_mutex_unlock(&E.send_mu);
-    if (E.r_on)
+    if (E.r_on) {
+        /* Python reads nothing more now: R does not wait to pass anything on. */
+        shutdown(E.ans_w, SHUT_RDWR);
         pthread_join(E.r, NULL);
+    }
     E.r_on = 0;
     close(E.dev), close(E.fwd_r), close(E.fwd_w), close(E.stop);
     if (E.sock >= 0)
@@ -738,6 +760,7 @@ static int te_attach(int sock)
         if (E.sock >= 0)
             shutdown(E.sock, SHUT_RDWR);
         pthread_mutex_unlock(&E.send_mu);
+        shutdown(E.ans_w, SHUT_RDWR); /* the last stream's reader is gone */
         pthread_join(E.r, NULL);
         E.r_on = 0;
     }

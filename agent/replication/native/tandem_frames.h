@@ -169,4 +169,108 @@ static inline int tf_placeholder_at(const uint8_t *frame, size_t len, uint64_t *
     return 0;
 }
 
+/* --- reading a header, field by field: each returns 0, or -1 for anything else (or the end) ---- */
+
+struct tf_cursor {
+    const uint8_t *p, *end;
+};
+
+static inline int tf_next_array(struct tf_cursor *c, size_t *items)
+{
+    if (c->p >= c->end)
+        return -1;
+    uint8_t t = *c->p;
+    if ((t & 0xF0) == 0x90) {
+        *items = t & 0x0F;
+        c->p += 1;
+        return 0;
+    }
+    if (t == 0xDC && c->end - c->p >= 3) {
+        *items = (size_t) tf_get_be(c->p + 1, 2);
+        c->p += 3;
+        return 0;
+    }
+    return -1;
+}
+
+static inline int tf_next_uint(struct tf_cursor *c, uint64_t *v)
+{
+    if (c->p >= c->end)
+        return -1;
+    uint8_t t = *c->p;
+    if (t < 0x80) {
+        *v = t;
+        c->p += 1;
+        return 0;
+    }
+    int bytes = t == 0xCC ? 1 : t == 0xCD ? 2 : t == 0xCE ? 4 : t == 0xCF ? 8 : 0;
+    if (bytes == 0 || c->end - c->p < 1 + bytes)
+        return -1;
+    *v = tf_get_be(c->p + 1, bytes);
+    c->p += 1 + bytes;
+    return 0;
+}
+
+static inline int tf_next_int(struct tf_cursor *c, int64_t *v)
+{
+    if (c->p >= c->end)
+        return -1;
+    uint8_t t = *c->p;
+    if (t >= 0xE0) {
+        *v = (int8_t) t;
+        c->p += 1;
+        return 0;
+    }
+    int bytes = t == 0xD0 ? 1 : t == 0xD1 ? 2 : t == 0xD2 ? 4 : t == 0xD3 ? 8 : 0;
+    if (bytes == 0) {
+        uint64_t u;
+        if (tf_next_uint(c, &u) != 0 || u > (uint64_t) INT64_MAX)
+            return -1;
+        *v = (int64_t) u;
+        return 0;
+    }
+    if (c->end - c->p < 1 + bytes)
+        return -1;
+    uint64_t u = tf_get_be(c->p + 1, bytes);
+    *v = bytes == 1 ? (int8_t) u : bytes == 2 ? (int16_t) u : bytes == 4 ? (int32_t) u : (int64_t) u;
+    c->p += 1 + bytes;
+    return 0;
+}
+
+static inline int tf_next_bin(struct tf_cursor *c, const uint8_t **p, size_t *len)
+{
+    if (c->p >= c->end)
+        return -1;
+    uint8_t t = *c->p;
+    int bytes = t == 0xC4 ? 1 : t == 0xC5 ? 2 : t == 0xC6 ? 4 : 0;
+    if (bytes == 0 || c->end - c->p < 1 + bytes)
+        return -1;
+    *len = (size_t) tf_get_be(c->p + 1, bytes);
+    if ((size_t) (c->end - c->p - 1 - bytes) < *len)
+        return -1;
+    *p = c->p + 1 + bytes;
+    c->p += 1 + bytes + *len;
+    return 0;
+}
+
+/* A root-relative path as agent/replication/beneath.py's split_relpath accepts it for an entry:
+ * not empty, not absolute, no empty, "." or ".." component, no NUL, at most TF_PATH_MAX bytes. */
+static inline int tf_plain_path(const uint8_t *p, size_t len)
+{
+    if (len == 0 || len > TF_PATH_MAX || p[0] == '/')
+        return 0;
+    size_t start = 0;
+    for (size_t i = 0; i <= len; i++) {
+        if (i < len && p[i] == 0)
+            return 0;
+        if (i == len || p[i] == '/') {
+            size_t n = i - start;
+            if (n == 0 || n > 255 || (n == 1 && p[start] == '.') || (n == 2 && p[start] == '.' && p[start + 1] == '.'))
+                return 0;
+            start = i + 1;
+        }
+    }
+    return 1;
+}
+
 #endif

@@ -27,10 +27,13 @@ class Link:
 
 
 @contextlib.asynccontextmanager
-async def open_link(root: Path, mode: AckMode) -> AsyncIterator[Link]:
-    """Serve `root` in `mode` and yield the primary's end after the handshake; closed and awaited on exit."""
+async def open_link(root: Path, mode: AckMode, *, native: bool = False) -> AsyncIterator[Link]:
+    """Serve `root` in `mode` and yield the primary's end after the handshake; closed and awaited on exit.
+
+    `native`: the Receiver hands a `received` stream to the native data path (tandem_receiver.c).
+    """
     fd = os.open(root, os.O_PATH | os.O_DIRECTORY)
-    receiver = Receiver(Applier(fd), node="node2", secret=SECRET)
+    receiver = Receiver(Applier(fd), node="node2", secret=SECRET, native=native)
     left, right = socket.socketpair()
     loop = asyncio.get_running_loop()
     _, server_end = await loop.connect_accepted_socket(FrameConnection, sock=right)

@@ -1,17 +1,32 @@
-"""The native data path (agent/replication/native): writes and fsyncs that its own thread serves and
-ships keep the secondary equal to the primary while Python renames their directories, renames the
-files themselves, truncates them and unlinks others around them, all at once."""
+"""The native data path (agent/replication/native).
+
+On the primary, writes and fsyncs that its own thread serves and ships keep the secondary equal to
+the primary while Python renames their directories, renames the files themselves, truncates them
+and unlinks others around them, all at once. On the secondary, the Write frames it applies itself
+take their place among the frames Python applies, and whatever it is not sure of (a hostile path, a
+FIFO, a full disk) goes to Python, which refuses or reports it as before."""
 
 from __future__ import annotations
 
+import asyncio
 import os
 import random
 import re
+import stat
+import subprocess
 import threading
+from collections.abc import Callable
 from pathlib import Path
 
+import pyfuse3
 import pytest
 
+from agent.replication import messages as m
+from agent.replication.connection import FrameConnection
+from agent.replication.receiver import AckMode
+from agent.replication.wire import Frame
+from tests.conftest import ExpectedLogs
+from tests.integration.replication.links import open_link
 from tests.integration.replication.pairs import Pair
 from tests.integration.replication.test_replication_resync import assert_same_trees, stop_both
 
@@ -97,6 +112,8 @@ def test_native_writes_among_renames_truncates_and_unlinks_leave_equal_trees(pai
     # Most writes and fsyncs went the native way; those a rename caught went through Python.
     assert counts["write"] > ROUNDS and counts["fsync"] > 0, counts
     assert "The native data path serves writes and fsyncs" in pair.log("primary")
+    applied = _counts(pair.log("secondary"))["applied"]
+    assert applied > 0 if ack == "received" else applied == 0, applied
 
 
 @pytest.mark.slow
@@ -108,3 +125,120 @@ def test_without_native_writes_python_serves_them_all(pair: Pair) -> None:
     assert_same_trees(pair)
     counts = _counts(pair.log("primary"))
     assert counts["write"] == counts["fsync"] == 0, counts
+
+
+# --- the secondary's side: Write frames applied by the native data path (tandem_receiver.c) ------
+
+
+def _write(path: bytes, offset: int, data: bytes) -> m.Write:
+    # As the primary sends them: one time fix, for the written file itself.
+    return m.Write(path, offset, data, (m.TimeFix(path, 1_600_000_000_123_456_789, 1_700_000_000_987_654_321),))
+
+
+async def _answers(
+    conn: FrameConnection, until: Callable[[dict[int, list[m.Message]]], bool]
+) -> dict[int, list[m.Message]]:
+    got: dict[int, list[m.Message]] = {}
+    while not until(got):
+        frame = await asyncio.wait_for(conn.read(), 10)
+        if frame is None:
+            break
+        got.setdefault(frame.seq, []).append(frame.msg)
+    return got
+
+
+async def test_the_secondary_applies_writes_itself_in_order_with_python(tmp_path: Path) -> None:
+    root = tmp_path / "repl"
+    root.mkdir()
+    before = pyfuse3.receiver_counts()["applied"]
+    ops: list[m.Message] = [m.Create(b"f", 0o644, 0, 0, 0)]
+    ops += [_write(b"f", i * 3, b"abc") for i in range(50)]
+    ops += [m.Rename(b"f", b"g", 0), _write(b"g", 150, b"after the rename"), m.Fsync(b"g", False)]
+    ops += [m.Truncate(b"g", 100), _write(b"g", 100, b"z" * 10), m.Unlink(b"g"), m.Create(b"g", 0o600, 0, 0, 0)]
+    ops += [_write(b"g", 0, b"new file")]
+    got: dict[int, list[m.Message]] = {}
+    async with open_link(root, AckMode.RECEIVED, native=True) as link:
+        # As a primary's writer sends them: each once the one before is acknowledged.
+        for seq, op in enumerate(ops, 1):
+            link.conn.send_nowait(Frame(seq, op))
+            got.update(await _answers(link.conn, lambda answers, seq=seq: seq in answers))
+        # Then all at once: while Python has frames to apply, the writes after them go to Python too.
+        more: list[m.Message] = [m.Truncate(b"g", 2), *(_write(b"g", i, bytes([65 + i])) for i in range(20))]
+        for seq, op in enumerate(more, len(ops) + 1):
+            link.conn.send_nowait(Frame(seq, op))
+        got.update(await _answers(link.conn, lambda answers: len(answers) == len(more)))
+    assert sorted(got) == list(range(1, len(ops) + len(more) + 1))
+    assert all(answers == [m.Ack()] for answers in got.values()), got
+    assert (root / "g").read_bytes() == b"ABCDEFGHIJKLMNOPQRST"  # never the truncate after a write
+    assert os.stat(root / "g").st_mtime_ns == 1_700_000_000_987_654_321
+    # The first frame, and now and then a write right after one of Python's, go through Python.
+    assert pyfuse3.receiver_counts()["applied"] - before >= 40
+
+
+@pytest.mark.parametrize(
+    "path, why",
+    [
+        (b"../outside", "component b'..' is not allowed"),
+        (b"/etc/passwd", "absolute path"),
+        (b"a//b", "empty component"),
+        (b"l/escaped", "crosses a symlink"),
+    ],
+)
+async def test_a_hostile_write_goes_to_python_which_refuses_it(
+    tmp_path: Path, path: bytes, why: str, expected_logs: ExpectedLogs
+) -> None:
+    expected_logs.expect(f"Disconnecting replication peer .*{re.escape(why)}")
+    root = tmp_path / "repl"
+    root.mkdir()
+    (tmp_path / "outside").write_bytes(b"untouched")
+    async with open_link(root, AckMode.RECEIVED, native=True) as link:
+        frames = [m.Symlink(b"l", b"..", 0, 0), m.Create(b"f", 0o644, 0, 0, 0), _write(b"f", 0, b"ok")]
+        for seq, op in enumerate(frames, 1):
+            link.conn.send_nowait(Frame(seq, op))
+            await _answers(link.conn, lambda answers, seq=seq: seq in answers)
+        link.conn.send_nowait(Frame(4, _write(path, 0, b"x")))
+        link.conn.send_nowait(Frame(5, _write(b"f", 0, b"never")))
+        await _answers(link.conn, lambda got: False)  # until the secondary ends the stream
+        await asyncio.wait_for(link.server, 5)
+    assert (tmp_path / "outside").read_bytes() == b"untouched"
+    assert not (tmp_path / "escaped").exists()
+    assert (root / "f").read_bytes() == b"ok"
+
+
+async def test_a_write_to_a_fifo_or_a_device_is_never_opened_natively(
+    tmp_path: Path, expected_logs: ExpectedLogs
+) -> None:
+    expected_logs.expect(r"Replication error applying seq=3: Write b'fifo'")
+    expected_logs.expect(r"Replication error applying seq=4: Write b'null'")
+    root = tmp_path / "repl"
+    root.mkdir()
+    async with open_link(root, AckMode.RECEIVED, native=True) as link:
+        frames: list[m.Message] = [
+            m.Mknod(b"fifo", stat.S_IFIFO | 0o644, 0, 0, 0),
+            m.Mknod(b"null", stat.S_IFCHR | 0o666, os.makedev(1, 3), 0, 0),
+            _write(b"fifo", 0, b"x"),
+            _write(b"null", 0, b"x"),
+        ]
+        for seq, op in enumerate(frames, 1):
+            link.conn.send_nowait(Frame(seq, op))
+        got = await _answers(link.conn, lambda got: sum(len(a) for a in got.values()) == 6)
+    faults = {seq for seq, answers in got.items() if any(isinstance(a, m.Fault) for a in answers)}
+    assert faults == {3, 4}, got
+
+
+async def test_a_full_disk_on_the_secondary_is_a_replication_error(tmp_path: Path, expected_logs: ExpectedLogs) -> None:
+    expected_logs.expect(r"Replication error applying seq=\d+: Write b'big': No space left on device")
+    root = tmp_path / "small"
+    root.mkdir()
+    subprocess.run(["mount", "-t", "tmpfs", "-o", "size=1m", "tmpfs", str(root)], check=True)
+    try:
+        async with open_link(root, AckMode.RECEIVED, native=True) as link:
+            frames: list[m.Message] = [m.Create(b"big", 0o644, 0, 0, 0)]
+            frames += [_write(b"big", i << 18, b"x" * (1 << 18)) for i in range(8)]
+            for seq, op in enumerate(frames, 1):
+                link.conn.send_nowait(Frame(seq, op))
+            got = await _answers(link.conn, lambda got: any(isinstance(a, m.Fault) for v in got.values() for a in v))
+    finally:
+        subprocess.run(["umount", str(root)], check=True)
+    faults = [seq for seq, answers in got.items() if any(isinstance(a, m.Fault) for a in answers)]
+    assert faults and all(isinstance(got[s][0], m.Ack) for s in faults), got

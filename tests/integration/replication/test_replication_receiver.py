@@ -19,11 +19,15 @@ from tests.conftest import ExpectedLogs
 from tests.integration.replication.links import Link, open_link
 
 
-@pytest.fixture(params=[AckMode.RECEIVED, AckMode.DURABLE, AckMode.FSYNC])
+@pytest.fixture(
+    params=[(AckMode.RECEIVED, False), (AckMode.RECEIVED, True), (AckMode.DURABLE, False), (AckMode.FSYNC, False)],
+    ids=["received", "received-native", "durable", "fsync"],
+)
 async def link(request: pytest.FixtureRequest, tmp_path: Path) -> AsyncIterator[Link]:
     root = tmp_path / "repl"
     root.mkdir()
-    async with open_link(root, request.param) as opened:
+    mode, native = request.param
+    async with open_link(root, mode, native=native) as opened:
         yield opened
 
 

@@ -1,0 +1,387 @@
+/* Tandem's native data path on the secondary (docs/dev/native-data-path.md, stage 6): Write frames
+ * received, applied and acknowledged without Python, in `received` mode.
+ *
+ * Built into Tandem's pyfuse3 beside tandem_engine.c (the primary's side). After Python's handshake
+ * the Receiver hands the stream over (rx_attach). One thread (X) then reads it:
+ *
+ * - A Write frame that comes next in sequence while Python has nothing of the stream left to apply,
+ *   whose header this file reads in full (a plain path, one time fix naming the same file), is
+ *   applied here: the file opened beneath the root with openat2(RESOLVE_BENEATH | RESOLVE_NO_SYMLINKS
+ *   | RESOLVE_NO_MAGICLINKS | RESOLVE_NO_XDEV) and kept open, pwrite of all its bytes, its times set,
+ *   then its Ack. That is more than `received` promises (the bytes are applied, not only in memory).
+ * - Every other frame goes to Python whole, through a socket pair its FrameConnection reads as it
+ *   read the stream: the handshake's successors, every other operation, Pings, anything malformed
+ *   or hostile (Python's parser and checks refuse it and end the stream, as before), and a Write
+ *   this side cannot apply (Python applies it again and reports the error as it always did). Once a
+ *   frame went to Python, the frames after it go too until Python has applied all of them
+ *   (rx_applied), so frames are applied in their order whoever applies them; the files this side
+ *   keeps open are closed whenever Python applies anything but an Fsync, which may rename or remove.
+ *
+ * Python's answers go out through rx_send, under the same mutex as this side's acks.
+ */
+
+#include <linux/openat2.h>
+#include <sys/syscall.h>
+
+#define RX_FILES 64
+
+struct rx_file {
+    int fd;
+    size_t plen;
+    uint8_t path[TF_PATH_MAX];
+};
+
+static struct {
+    int on;
+    int sock, root, ans_w;
+    pthread_t x;
+    pthread_mutex_t tx_mu;
+    uint64_t last_seq;      /* the last operation's number seen on the stream (0: none yet) */
+    uint64_t handled_seq;   /* the last one applied here */
+    uint64_t forwarded;     /* operation frames passed to Python ... */
+    uint64_t py_applied;    /* ... and how many of them Python has applied (rx_applied) */
+    uint64_t unsynced;      /* bytes written here since Python last took the count */
+    uint64_t n_write;
+    int dead;
+    char lost[256];
+    int lost_errno;
+    struct rx_file *files[RX_FILES];
+    size_t n_files;
+    uint8_t *initial;       /* bytes Python read past the handshake, X's first input */
+    size_t n_initial;
+} RX = {.sock = -1, .root = -1, .ans_w = -1, .tx_mu = PTHREAD_MUTEX_INITIALIZER};
+
+static void rx_close_files(void)
+{
+    for (size_t i = 0; i < RX.n_files; i++) {
+        close(RX.files[i]->fd);
+        free(RX.files[i]);
+    }
+    RX.n_files = 0;
+}
+
+/* A writable fd of the regular file at path, beneath the root and on its file system; -1 if not. */
+static int rx_file(const uint8_t *path, size_t plen)
+{
+    for (size_t i = 0; i < RX.n_files; i++)
+        if (RX.files[i]->plen == plen && memcmp(RX.files[i]->path, path, plen) == 0)
+            return RX.files[i]->fd;
+    char name[TF_PATH_MAX + 1];
+    memcpy(name, path, plen);
+    name[plen] = 0;
+    struct open_how how = {.flags = O_WRONLY | O_NOFOLLOW | O_NOCTTY | O_NONBLOCK | O_CLOEXEC,
+                           .resolve = RESOLVE_BENEATH | RESOLVE_NO_SYMLINKS | RESOLVE_NO_MAGICLINKS |
+                                      RESOLVE_NO_XDEV};
+    /* O_PATH first: a FIFO or a device is never opened for writing. */
+    struct open_how probe = {.flags = O_PATH | O_NOFOLLOW | O_CLOEXEC, .resolve = how.resolve};
+    int pfd = (int) syscall(SYS_openat2, RX.root, name, &probe, sizeof(probe));
+    struct stat st;
+    if (pfd < 0)
+        return -1;
+    int regular = fstat(pfd, &st) == 0 && S_ISREG(st.st_mode);
+    close(pfd);
+    if (!regular)
+        return -1;
+    int fd = (int) syscall(SYS_openat2, RX.root, name, &how, sizeof(how));
+    if (fd < 0)
+        return -1;
+    if (fstat(fd, &st) != 0 || !S_ISREG(st.st_mode)) {
+        close(fd);
+        return -1;
+    }
+    struct rx_file *f = malloc(sizeof(*f));
+    if (f == NULL) {
+        close(fd);
+        return -1;
+    }
+    f->fd = fd, f->plen = plen;
+    memcpy(f->path, path, plen);
+    if (RX.n_files == RX_FILES) {
+        close(RX.files[0]->fd);
+        free(RX.files[0]);
+        memmove(RX.files, RX.files + 1, (RX_FILES - 1) * sizeof(RX.files[0]));
+        RX.n_files--;
+    }
+    RX.files[RX.n_files++] = f;
+    return fd;
+}
+
+/* Apply a whole Write frame here if it is one this side reads and may apply now: 1, else 0. */
+static int rx_write(const uint8_t *frame, size_t len, uint64_t seq)
+{
+    struct tf_cursor c = {frame + 8, frame + 8 + tf_get_be(frame + 4, 4)};
+    size_t items, fixes, parts;
+    uint64_t op, s, offset;
+    const uint8_t *path, *fix_path;
+    size_t plen, fix_plen;
+    int64_t atime, mtime;
+    /* [16, seq, path, offset, [[path, atime_ns, mtime_ns]]] + data */
+    if (tf_next_array(&c, &items) || items != 5 || tf_next_uint(&c, &op) || op != 16 ||
+        tf_next_uint(&c, &s) || s != seq || tf_next_bin(&c, &path, &plen) || !tf_plain_path(path, plen) ||
+        tf_next_uint(&c, &offset) || offset > (uint64_t) INT64_MAX || tf_next_array(&c, &fixes) || fixes != 1 ||
+        tf_next_array(&c, &parts) || parts != 3 || tf_next_bin(&c, &fix_path, &fix_plen) ||
+        fix_plen != plen || memcmp(fix_path, path, plen) != 0 || tf_next_int(&c, &atime) ||
+        tf_next_int(&c, &mtime) || c.p != c.end)
+        return 0;
+    const uint8_t *data = c.end;
+    size_t size = len - (size_t) (data - frame);
+    if (offset + size < offset || offset + size > (uint64_t) INT64_MAX)
+        return 0;
+    int fd = rx_file(path, plen);
+    if (fd < 0)
+        return 0;
+    size_t done = 0;
+    while (done < size) {
+        ssize_t n = pwrite(fd, data + done, size - done, (off_t) (offset + done));
+        if (n <= 0)
+            return 0; /* Python applies it again and reports what fails */
+        done += (size_t) n;
+    }
+    if (size >= TE_STREAM_WRITE_BYTES)
+        sync_file_range(fd, (off_t) offset, (off_t) size, SYNC_FILE_RANGE_WRITE);
+    struct timespec times[2] = {{.tv_sec = atime / 1000000000, .tv_nsec = atime % 1000000000},
+                                {.tv_sec = mtime / 1000000000, .tv_nsec = mtime % 1000000000}};
+    for (int i = 0; i < 2; i++)
+        if (times[i].tv_nsec < 0)
+            times[i].tv_sec -= 1, times[i].tv_nsec += 1000000000;
+    if (futimens(fd, times) != 0)
+        return 0;
+    __atomic_add_fetch(&RX.unsynced, size, __ATOMIC_RELAXED);
+    return 1;
+}
+
+static int rx_send_all(const void *p, size_t n)
+{
+    struct iovec iov = {(void *) p, n};
+    return te_send_on(RX.sock, &iov, 1);
+}
+
+static void *rx_thread(void *arg)
+{
+    (void) arg;
+    struct te_out out = {0}, acks = {0};
+    size_t cap = RX.n_initial > (1 << 20) ? RX.n_initial : 1 << 20, have = RX.n_initial;
+    uint8_t *in = malloc(cap);
+    const char *why = NULL;
+    int err = 0;
+
+    if (in != NULL && have)
+        memcpy(in, RX.initial, have);
+    free(RX.initial);
+    RX.initial = NULL, RX.n_initial = 0;
+    int first = have > 0;
+    while (in != NULL) {
+        struct pollfd p[2] = {{.fd = RX.sock, .events = out.n < TE_FORWARD_MAX ? POLLIN : 0},
+                              {.fd = RX.ans_w, .events = out.n ? POLLOUT : POLLIN}};
+        if (first) {
+            /* What Python read already is taken as if it had just arrived. */
+            first = 0;
+            goto take;
+        }
+        int ready = poll(p, 2, te_qos_timeout());
+        if (ready == 0)
+            continue;
+        if (ready < 0) {
+            if (errno == EINTR)
+                continue;
+            err = errno;
+            break;
+        }
+        if (p[1].revents & (POLLERR | POLLHUP | POLLIN)) {
+            why = "the replicator ended the stream";
+            break;
+        }
+        if (p[1].revents & POLLOUT)
+            te_out_flush_to(&out, RX.ans_w);
+        if (!(p[0].revents & (POLLIN | POLLERR | POLLHUP)))
+            continue;
+        ssize_t n = recv(RX.sock, in + have, cap - have, MSG_DONTWAIT);
+        if (n < 0) {
+            if (errno == EAGAIN || errno == EINTR)
+                continue;
+            err = errno;
+            break;
+        }
+        if (n == 0)
+            break;
+        have += (size_t) n;
+    take:;
+        size_t used = 0;
+        for (;;) {
+            size_t need = tf_frame_size(in + used, have - used);
+            if (need == (size_t) -1) {
+                te_out_add(&out, in + used, have - used);
+                used = have;
+                __atomic_store_n(&RX.forwarded, RX.forwarded + 1, __ATOMIC_RELEASE);
+                break;
+            }
+            if (need == 0 || need > have - used) {
+                if (need > cap) {
+                    uint8_t *bigger = realloc(in, need);
+                    if (bigger == NULL) {
+                        err = ENOMEM;
+                        goto end;
+                    }
+                    in = bigger, cap = need;
+                }
+                break;
+            }
+            uint8_t *frame = in + used;
+            uint64_t op = 0, seq = 0;
+            size_t after;
+            int head = tf_read_head(frame, need, &op, &seq, &after) == 0;
+            int caught_up = __atomic_load_n(&RX.py_applied, __ATOMIC_ACQUIRE) == RX.forwarded;
+            if (head && op == 16 && seq != 0 && RX.last_seq != 0 && seq == RX.last_seq + 1 && caught_up &&
+                out.n == 0 && rx_write(frame, need, seq)) {
+                /* [4, seq, 0, ""] */
+                struct tf_buf ack;
+                tf_begin(&ack, 4, 4), tf_uint(&ack, seq), tf_uint(&ack, 0), tf_str(&ack, "");
+                tf_end(&ack, 0);
+                te_out_add(&acks, ack.b, ack.n);
+                RX.last_seq = seq;
+                __atomic_store_n(&RX.handled_seq, seq, __ATOMIC_RELEASE);
+                __atomic_add_fetch(&RX.n_write, 1, __ATOMIC_RELAXED);
+                te_touch();
+            } else {
+                if (head && seq != 0) {
+                    RX.last_seq = seq;
+                    __atomic_store_n(&RX.forwarded, RX.forwarded + 1, __ATOMIC_RELEASE);
+                    if (op != 30)
+                        rx_close_files(); /* Python may rename or remove what they name */
+                } else if (!head) {
+                    __atomic_store_n(&RX.forwarded, RX.forwarded + 1, __ATOMIC_RELEASE);
+                }
+                te_out_add(&out, frame, need);
+            }
+            used += need;
+        }
+        memmove(in, in + used, have - used);
+        have -= used;
+        if (acks.n) {
+            /* One send for the chunk's acks, as Python corks a chunk's answers. */
+            pthread_mutex_lock(&RX.tx_mu);
+            int failed = rx_send_all(acks.b, acks.n);
+            pthread_mutex_unlock(&RX.tx_mu);
+            acks.n = 0;
+            if (failed) {
+                err = failed;
+                break;
+            }
+        }
+        te_out_flush_to(&out, RX.ans_w);
+    }
+end:
+    pthread_mutex_lock(&RX.tx_mu);
+    __atomic_store_n(&RX.dead, 1, __ATOMIC_RELEASE);
+    if (RX.lost[0] == 0) {
+        if (why != NULL)
+            snprintf(RX.lost, sizeof(RX.lost), "%s", why);
+        else if (err)
+            snprintf(RX.lost, sizeof(RX.lost), "%s", strerror(err)), RX.lost_errno = err;
+    }
+    pthread_mutex_unlock(&RX.tx_mu);
+    /* What Python has not read yet still reaches it (an acknowledged frame is always applied), then
+     * the end of the stream. */
+    int flags = fcntl(RX.ans_w, F_GETFL);
+    if (flags >= 0)
+        fcntl(RX.ans_w, F_SETFL, flags & ~O_NONBLOCK);
+    while (out.n > 0) {
+        ssize_t n = send(RX.ans_w, out.b, out.n, MSG_NOSIGNAL);
+        if (n <= 0)
+            break;
+        memmove(out.b, out.b + n, out.n - (size_t) n);
+        out.n -= (size_t) n;
+    }
+    free(out.b), free(acks.b), free(in);
+    rx_close_files();
+    shutdown(RX.ans_w, SHUT_WR);
+    return NULL;
+}
+
+/* Take over a stream whose handshake Python did (`received` mode). `sock` and `root` (the
+ * directory's fd) are the engine's own from now on; `initial` is what Python read of the stream
+ * past the handshake. The fd of the pair Python reads, or -errno. */
+static int rx_attach(int sock, int root, const uint8_t *initial, size_t n_initial)
+{
+    int pair[2];
+    if (RX.on) {
+        shutdown(RX.sock, SHUT_RDWR);
+        shutdown(RX.ans_w, SHUT_RDWR);
+        pthread_join(RX.x, NULL);
+        close(RX.sock), close(RX.root), close(RX.ans_w);
+        RX.on = 0;
+    }
+    if (n_initial && (RX.initial = malloc(n_initial)) == NULL)
+        return -ENOMEM;
+    if (n_initial)
+        memcpy(RX.initial, initial, n_initial);
+    RX.n_initial = n_initial;
+    if (socketpair(AF_UNIX, SOCK_STREAM | SOCK_CLOEXEC, 0, pair) < 0) {
+        free(RX.initial);
+        RX.initial = NULL, RX.n_initial = 0;
+        return -errno;
+    }
+    fcntl(pair[1], F_SETFL, O_NONBLOCK);
+    RX.sock = sock, RX.root = root, RX.ans_w = pair[1];
+    RX.last_seq = RX.handled_seq = RX.forwarded = RX.py_applied = 0;
+    RX.dead = 0, RX.lost[0] = 0, RX.lost_errno = 0;
+    int err = pthread_create(&RX.x, NULL, rx_thread, NULL);
+    if (err) {
+        close(pair[0]), close(pair[1]);
+        RX.sock = RX.root = RX.ans_w = -1;
+        return -err;
+    }
+    RX.on = 1;
+    return pair[0];
+}
+
+/* Python's answer on the stream. 0 or -errno. */
+static int rx_send(const uint8_t *p, size_t n)
+{
+    pthread_mutex_lock(&RX.tx_mu);
+    int err = RX.dead || RX.sock < 0 ? ENOTCONN : rx_send_all(p, n);
+    pthread_mutex_unlock(&RX.tx_mu);
+    return -err;
+}
+
+/* Python applied one more of the operation frames passed to it. */
+static void rx_applied(void)
+{
+    __atomic_add_fetch(&RX.py_applied, 1, __ATOMIC_RELEASE);
+}
+
+/* The last operation applied here (0: none), and the bytes written since the last call. */
+static uint64_t rx_handled(void)
+{
+    return __atomic_load_n(&RX.handled_seq, __ATOMIC_ACQUIRE);
+}
+
+static uint64_t rx_take_unsynced(void)
+{
+    return __atomic_exchange_n(&RX.unsynced, 0, __ATOMIC_RELAXED);
+}
+
+/* End the stream (Python's session ended, or it stops): wait for X, close what it held. Python
+ * reads nothing more, so X does not wait to pass anything on either. */
+static void rx_detach(void)
+{
+    if (!RX.on)
+        return;
+    shutdown(RX.sock, SHUT_RDWR);
+    shutdown(RX.ans_w, SHUT_RDWR);
+    pthread_join(RX.x, NULL);
+    close(RX.sock), close(RX.root), close(RX.ans_w);
+    RX.sock = RX.root = RX.ans_w = -1;
+    RX.on = 0;
+}
+
+static const char *rx_lost(int *err)
+{
+    *err = RX.lost_errno;
+    return RX.lost;
+}
+
+static unsigned long long rx_count(void)
+{
+    return __atomic_load_n(&RX.n_write, __ATOMIC_RELAXED);
+}
