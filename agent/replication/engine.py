@@ -15,6 +15,7 @@ import contextlib
 import logging
 import os
 import socket
+from collections.abc import Callable
 from typing import Any
 
 import pyfuse3
@@ -33,13 +34,46 @@ def available() -> bool:
     return bool(getattr(pyfuse3, "engine_on", lambda: False)())
 
 
-class EngineConnection(FrameConnection):
-    """A stream the engine owns: sends go through it, the answers it passes on are read here."""
+class _Handed(FrameConnection):
+    """A stream the engine owns, seen from Python: what the engine passes on is read here, through a
+    socket pair; `_detach` ends the engine's part, `_lost` says why its stream ended."""
+
+    _detach: Callable[[bool], None]
+    _lost: Callable[[], tuple[int, str]]
 
     def __init__(self, *, traffic: Any = None, silence: float = 0.0) -> None:
         # The TCP socket itself was bounded (bound_silence) when it connected: not this socket pair.
         super().__init__(traffic=traffic, silence=0.0)
         self._tcp_silence = silence
+
+    def close(self) -> None:
+        type(self)._detach(False)
+        super().close()
+
+    def abort(self) -> None:
+        type(self)._detach(True)
+        super().abort()
+
+    def eof_received(self) -> bool:
+        # The engine ended the pair because the stream ended: its reason, if it knows one.
+        err, why = type(self)._lost()
+        if err:
+            self._finish(lost(OSError(err, why), self._tcp_silence))
+            return False
+        if why:
+            self._finish(ConnectionResetError(why))
+            return False
+        return super().eof_received()
+
+
+class EngineConnection(_Handed):
+    """The primary's stream once the engine has it: Python's frames are numbered and sent by it."""
+
+    _detach = staticmethod(lambda abort: pyfuse3.engine_detach(abort))
+    _lost = staticmethod(lambda: pyfuse3.engine_lost())
+
+    def __init__(self, *, traffic: Any = None, silence: float = 0.0) -> None:
+        super().__init__(traffic=traffic, silence=silence)
         # Numbers for frames sent after the stream ended: never answered, failed by the Sender's loss.
         self._orphan = 0
 
@@ -73,57 +107,14 @@ class EngineConnection(FrameConnection):
         if self.is_closing() and self._closed.done():
             raise ConnectionResetError("replication connection is closed")
 
-    def close(self) -> None:
-        pyfuse3.engine_detach(False)
-        super().close()
 
-    def abort(self) -> None:
-        pyfuse3.engine_detach(True)
-        super().abort()
+class ReceiverConnection(_Handed):
+    """The secondary's stream once the engine has it: Python applies what it is passed exactly as
+    before, and its answers go out through the engine, which applies the Write frames it can itself
+    (`receiver_handled`, `receiver_applied`)."""
 
-    def eof_received(self) -> bool:
-        # The engine ended the pair because the stream ended: its reason, if it was an error.
-        err, why = pyfuse3.engine_lost()
-        if err:
-            self._finish(lost(OSError(err, why), self._tcp_silence))
-            return False
-        if why:
-            self._finish(ConnectionResetError(why))
-            return False
-        return super().eof_received()
-
-
-async def adopt(conn: FrameConnection, traffic: Any = None, silence: float = 0.0) -> EngineConnection:
-    """Hand a stream whose handshake is done over to the engine; the connection to go on with."""
-    if not conn.idle():
-        raise RuntimeError("frames arrived after the handshake, before the engine took the stream")
-    raw = conn.transport.get_extra_info("socket")
-    own = os.dup(raw.fileno())
-    conn.pause_reading()
-    conn.detach()
-    try:
-        answers = pyfuse3.engine_attach(own)
-    except BaseException:
-        os.close(own)
-        raise
-    # The engine's fd keeps the connection open: closing Python's ends nothing on the wire.
-    conn.abort()
-    pair = socket.socket(fileno=answers)
-    _, econn = await asyncio.get_running_loop().create_unix_connection(
-        lambda: EngineConnection(traffic=traffic, silence=silence), sock=pair
-    )
-    econn.peername = conn.peername
-    return econn
-
-
-class ReceiverConnection(FrameConnection):
-    """The secondary's stream once the engine has it: the frames it passes on are read here, and the
-    answers go out through it. Python applies what it is passed exactly as before; the engine
-    applies the Write frames it can itself (`receiver_handled`, `receiver_applied`)."""
-
-    def __init__(self, *, traffic: Any = None, silence: float = 0.0) -> None:
-        super().__init__(traffic=traffic, silence=0.0)
-        self._tcp_silence = silence
+    _detach = staticmethod(lambda abort: pyfuse3.receiver_detach())
+    _lost = staticmethod(lambda: pyfuse3.receiver_lost())
 
     def _emit(self, chunks: list[bytes]) -> None:
         # Once the primary is gone its answers have no reader; the end of the stream reaches this
@@ -131,45 +122,54 @@ class ReceiverConnection(FrameConnection):
         with contextlib.suppress(ConnectionResetError):
             pyfuse3.receiver_send(b"".join(chunks))
 
-    def close(self) -> None:
-        pyfuse3.receiver_detach()
-        super().close()
-
-    def abort(self) -> None:
-        pyfuse3.receiver_detach()
-        super().abort()
-
-    def eof_received(self) -> bool:
-        err, why = pyfuse3.receiver_lost()
-        if err:
-            self._finish(lost(OSError(err, why), self._tcp_silence))
-            return False
-        return super().eof_received()
-
 
 def receiver_available() -> bool:
     """Whether this process can hand a secondary's stream to the native data path."""
     return hasattr(pyfuse3, "receiver_attach")
 
 
-async def adopt_receiver(
-    conn: FrameConnection, root_fd: int, traffic: Any = None, silence: float = 0.0
-) -> ReceiverConnection:
-    """Hand a secondary's `received` stream, handshake done, over to the engine; the connection to
-    go on with. What was already read past the handshake goes to the engine first."""
+async def _hand_over(
+    conn: FrameConnection, attach: Callable[[int], int], make: Callable[[], _Handed], closing: tuple[int, ...] = ()
+) -> Any:
+    """Give the engine its own fd of the connection's socket (`attach` returns the fd of the pair
+    to read from); the connection to go on with. `closing`: fds to close if `attach` fails."""
     own = os.dup(conn.transport.get_extra_info("socket").fileno())
-    root = os.dup(root_fd)
     conn.pause_reading()
     conn.detach()
     try:
-        answers = pyfuse3.receiver_attach(own, root, conn.take_unread())
+        answers = attach(own)
     except BaseException:
-        os.close(own)
-        os.close(root)
+        for fd in (own, *closing):
+            os.close(fd)
         raise
+    # The engine's fd keeps the connection open: closing Python's ends nothing on the wire.
     conn.abort()
-    _, rconn = await asyncio.get_running_loop().create_unix_connection(
-        lambda: ReceiverConnection(traffic=traffic, silence=silence), sock=socket.socket(fileno=answers)
+    _, handed = await asyncio.get_running_loop().create_unix_connection(make, sock=socket.socket(fileno=answers))
+    handed.peername = conn.peername
+    return handed
+
+
+async def adopt(conn: FrameConnection, traffic: Any = None, silence: float = 0.0) -> EngineConnection:
+    """Hand a primary's stream whose handshake is done over to the engine."""
+    if not conn.idle():
+        raise RuntimeError("frames arrived after the handshake, before the engine took the stream")
+    handed: EngineConnection = await _hand_over(
+        conn, pyfuse3.engine_attach, lambda: EngineConnection(traffic=traffic, silence=silence)
     )
-    rconn.peername = conn.peername
-    return rconn
+    return handed
+
+
+async def adopt_receiver(
+    conn: FrameConnection, root_fd: int, traffic: Any = None, silence: float = 0.0
+) -> ReceiverConnection:
+    """Hand a secondary's `received` stream whose handshake is done over to the engine. What was
+    already read past the handshake goes to the engine first."""
+    root = os.dup(root_fd)
+    unread = conn.take_unread()
+    handed: ReceiverConnection = await _hand_over(
+        conn,
+        lambda own: pyfuse3.receiver_attach(own, root, unread),
+        lambda: ReceiverConnection(traffic=traffic, silence=silence),
+        (root,),
+    )
+    return handed
