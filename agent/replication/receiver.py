@@ -136,6 +136,7 @@ class Receiver:
             try:
                 await self._stream(handed)
             finally:
+                self._native_disk_error()
                 self._handed = False
                 self._conns.discard(handed)
                 handed.close()
@@ -170,7 +171,15 @@ class Receiver:
         applier then counts it applied, with the bytes it wrote."""
         handled = int(pyfuse3.receiver_handled())
         self.applier.applied_by_others(handled, int(pyfuse3.receiver_unsynced()))
+        self._native_disk_error()
         return handled
+
+    def _native_disk_error(self) -> None:
+        """An fsync the native data path applied met a disk error: this session keeps it (_synced)."""
+        err, seq, text = pyfuse3.receiver_disk_error()
+        if err and self._disk_error is None:
+            log.error("Replication error: fsync of seq %d failed: %s; no later sync is acknowledged", seq, text)
+            self._disk_error = m.Ack(err, f"an fsync failed: {os.strerror(err)}")
 
     async def _apply(self, conn: FrameConnection, frame: Frame) -> None:
         if self._handed:

@@ -78,11 +78,16 @@ static inline void tf_bin(struct tf_buf *h, const void *p, size_t len)
     h->n += len;
 }
 
-/* A short text (under 32 bytes). */
+/* A text of at most 255 bytes (longer ones are cut there). */
 static inline void tf_str(struct tf_buf *h, const char *s)
 {
     size_t len = strlen(s);
-    tf_byte(h, (uint8_t) (0xA0 | len));
+    if (len > 255)
+        len = 255;
+    if (len < 32)
+        tf_byte(h, (uint8_t) (0xA0 | len));
+    else
+        tf_byte(h, 0xD9), tf_byte(h, (uint8_t) len);
     memcpy(h->b + h->n, s, len);
     h->n += len;
 }

@@ -1,5 +1,5 @@
-/* Tandem's native data path on the secondary (docs/dev/native-data-path.md, stage 6): Write frames
- * received, applied and acknowledged without Python, in `received` mode.
+/* Tandem's native data path on the secondary (docs/dev/native-data-path.md, stage 6): Write and
+ * Fsync frames received, applied and acknowledged without Python, in `received` mode.
  *
  * Built into Tandem's pyfuse3 beside tandem_engine.c (the primary's side). After Python's handshake
  * the Receiver hands the stream over (rx_attach). One thread (X) then reads it:
@@ -9,6 +9,10 @@
  *   applied here: the file opened beneath the root with openat2(RESOLVE_BENEATH | RESOLVE_NO_SYMLINKS
  *   | RESOLVE_NO_MAGICLINKS | RESOLVE_NO_XDEV) and kept open, pwrite of all its bytes, its times set,
  *   then its Ack. That is more than `received` promises (the bytes are applied, not only in memory).
+ *   An Fsync of such a file is applied the same way (fsync or fdatasync, then its Ack), unless more
+ *   than INLINE_SYNC_BYTES wait for it (Python syncs those in a thread). An fsync that meets a disk
+ *   error answers it, and from then on Python answers everything, keeping that error for every
+ *   later fsync (rx_disk_error_of).
  * - Every other frame goes to Python whole, through a socket pair its FrameConnection reads as it
  *   read the stream: the handshake's successors, every other operation, Pings, anything malformed
  *   or hostile (Python's parser and checks refuse it and end the stream, as before), and a Write
@@ -49,6 +53,11 @@ static struct {
     size_t n_files;
     uint8_t *initial;       /* bytes Python read past the handshake, X's first input */
     size_t n_initial;
+    uint64_t since_sync;    /* bytes written here since this side's last fsync */
+    int disk_error;         /* an fsync here met this disk error: Python answers every frame now */
+    uint64_t disk_error_seq;
+    char disk_error_text[256];
+    uint64_t n_fsync;
 } RX = {.sock = -1, .root = -1, .ans_w = -1, .tx_mu = PTHREAD_MUTEX_INITIALIZER};
 
 static void rx_close_files(void)
@@ -147,6 +156,57 @@ static int rx_write(const uint8_t *frame, size_t len, uint64_t seq)
     if (futimens(fd, times) != 0)
         return 0;
     __atomic_add_fetch(&RX.unsynced, size, __ATOMIC_RELAXED);
+    RX.since_sync += size;
+    return 1;
+}
+
+static int rx_disk_error(int err)
+{
+    return err == EIO || err == ENOSPC || err == EDQUOT || err == EROFS;
+}
+
+/* An Fsync frame of a regular file, applied here if it is one this side may apply now: its answer
+ * goes into `acks` (after the fsync, as every Fsync's) and 1, else 0. After an fsync here met a
+ * disk error, Python answers everything: it keeps that error for every later fsync (receiver.py). */
+static int rx_fsync(const uint8_t *frame, uint64_t seq, struct te_out *acks)
+{
+    struct tf_cursor c = {frame + 8, frame + 8 + tf_get_be(frame + 4, 4)};
+    size_t items, plen;
+    uint64_t op, s;
+    const uint8_t *path;
+    /* [30, seq, path, datasync] */
+    if (tf_next_array(&c, &items) || items != 4 || tf_next_uint(&c, &op) || op != 30 || tf_next_uint(&c, &s) ||
+        s != seq || tf_next_bin(&c, &path, &plen) || !tf_plain_path(path, plen) || c.end - c.p != 1 ||
+        (*c.p != 0xC2 && *c.p != 0xC3) || tf_get_be(frame, 4) != 4 + tf_get_be(frame + 4, 4))
+        return 0;
+    int datasync = *c.p == 0xC3;
+    if (RX.disk_error || RX.since_sync >= TE_INLINE_SYNC_BYTES)
+        return 0; /* Python: the error it keeps, or a large sync in a thread of its own */
+    int fd = rx_file(path, plen);
+    if (fd < 0)
+        return 0;
+    int err = (datasync ? fdatasync(fd) : fsync(fd)) != 0 ? errno : 0;
+    RX.since_sync = 0;
+    __atomic_store_n(&RX.unsynced, 0, __ATOMIC_RELAXED);
+    struct tf_buf ack;
+    tf_begin(&ack, 4, 4), tf_uint(&ack, seq), tf_uint(&ack, (uint64_t) err);
+    if (err) {
+        /* As the Applier words it: Fsync b'path': strerror. */
+        char text[256];
+        snprintf(text, sizeof(text), "Fsync b'%.*s': %s", (int) (plen > 180 ? 180 : plen), (const char *) path,
+                 strerror(err));
+        tf_str(&ack, text);
+        if (rx_disk_error(err)) {
+            snprintf(RX.disk_error_text, sizeof(RX.disk_error_text), "%s", text);
+            RX.disk_error_seq = seq;
+            __atomic_store_n(&RX.disk_error, err, __ATOMIC_RELEASE);
+        }
+    } else {
+        tf_str(&ack, "");
+    }
+    tf_end(&ack, 0);
+    te_out_add(acks, ack.b, ack.n);
+    __atomic_add_fetch(&RX.n_fsync, 1, __ATOMIC_RELAXED);
     return 1;
 }
 
@@ -231,8 +291,13 @@ static void *rx_thread(void *arg)
             size_t after;
             int head = tf_read_head(frame, need, &op, &seq, &after) == 0;
             int caught_up = __atomic_load_n(&RX.py_applied, __ATOMIC_ACQUIRE) == RX.forwarded;
-            if (head && op == 16 && seq != 0 && RX.last_seq != 0 && seq == RX.last_seq + 1 && caught_up &&
-                out.n == 0 && rx_write(frame, need, seq)) {
+            int next = head && seq != 0 && RX.last_seq != 0 && seq == RX.last_seq + 1 && caught_up && out.n == 0 &&
+                       !__atomic_load_n(&RX.disk_error, __ATOMIC_ACQUIRE);
+            if (next && op == 30 && rx_fsync(frame, seq, &acks)) {
+                RX.last_seq = seq;
+                __atomic_store_n(&RX.handled_seq, seq, __ATOMIC_RELEASE);
+                te_touch();
+            } else if (next && op == 16 && rx_write(frame, need, seq)) {
                 /* [4, seq, 0, ""] */
                 struct tf_buf ack;
                 tf_begin(&ack, 4, 4), tf_uint(&ack, seq), tf_uint(&ack, 0), tf_str(&ack, "");
@@ -324,7 +389,8 @@ static int rx_attach(int sock, int root, const uint8_t *initial, size_t n_initia
     fcntl(pair[1], F_SETFL, O_NONBLOCK);
     RX.sock = sock, RX.root = root, RX.ans_w = pair[1];
     RX.last_seq = RX.handled_seq = RX.forwarded = RX.py_applied = 0;
-    RX.dead = 0, RX.lost[0] = 0, RX.lost_errno = 0;
+    RX.dead = 0, RX.lost[0] = 0, RX.lost_errno = 0, RX.since_sync = 0;
+    RX.disk_error = 0, RX.disk_error_seq = 0, RX.disk_error_text[0] = 0;
     int err = pthread_create(&RX.x, NULL, rx_thread, NULL);
     if (err) {
         close(pair[0]), close(pair[1]);
@@ -381,7 +447,15 @@ static const char *rx_lost(int *err)
     return RX.lost;
 }
 
-static unsigned long long rx_count(void)
+static unsigned long long rx_count(int which)
 {
-    return __atomic_load_n(&RX.n_write, __ATOMIC_RELAXED);
+    return __atomic_load_n(which ? &RX.n_fsync : &RX.n_write, __ATOMIC_RELAXED);
+}
+
+/* The disk error an fsync here met on this stream (0: none), its frame and its answer's text. */
+static int rx_disk_error_of(uint64_t *seq, const char **text)
+{
+    *seq = RX.disk_error_seq;
+    *text = RX.disk_error_text;
+    return __atomic_load_n(&RX.disk_error, __ATOMIC_ACQUIRE);
 }
