@@ -4,8 +4,9 @@
  * Built into Tandem's pyfuse3 beside tandem_engine.c (the primary's side). After Python's handshake
  * the Receiver hands the stream over (rx_attach). One thread (X) then reads it:
  *
- * - A Write frame that comes next in sequence while Python has nothing of the stream left to apply,
- *   whose header this file reads in full (a plain path, one time fix naming the same file), is
+ * - A Write frame of less than STREAM_WRITE_BYTES that comes next in sequence while Python has
+ *   nothing of the stream left to apply, whose header this file reads in full (a plain path, one
+ *   time fix naming the same file), is
  *   applied here: the file opened beneath the root with openat2(RESOLVE_BENEATH | RESOLVE_NO_SYMLINKS
  *   | RESOLVE_NO_MAGICLINKS | RESOLVE_NO_XDEV) and kept open, pwrite of all its bytes, its times set,
  *   then its Ack. That is more than `received` promises (the bytes are applied, not only in memory).
@@ -136,6 +137,10 @@ static int rx_write(const uint8_t *frame, size_t len, uint64_t seq)
     size_t size = len - (size_t) (data - frame);
     if (offset + size < offset || offset + size > (uint64_t) INT64_MAX)
         return 0;
+    /* A large write goes to Python, which acknowledges it on receipt and applies it meanwhile:
+     * here the ack would wait for the pwrite, and a sequential writer for each ack. */
+    if (size >= TE_STREAM_WRITE_BYTES)
+        return 0;
     int fd = rx_file(path, plen);
     if (fd < 0)
         return 0;
@@ -146,8 +151,6 @@ static int rx_write(const uint8_t *frame, size_t len, uint64_t seq)
             return 0; /* Python applies it again and reports what fails */
         done += (size_t) n;
     }
-    if (size >= TE_STREAM_WRITE_BYTES)
-        sync_file_range(fd, (off_t) offset, (off_t) size, SYNC_FILE_RANGE_WRITE);
     struct timespec times[2] = {{.tv_sec = atime / 1000000000, .tv_nsec = atime % 1000000000},
                                 {.tv_sec = mtime / 1000000000, .tv_nsec = mtime % 1000000000}};
     for (int i = 0; i < 2; i++)
@@ -309,6 +312,8 @@ static void *rx_thread(void *arg)
                 te_touch();
             } else {
                 if (head && seq != 0) {
+                    if (op == 16)
+                        RX.since_sync += need; /* what an Fsync here would have to sync too */
                     RX.last_seq = seq;
                     __atomic_store_n(&RX.forwarded, RX.forwarded + 1, __ATOMIC_RELEASE);
                     if (op != 30)
