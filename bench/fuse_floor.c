@@ -80,14 +80,7 @@ static int io_all(int fd, struct iovec *iov, int count, int writing)
             continue;
         if (n <= 0)
             return n < 0 ? -errno : -EPIPE;
-        while (count > 0 && (size_t) n >= iov->iov_len) {
-            n -= (ssize_t) iov->iov_len;
-            iov++, count--;
-        }
-        if (count > 0) {
-            iov->iov_base = (char *) iov->iov_base + n;
-            iov->iov_len -= (size_t) n;
-        }
+        tf_advance(&iov, &count, (size_t) n);
     }
     return 0;
 }

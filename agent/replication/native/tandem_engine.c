@@ -221,14 +221,7 @@ static int te_send_on(int sock, struct iovec *iov, int count)
                 return errno;
             continue;
         }
-        while (count > 0 && (size_t) n >= iov->iov_len) {
-            n -= (ssize_t) iov->iov_len;
-            iov++, count--;
-        }
-        if (count > 0) {
-            iov->iov_base = (char *) iov->iov_base + n;
-            iov->iov_len -= (size_t) n;
-        }
+        tf_advance(&iov, &count, (size_t) n);
     }
     return 0;
 }
@@ -518,6 +511,57 @@ static void te_out_flush_to(struct te_out *o, int fd)
     }
 }
 
+/* The frame that starts at in + used: its size once it is all there; 0 while more bytes must come
+ * (the buffer grown to hold it); TE_NOT_A_FRAME for bytes that are no frame of this protocol
+ * (Python's parser says why, and ends the stream); TE_NO_MEMORY. */
+#define TE_NOT_A_FRAME ((size_t) -1)
+#define TE_NO_MEMORY ((size_t) -2)
+static size_t te_next_frame(uint8_t **in, size_t *cap, size_t have, size_t used)
+{
+    size_t need = tf_frame_size(*in + used, have - used);
+    if (need == (size_t) -1)
+        return TE_NOT_A_FRAME;
+    if (need != 0 && need <= have - used)
+        return need;
+    if (need > *cap) {
+        uint8_t *bigger = realloc(*in, need);
+        if (bigger == NULL)
+            return TE_NO_MEMORY;
+        *in = bigger, *cap = need;
+    }
+    return 0;
+}
+
+/* The stream ended: what Python has not read yet still reaches it through `fd` (an acknowledged
+ * frame is always applied), then the end of the stream; the buffer is freed. */
+static void te_pass_rest(struct te_out *o, int fd)
+{
+    int flags = fcntl(fd, F_GETFL);
+    if (flags >= 0)
+        fcntl(fd, F_SETFL, flags & ~O_NONBLOCK);
+    while (o->n > 0) {
+        ssize_t n = send(fd, o->b, o->n, MSG_NOSIGNAL);
+        if (n <= 0)
+            break;
+        memmove(o->b, o->b + n, o->n - (size_t) n);
+        o->n -= (size_t) n;
+    }
+    free(o->b);
+    o->b = NULL, o->cap = 0;
+    shutdown(fd, SHUT_WR);
+}
+
+/* Keep the first reason a stream ended: `why`, else the system error `err` (lost_errno too). */
+static void te_note_lost(char *lost, size_t size, int *lost_errno, const char *why, int err)
+{
+    if (lost[0] != 0)
+        return;
+    if (why != NULL)
+        snprintf(lost, size, "%s", why);
+    else if (err)
+        snprintf(lost, size, "%s", strerror(err)), *lost_errno = err;
+}
+
 /* One whole frame from the secondary: 1 if it answered F's frame (and was handled here). */
 static int te_answer(uint8_t *frame, size_t len)
 {
@@ -603,24 +647,18 @@ static void *te_reader_thread(void *arg)
         have += (size_t) n;
         size_t used = 0;
         for (;;) {
-            size_t need = tf_frame_size(in + used, have - used);
-            if (need == (size_t) -1) {
-                /* Not a frame of this protocol: Python's parser says why and ends the stream. */
+            size_t need = te_next_frame(&in, &cap, have, used);
+            if (need == TE_NOT_A_FRAME) {
                 te_out_add(&out, in + used, have - used);
                 used = have;
                 break;
             }
-            if (need == 0 || need > have - used) {
-                if (need > cap) {
-                    uint8_t *bigger = realloc(in, need);
-                    if (bigger == NULL) {
-                        err = ENOMEM;
-                        goto end;
-                    }
-                    in = bigger, cap = need;
-                }
-                break;
+            if (need == TE_NO_MEMORY) {
+                err = ENOMEM;
+                goto end;
             }
+            if (need == 0)
+                break;
             if (!te_answer(in + used, need))
                 te_out_add(&out, in + used, need);
             used += need;
@@ -632,28 +670,11 @@ static void *te_reader_thread(void *arg)
 end:
     pthread_mutex_lock(&E.send_mu);
     __atomic_store_n(&E.dead, 1, __ATOMIC_RELEASE);
-    if (E.lost[0] == 0) {
-        if (why != NULL)
-            snprintf(E.lost, sizeof(E.lost), "%s", why);
-        else if (err)
-            snprintf(E.lost, sizeof(E.lost), "%s", strerror(err)), E.lost_errno = err;
-    }
+    te_note_lost(E.lost, sizeof(E.lost), &E.lost_errno, why, err);
     pthread_mutex_unlock(&E.send_mu);
     te_end_waits();
-    /* What Python has not read yet still reaches it, then the end of the stream. */
-    int flags = fcntl(E.ans_w, F_GETFL);
-    if (flags >= 0)
-        fcntl(E.ans_w, F_SETFL, flags & ~O_NONBLOCK);
-    while (out.n > 0) {
-        ssize_t n = send(E.ans_w, out.b, out.n, MSG_NOSIGNAL);
-        if (n <= 0)
-            break;
-        memmove(out.b, out.b + n, out.n - (size_t) n);
-        out.n -= (size_t) n;
-    }
-    free(out.b);
+    te_pass_rest(&out, E.ans_w);
     free(in);
-    shutdown(E.ans_w, SHUT_RDWR);
     return NULL;
 }
 

@@ -11,11 +11,25 @@
 #include <stddef.h>
 #include <stdint.h>
 #include <string.h>
+#include <sys/uio.h>
 
 /* The longest path the native path ships itself (longer ones go through Python). */
 #define TF_PATH_MAX 16384
 /* wire.MAX_LENGTH: 4 + MAX_HEADER + MAX_DATA. */
 #define TF_MAX_LENGTH (4u + 256u * 1024u + 64u * 1024u * 1024u)
+
+/* After a write or read of n bytes of *iov (count buffers): step past what is done. */
+static inline void tf_advance(struct iovec **iov, int *count, size_t n)
+{
+    while (*count > 0 && n >= (*iov)->iov_len) {
+        n -= (*iov)->iov_len;
+        (*iov)++, (*count)--;
+    }
+    if (*count > 0) {
+        (*iov)->iov_base = (char *) (*iov)->iov_base + n;
+        (*iov)->iov_len -= n;
+    }
+}
 
 struct tf_buf {
     size_t n;

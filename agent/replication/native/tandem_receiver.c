@@ -271,24 +271,19 @@ static void *rx_thread(void *arg)
     take:;
         size_t used = 0;
         for (;;) {
-            size_t need = tf_frame_size(in + used, have - used);
-            if (need == (size_t) -1) {
+            size_t need = te_next_frame(&in, &cap, have, used);
+            if (need == TE_NOT_A_FRAME) {
                 te_out_add(&out, in + used, have - used);
                 used = have;
                 __atomic_store_n(&RX.forwarded, RX.forwarded + 1, __ATOMIC_RELEASE);
                 break;
             }
-            if (need == 0 || need > have - used) {
-                if (need > cap) {
-                    uint8_t *bigger = realloc(in, need);
-                    if (bigger == NULL) {
-                        err = ENOMEM;
-                        goto end;
-                    }
-                    in = bigger, cap = need;
-                }
-                break;
+            if (need == TE_NO_MEMORY) {
+                err = ENOMEM;
+                goto end;
             }
+            if (need == 0)
+                break;
             uint8_t *frame = in + used;
             uint64_t op = 0, seq = 0;
             size_t after;
@@ -343,28 +338,11 @@ static void *rx_thread(void *arg)
 end:
     pthread_mutex_lock(&RX.tx_mu);
     __atomic_store_n(&RX.dead, 1, __ATOMIC_RELEASE);
-    if (RX.lost[0] == 0) {
-        if (why != NULL)
-            snprintf(RX.lost, sizeof(RX.lost), "%s", why);
-        else if (err)
-            snprintf(RX.lost, sizeof(RX.lost), "%s", strerror(err)), RX.lost_errno = err;
-    }
+    te_note_lost(RX.lost, sizeof(RX.lost), &RX.lost_errno, why, err);
     pthread_mutex_unlock(&RX.tx_mu);
-    /* What Python has not read yet still reaches it (an acknowledged frame is always applied), then
-     * the end of the stream. */
-    int flags = fcntl(RX.ans_w, F_GETFL);
-    if (flags >= 0)
-        fcntl(RX.ans_w, F_SETFL, flags & ~O_NONBLOCK);
-    while (out.n > 0) {
-        ssize_t n = send(RX.ans_w, out.b, out.n, MSG_NOSIGNAL);
-        if (n <= 0)
-            break;
-        memmove(out.b, out.b + n, out.n - (size_t) n);
-        out.n -= (size_t) n;
-    }
-    free(out.b), free(acks.b), free(in);
+    te_pass_rest(&out, RX.ans_w);
+    free(acks.b), free(in);
     rx_close_files();
-    shutdown(RX.ans_w, SHUT_WR);
     return NULL;
 }
 
