@@ -43,8 +43,9 @@ from bench.replication import (
     bench_sqlite,
     header,
     replicated_pair,
+    stop_and_unmount,
 )
-from tests.integration.replication.pairs import free_port, mounted, unmount
+from tests.integration.replication.pairs import free_port, mounted
 
 SOURCE = Path(__file__).with_name("fuse_floor.c")
 NATIVE = Path(__file__).resolve().parent.parent / "agent" / "replication" / "native"
@@ -95,14 +96,7 @@ def serving(cmd: Sequence[str], path: Path, log: Path) -> Iterator[None]:
         _wait_mounted(path, proc)
         yield
     finally:
-        if proc.poll() is None:
-            proc.terminate()
-            try:
-                proc.wait(30)
-            except subprocess.TimeoutExpired:
-                proc.kill()
-                proc.wait(10)
-        unmount(path)
+        stop_and_unmount(proc, path)
 
 
 @contextlib.contextmanager

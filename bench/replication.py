@@ -96,11 +96,12 @@ def replicated_pair(base: Path, ack: str, extra: Sequence[str] = ()) -> Iterator
         yield primary_dir, primary
     finally:
         for proc, path in ((primary, primary_dir), (secondary, secondary_dir)):
-            _stop(proc, path)
+            stop_and_unmount(proc, path)
         log.close()
 
 
-def _stop(proc: subprocess.Popen[bytes], path: Path) -> None:
+def stop_and_unmount(proc: subprocess.Popen[bytes], path: Path) -> None:
+    """SIGTERM a mount's daemon by PID (SIGKILL if it does not exit in time), then unmount its path."""
     if proc.poll() is None:
         proc.send_signal(signal.SIGTERM)
         try:

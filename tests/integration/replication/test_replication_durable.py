@@ -84,6 +84,23 @@ def disk(tmp_path: Path) -> Iterator[Path]:
         yield mnt / "repl"
 
 
+@contextlib.contextmanager
+def thin_disk(tmp_path: Path) -> Iterator[Path]:
+    """A thin disk: an ext4 mount whose image's host (a 12 MiB tmpfs) fills up before the file
+    system does, so data is accepted into the page cache and fails at writeback, as on a full thin
+    volume. Yields the mount, with an empty `repl` directory in it."""
+    host = tmp_path / "host"
+    host.mkdir()
+    subprocess.run(["mount", "-t", "tmpfs", "-o", "size=12m", "tmpfs", str(host)], check=True)
+    try:
+        make_ext4(host / "disk.img", 64 << 20, lazy=True)
+        with loop_mount(host / "disk.img", tmp_path / "mnt", "noinit_itable") as mnt:
+            (mnt / "repl").mkdir()
+            yield mnt
+    finally:
+        subprocess.run(["umount", "-l", str(host)], check=False)
+
+
 def _after_power_cut(tmp_path: Path) -> contextlib.AbstractContextManager[Path]:
     """The secondary's disk as a power cut now would leave it, mounted (its journal replayed)."""
     shutil.copyfile(tmp_path / "disk.img", tmp_path / "cut.img")
@@ -144,30 +161,20 @@ async def test_received_mode_makes_no_such_promise(disk: Path, tmp_path: Path) -
 async def test_a_batch_that_cannot_reach_the_disk_is_acknowledged_as_failed(
     tmp_path: Path, expected_logs: ExpectedLogs
 ) -> None:
-    # A thin disk: the image's host (a 12 MiB tmpfs) fills up before the file system on it does, so
-    # the data is accepted into the page cache and fails at writeback, as on a full thin volume.
     expected_logs.expect(r"flushing seq \d+-\d+ to disk failed")
     expected_logs.expect(r"Replication error applying seq=\d+: Write b'big': Read-only file system")
-    host = tmp_path / "host"
-    host.mkdir()
-    subprocess.run(["mount", "-t", "tmpfs", "-o", "size=12m", "tmpfs", str(host)], check=True)
-    try:
-        make_ext4(host / "disk.img", 64 << 20, lazy=True)
-        with loop_mount(host / "disk.img", tmp_path / "mnt", "noinit_itable") as mnt:
-            (mnt / "repl").mkdir()
-            chunk = b"x" * (1 << 20)
-            ops: list[m.Message] = [m.Create(b"big", 0o644, 0, 0, 0)]
-            ops += [m.Write(b"big", i << 20, chunk) for i in range(24)]
-            async with open_link(mnt / "repl", AckMode.DURABLE) as link:
-                await _send(link.conn, ops)
-                acks = await _acks(link.conn, len(ops))
-                failed = {seq: ack.status for seq, ack in acks.items() if isinstance(ack, m.Ack) and ack.status}
-                assert failed, "24 MiB reached a 12 MiB disk"
-                # Once a flush failed nothing after it is acknowledged as done (ext4 also turns read-only).
-                assert set(failed) == set(range(min(failed), len(ops) + 1)), failed
-                assert set(failed.values()) <= {errno.ENOSPC, errno.EIO, errno.EROFS}, failed
-    finally:
-        subprocess.run(["umount", "-l", str(host)], check=False)
+    with thin_disk(tmp_path) as mnt:
+        chunk = b"x" * (1 << 20)
+        ops: list[m.Message] = [m.Create(b"big", 0o644, 0, 0, 0)]
+        ops += [m.Write(b"big", i << 20, chunk) for i in range(24)]
+        async with open_link(mnt / "repl", AckMode.DURABLE) as link:
+            await _send(link.conn, ops)
+            acks = await _acks(link.conn, len(ops))
+            failed = {seq: ack.status for seq, ack in acks.items() if isinstance(ack, m.Ack) and ack.status}
+            assert failed, "24 MiB reached a 12 MiB disk"
+            # Once a flush failed nothing after it is acknowledged as done (ext4 also turns read-only).
+            assert set(failed) == set(range(min(failed), len(ops) + 1)), failed
+            assert set(failed.values()) <= {errno.ENOSPC, errno.EIO, errno.EROFS}, failed
 
 
 async def test_after_a_failed_flush_no_later_batch_is_acknowledged(

@@ -25,10 +25,10 @@ from agent.replication import messages as m
 from agent.replication.connection import FrameConnection
 from agent.replication.receiver import AckMode
 from agent.replication.wire import Frame
-from bench.disk import loop_mount, make_ext4
 from tests.conftest import ExpectedLogs
 from tests.integration.replication.links import open_link
 from tests.integration.replication.pairs import Pair
+from tests.integration.replication.test_replication_durable import thin_disk
 from tests.integration.replication.test_replication_resync import assert_same_trees, stop_both
 
 DIRS, FILES, ROUNDS = 4, 4, 300
@@ -265,31 +265,24 @@ async def test_a_full_disk_on_the_secondary_is_a_replication_error(tmp_path: Pat
 async def test_after_a_native_fsync_meets_a_disk_error_no_later_fsync_is_acknowledged(
     tmp_path: Path, expected_logs: ExpectedLogs, caplog: pytest.LogCaptureFixture
 ) -> None:
-    # A thin disk, as in test_replication_durable: the image's host (a 12 MiB tmpfs) fills up at
-    # writeback, so the secondary's fsync meets the error that the page cache hid from its writes.
+    # A thin disk (test_replication_durable.thin_disk): the secondary's fsync meets the error that
+    # the page cache hid from its writes.
     # Each round writes less than INLINE_SYNC_BYTES, so the native data path applies its Fsync.
     expected_logs.expect(r"fsync of seq \d+ failed")
     expected_logs.expect(r"Replication error applying seq=\d+")
-    host = tmp_path / "host"
-    host.mkdir()
-    subprocess.run(["mount", "-t", "tmpfs", "-o", "size=12m", "tmpfs", str(host)], check=True)
-    try:
-        make_ext4(host / "disk.img", 64 << 20, lazy=True)
-        with loop_mount(host / "disk.img", tmp_path / "mnt", "noinit_itable") as mnt:
-            (mnt / "repl").mkdir()
-            ops: list[m.Message] = [m.Create(b"big", 0o644, 0, 0, 0)]
-            for r in range(24):
-                ops += [_write(b"big", (r * 3 + i) << 18, b"x" * (1 << 18)) for i in range(3)]
-                ops.append(m.Fsync(b"big", False))
-            answers: dict[int, list[m.Message]] = {}
-            synced = pyfuse3.receiver_counts()["synced"]
-            async with open_link(mnt / "repl", AckMode.RECEIVED, native=True) as link:
-                for seq, op in enumerate(ops, 1):
-                    link.conn.send_nowait(Frame(seq, op))
-                    _merge(answers, await _answers(link.conn, lambda got, seq=seq: seq in got))
-            synced = pyfuse3.receiver_counts()["synced"] - synced
-    finally:
-        subprocess.run(["umount", "-l", str(host)], check=False)
+    with thin_disk(tmp_path) as mnt:
+        ops: list[m.Message] = [m.Create(b"big", 0o644, 0, 0, 0)]
+        for r in range(24):
+            ops += [_write(b"big", (r * 3 + i) << 18, b"x" * (1 << 18)) for i in range(3)]
+            ops.append(m.Fsync(b"big", False))
+        answers: dict[int, list[m.Message]] = {}
+        synced = pyfuse3.receiver_counts()["synced"]
+        async with open_link(mnt / "repl", AckMode.RECEIVED, native=True) as link:
+            for seq, op in enumerate(ops, 1):
+                link.conn.send_nowait(Frame(seq, op))
+                _merge(answers, await _answers(link.conn, lambda got, seq=seq: seq in got))
+        synced = pyfuse3.receiver_counts()["synced"] - synced
+
     fsyncs = [seq for seq, op in enumerate(ops, 1) if isinstance(op, m.Fsync)]
     failed = [seq for seq in fsyncs if any(isinstance(a, m.Ack) and a.status for a in answers[seq])]
     assert failed, "18 MiB reached a 12 MiB disk"
