@@ -175,7 +175,7 @@ def run(base: Path, sizes: Sizes, profile: bool) -> str:
     out = ["| benchmark | unit | " + " | ".join(TREES) + " |", "|---" * (len(TREES) + 2) + "|"]
     for name, unit, values in rows:
         if unit == "µs":
-            cells = [f"{values[0]:,.0f}", *(f"+{v - values[0]:,.0f}" for v in values[1:])]
+            cells = [f"{values[0]:,.0f}", *(f"{v - values[0]:+,.0f}" for v in values[1:])]
         else:
             cells = [f"{values[0]:,.0f}", *(f"{v:,.0f} ({v / values[0]:.2f}x)" for v in values[1:])]
         out.append(f"| {name} | {unit} | " + " | ".join(cells) + " |")

@@ -56,7 +56,7 @@ class Row:
     def ratio(self) -> str:
         if self.higher_is_better:
             return f"{self.replicated / self.local:.2f}x" if self.local else "-"
-        return f"+{self.replicated - self.local:.0f} µs"
+        return f"{self.replicated - self.local:+.0f} µs"
 
 
 def _in_sync(log: Path) -> bool:

@@ -309,6 +309,8 @@ static void *rx_thread(void *arg)
                 if (head && seq != 0) {
                     if (op == 16)
                         RX.since_sync += need; /* what an Fsync here would have to sync too */
+                    else if (op == 30)
+                        RX.since_sync = 0; /* Python syncs it, as an Fsync here would */
                     RX.last_seq = seq;
                     __atomic_store_n(&RX.forwarded, RX.forwarded + 1, __ATOMIC_RELEASE);
                     if (op != 30)

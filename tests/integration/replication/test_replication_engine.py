@@ -290,3 +290,23 @@ async def test_after_a_native_fsync_meets_a_disk_error_no_later_fsync_is_acknowl
     assert failed == [seq for seq in fsyncs if seq >= failed[0]], failed
     # The first failure was the native data path's own fsync: Python did not apply that frame.
     assert synced >= 2 and f"applying seq={failed[0]}:" not in caplog.text, caplog.text
+
+
+async def test_after_python_syncs_a_large_write_the_next_fsyncs_are_native_again(tmp_path: Path) -> None:
+    # More than INLINE_SYNC_BYTES before an Fsync: Python syncs it in a thread of its own. The bytes
+    # it synced no longer count, so the small rounds after it are the native data path's again.
+    root = tmp_path / "repl"
+    root.mkdir()
+    ops: list[m.Message] = [m.Create(b"f", 0o644, 0, 0, 0)]
+    ops += [_write(b"f", i << 18, b"x" * (1 << 18)) for i in range(5)]
+    ops.append(m.Fsync(b"f", False))
+    for r in range(10):
+        ops += [_write(b"f", r << 12, b"y" * 4096), m.Fsync(b"f", True)]
+    synced = pyfuse3.receiver_counts()["synced"]
+    async with open_link(root, AckMode.RECEIVED, native=True) as link:
+        for seq, op in enumerate(ops, 1):
+            link.conn.send_nowait(Frame(seq, op))
+            assert await _answers(link.conn, lambda got, seq=seq: seq in got) == {seq: [m.Ack()]}
+    synced = pyfuse3.receiver_counts()["synced"] - synced
+    assert synced >= 8, synced
+    assert (root / "f").read_bytes() == b"y" * (10 << 12) + b"x" * ((5 << 18) - (10 << 12))
