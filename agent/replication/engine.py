@@ -27,6 +27,9 @@ from agent.replication.wire import Frame, encode_parts
 log = logging.getLogger(__name__)
 # The sequence number of a frame the engine numbers: a full uint64 it overwrites (tandem_frames.h).
 PLACEHOLDER = 2**64 - 1
+# Bit N: operation code N, which `received` acknowledges on receipt (receiver._Stream); on the
+# secondary the engine acknowledges those itself (tandem_receiver.c).
+ON_RECEIPT = sum(1 << op for op, cls in m.MESSAGES.items() if cls.OPERATION and not cls.AFTER_APPLY)
 
 
 def available() -> bool:
@@ -163,12 +166,13 @@ async def adopt_receiver(
     conn: FrameConnection, root_fd: int, traffic: Any = None, silence: float = 0.0
 ) -> ReceiverConnection:
     """Hand a secondary's `received` stream whose handshake is done over to the engine. What was
-    already read past the handshake goes to the engine first."""
+    already read past the handshake goes to the engine first. From the session's second frame on,
+    the engine acknowledges on receipt what `received` acknowledges so (ON_RECEIPT)."""
     root = os.dup(root_fd)
     unread = conn.take_unread()
     handed: ReceiverConnection = await _hand_over(
         conn,
-        lambda own: pyfuse3.receiver_attach(own, root, unread),
+        lambda own: pyfuse3.receiver_attach(own, root, unread, ON_RECEIPT),
         lambda: ReceiverConnection(traffic=traffic, silence=silence),
         (root,),
     )

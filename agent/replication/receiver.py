@@ -307,7 +307,9 @@ class _Stream:
     `received` runs in the event-loop turn that read the bytes, so an ack leaves without a task switch,
     and before any frame of the chunk is applied: the primary's wait does not include the apply. Then,
     still in that turn, `apply_received` applies the queued frames (`apply_now`) until one would block.
-    The queue is bounded by pausing the socket, which the primary feels as TCP backpressure.
+    The queue is bounded by pausing the socket, which the primary feels as TCP backpressure. On the
+    native data path's stream (`native`) that path acknowledged every frame after the first on
+    receipt, and its own buffer ahead of this socket is bounded too (TE_FORWARD_MAX).
     """
 
     def __init__(
@@ -345,7 +347,8 @@ class _Stream:
             raise ProtocolError(f"{type(frame.msg).__name__} is not an operation (seq {frame.seq})")
         if self.native is not None and self._expected is not None:
             self._expected = max(self._expected, self.native() + 1)
-        if self._expected is None:
+        first = self._expected is None
+        if first:
             if not 1 <= frame.seq <= self.applied_seq + 1:
                 raise ProtocolError(f"stream resumes at seq {frame.seq}, applied {self.applied_seq}")
         elif frame.seq != self._expected:
@@ -353,7 +356,8 @@ class _Stream:
         self._expected = frame.seq + 1
         # Queued before the ack, so an acknowledged frame is always applied, even if the link dies now.
         self._queue.append(frame)
-        if self.mode is not AckMode.DURABLE and not frame.msg.AFTER_APPLY:
+        # The native data path acknowledged it on receipt already, all but the session's first.
+        if self.mode is not AckMode.DURABLE and not frame.msg.AFTER_APPLY and (first or self.native is None):
             self.conn.send_nowait(Frame(frame.seq, m.Ack()))
         if len(self._queue) >= QUEUE_FRAMES and not self._paused:
             self._paused = True

@@ -21,6 +21,11 @@
  *   frame went to Python, the frames after it go too until Python has applied all of them
  *   (rx_applied), so frames are applied in their order whoever applies them; the files this side
  *   keeps open are closed whenever Python applies anything but an Fsync, which may rename or remove.
+ * - An operation that `received` acknowledges on receipt (rx_attach's on_receipt: not an Fsync nor
+ *   a resync's checkpoint), in sequence after the session's first frame, is acknowledged here when
+ *   it arrives, whoever applies it: a Create or an Unlink that goes to Python is answered without
+ *   waiting for Python's turn. Python then acknowledges only the first frame on receipt, and the
+ *   others after applying them (receiver.py, _Stream).
  *
  * Python's answers go out through rx_send, under the same mutex as this side's acks.
  */
@@ -59,6 +64,7 @@ static struct {
     uint64_t disk_error_seq;
     char disk_error_text[256];
     uint64_t n_fsync;
+    uint64_t on_receipt;    /* bit N: operation code N is acknowledged on receipt (rx_attach) */
 } RX = {.sock = -1, .root = -1, .ans_w = -1, .tx_mu = PTHREAD_MUTEX_INITIALIZER};
 
 static void rx_close_files(void)
@@ -213,6 +219,15 @@ static int rx_fsync(const uint8_t *frame, uint64_t seq, struct te_out *acks)
     return 1;
 }
 
+/* A frame's Ack, done: [4, seq, 0, ""]. */
+static void rx_ack(struct te_out *acks, uint64_t seq)
+{
+    struct tf_buf ack;
+    tf_begin(&ack, 4, 4), tf_uint(&ack, seq), tf_uint(&ack, 0), tf_str(&ack, "");
+    tf_end(&ack, 0);
+    te_out_add(acks, ack.b, ack.n);
+}
+
 static int rx_send_all(const void *p, size_t n)
 {
     struct iovec iov = {(void *) p, n};
@@ -289,23 +304,26 @@ static void *rx_thread(void *arg)
             size_t after;
             int head = tf_read_head(frame, need, &op, &seq, &after) == 0;
             int caught_up = __atomic_load_n(&RX.py_applied, __ATOMIC_ACQUIRE) == RX.forwarded;
-            int next = head && seq != 0 && RX.last_seq != 0 && seq == RX.last_seq + 1 && caught_up && out.n == 0 &&
-                       !__atomic_load_n(&RX.disk_error, __ATOMIC_ACQUIRE);
+            /* In sequence, after the session's first frame (which Python checks against the
+             * handshake) */
+            int in_order = head && seq != 0 && RX.last_seq != 0 && seq == RX.last_seq + 1;
+            int next = in_order && caught_up && out.n == 0 && !__atomic_load_n(&RX.disk_error, __ATOMIC_ACQUIRE);
             if (next && op == 30 && rx_fsync(frame, seq, &acks)) {
                 RX.last_seq = seq;
                 __atomic_store_n(&RX.handled_seq, seq, __ATOMIC_RELEASE);
                 te_touch();
             } else if (next && op == 16 && rx_write(frame, need, seq)) {
-                /* [4, seq, 0, ""] */
-                struct tf_buf ack;
-                tf_begin(&ack, 4, 4), tf_uint(&ack, seq), tf_uint(&ack, 0), tf_str(&ack, "");
-                tf_end(&ack, 0);
-                te_out_add(&acks, ack.b, ack.n);
+                rx_ack(&acks, seq);
                 RX.last_seq = seq;
                 __atomic_store_n(&RX.handled_seq, seq, __ATOMIC_RELEASE);
                 __atomic_add_fetch(&RX.n_write, 1, __ATOMIC_RELAXED);
                 te_touch();
             } else {
+                /* An operation acknowledged on receipt is acknowledged here, before Python
+                 * applies it, as Python's _Stream would have: the primary's wait never includes
+                 * Python's turn. */
+                if (in_order && op < 64 && (RX.on_receipt >> op & 1))
+                    rx_ack(&acks, seq);
                 if (head && seq != 0) {
                     if (op == 16)
                         RX.since_sync += need; /* what an Fsync here would have to sync too */
@@ -351,7 +369,7 @@ end:
 /* Take over a stream whose handshake Python did (`received` mode). `sock` and `root` (the
  * directory's fd) are the engine's own from now on; `initial` is what Python read of the stream
  * past the handshake. The fd of the pair Python reads, or -errno. */
-static int rx_attach(int sock, int root, const uint8_t *initial, size_t n_initial)
+static int rx_attach(int sock, int root, const uint8_t *initial, size_t n_initial, uint64_t on_receipt)
 {
     int pair[2];
     if (RX.on) {
@@ -376,6 +394,7 @@ static int rx_attach(int sock, int root, const uint8_t *initial, size_t n_initia
     RX.last_seq = RX.handled_seq = RX.forwarded = RX.py_applied = 0;
     RX.dead = 0, RX.lost[0] = 0, RX.lost_errno = 0, RX.since_sync = 0;
     RX.disk_error = 0, RX.disk_error_seq = 0, RX.disk_error_text[0] = 0;
+    RX.on_receipt = on_receipt;
     int err = pthread_create(&RX.x, NULL, rx_thread, NULL);
     if (err) {
         close(pair[0]), close(pair[1]);

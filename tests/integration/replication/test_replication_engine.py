@@ -12,6 +12,7 @@ import asyncio
 import os
 import random
 import re
+import socket
 import stat
 import subprocess
 import threading
@@ -24,7 +25,7 @@ import pytest
 from agent.replication import messages as m
 from agent.replication.connection import FrameConnection
 from agent.replication.receiver import AckMode
-from agent.replication.wire import Frame
+from agent.replication.wire import Frame, decode_body, encode, frame_length
 from tests.conftest import ExpectedLogs
 from tests.integration.replication.links import open_link
 from tests.integration.replication.pairs import Pair
@@ -181,6 +182,55 @@ async def test_the_secondary_applies_writes_itself_in_order_with_python(tmp_path
     assert pyfuse3.receiver_counts()["applied"] - before >= 40
 
 
+def _read_frames(sock: socket.socket, count: int) -> dict[int, list[m.Message]]:
+    got: dict[int, list[m.Message]] = {}
+    for _ in range(count):
+        body = _recv_exactly(sock, frame_length(_recv_exactly(sock, 4)))
+        frame = decode_body(body)
+        got.setdefault(frame.seq, []).append(frame.msg)
+    return got
+
+
+def _recv_exactly(sock: socket.socket, n: int) -> bytes:
+    buf = b""
+    while len(buf) < n:
+        chunk = sock.recv(n - len(buf))
+        assert chunk, "the secondary ended the stream"
+        buf += chunk
+    return buf
+
+
+async def test_the_secondary_acknowledges_on_receipt_without_waiting_for_python(tmp_path: Path) -> None:
+    # Creates, a rename and an unlink go to Python to apply; the native data path acknowledges them
+    # on receipt. The test blocks the event loop, and the receiver's Python with it, while it sends
+    # them and reads their acks on the socket itself.
+    root = tmp_path / "repl"
+    root.mkdir()
+    async with open_link(root, AckMode.RECEIVED, native=True) as link:
+        # The session's first frame is Python's to acknowledge (it checks it against the handshake).
+        link.conn.send_nowait(Frame(1, m.Mkdir(b"d", 0o755, 0, 0)))
+        assert await _answers(link.conn, lambda got: 1 in got) == {1: [m.Ack()]}
+        ops: list[m.Message] = [m.Create(b"d/f%d" % i, 0o644, 0, 0, 0) for i in range(20)]
+        ops += [_write(b"d/f0", 0, b"data"), m.Rename(b"d/f0", b"d/g", 0), m.Unlink(b"d/f1")]
+        transport_sock = link.conn.transport.get_extra_info("socket")
+        with socket.socket(fileno=os.dup(transport_sock.fileno())) as sock:
+            sock.setblocking(True)
+            sock.settimeout(10)
+            sock.sendall(b"".join(encode(Frame(seq, op)) for seq, op in enumerate(ops, 2)))
+            got = _read_frames(sock, len(ops))
+            sock.setblocking(False)
+            applied_meanwhile = sorted(p.name for p in (root / "d").iterdir())
+        assert got == {seq: [m.Ack()] for seq in range(2, len(ops) + 2)}, got
+        assert applied_meanwhile == [], applied_meanwhile
+        # Then Python applies them, in order.
+        for _ in range(200):
+            if not (root / "d" / "f1").exists() and (root / "d" / "g").exists():
+                break
+            await asyncio.sleep(0.05)
+    assert (root / "d" / "g").read_bytes() == b"data"
+    assert sorted(p.name for p in (root / "d").iterdir()) == sorted(["g", *(f"f{i}" for i in range(2, 20))])
+
+
 @pytest.mark.parametrize(
     "path, why",
     [
@@ -267,13 +317,15 @@ async def test_after_a_native_fsync_meets_a_disk_error_no_later_fsync_is_acknowl
 ) -> None:
     # A thin disk (test_replication_durable.thin_disk): the secondary's fsync meets the error that
     # the page cache hid from its writes.
-    # Each round writes less than INLINE_SYNC_BYTES, so the native data path applies its Fsync.
+    # Each round writes less than INLINE_SYNC_BYTES, in writes below STREAM_WRITE_BYTES, so that
+    # the native data path applies the writes and then their Fsync (a write that went to Python
+    # would leave it behind, and the Fsync after it would go to Python too).
     expected_logs.expect(r"fsync of seq \d+ failed")
     expected_logs.expect(r"Replication error applying seq=\d+")
     with thin_disk(tmp_path) as mnt:
         ops: list[m.Message] = [m.Create(b"big", 0o644, 0, 0, 0)]
         for r in range(24):
-            ops += [_write(b"big", (r * 3 + i) << 18, b"x" * (1 << 18)) for i in range(3)]
+            ops += [_write(b"big", (r * 4 + i) * (192 << 10), b"x" * (192 << 10)) for i in range(4)]
             ops.append(m.Fsync(b"big", False))
         answers: dict[int, list[m.Message]] = {}
         synced = pyfuse3.receiver_counts()["synced"]
