@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+from collections.abc import Callable
 from dataclasses import dataclass, field
 
 import pyfuse3
@@ -29,6 +30,14 @@ class Inodes:
         self._nodes: dict[int, Node] = {ROOT: Node(root_fd, (st.st_dev, st.st_ino), lookups=1)}
         self._by_key: dict[tuple[int, int], int] = {(st.st_dev, st.st_ino): ROOT}
         self._next = ROOT + 1
+        self._mirror: Callable[[int, int], None] | None = None
+
+    def mirror(self, to: Callable[[int, int], None]) -> None:
+        """Tell `to` every inode's fd, now and as they come (ino, fd), and each inode's end before its
+        fd closes (ino, -1): the native data path answers GETATTR from its copy (pyfuse3.engine_node)."""
+        self._mirror = to
+        for ino, node in self._nodes.items():
+            to(ino, node.fd)
 
     def __getitem__(self, ino: int) -> Node:
         return self._nodes[ino]
@@ -64,6 +73,8 @@ class Inodes:
             ino, self._next = self._next, self._next + 1
             self._nodes[ino] = Node(fd, key)
             self._by_key[key] = ino
+            if self._mirror is not None:
+                self._mirror(ino, fd)
         else:
             os.close(fd)
         node = self._nodes[ino]
@@ -78,9 +89,11 @@ class Inodes:
             return
         node.lookups -= count
         if node.lookups <= 0:
-            # Out of the table before the fd closes: pyfuse3 answers GETATTR from this table.
+            # Out of the tables before the fd closes: pyfuse3 answers GETATTR from them.
             del self._nodes[ino]
             del self._by_key[node.key]
+            if self._mirror is not None:
+                self._mirror(ino, -1)
             os.close(node.fd)
 
     def unname(self, parent: int, name: bytes, ino: int | None) -> None:

@@ -300,3 +300,6 @@ def mount(
     except RuntimeError as exc:
         raise MountError(f"cannot mount {directory}: {exc} (libfuse's reason is logged just before)") from exc
     pyfuse3.native_answers(**(fs.native_tables() if native else {}))
+    if native and hasattr(pyfuse3, "engine_node") and pyfuse3.engine_on():
+        # The native data path's thread reads /dev/fuse: it answers the same before they reach pyfuse3.
+        fs.inodes.mirror(pyfuse3.engine_node)

@@ -67,6 +67,13 @@ struct te_file {
     char path[];       /* root-relative; plen 0 is "no name": Python serves it */
 };
 
+/* An inode Python's table holds (agent/replication/inodes.py): its O_PATH fd, Python's own. */
+struct te_node {
+    struct te_node *next;
+    uint64_t ino;
+    int fd;
+};
+
 struct te_wait {
     struct te_wait *next;
     uint64_t seq, unique;
@@ -96,7 +103,11 @@ static struct {
     int lost_errno;     /* the system error that ended the stream, or 0 */
     struct te_file *files[TE_BUCKETS];
     struct te_wait *waits[TE_BUCKETS];
-    uint64_t n_write, n_fsync;
+    struct te_node *nodes[TE_BUCKETS];
+    int answers;              /* F answers from the node table (te_answers) */
+    double attr_timeout;      /* GETATTR's validity */
+    double negative_timeout;  /* a missing name's; < 0: ENOENT, no negative entry */
+    uint64_t n_write, n_fsync, n_getattr, n_lookup, n_getxattr;
     int qos;            /* this engine's own PM QoS request, or -1 */
     int64_t hold_ns;
     int64_t last_ns;
@@ -132,6 +143,25 @@ static struct te_wait **te_wait_slot(uint64_t seq)
     while (*p != NULL && (*p)->seq != seq)
         p = &(*p)->next;
     return p;
+}
+
+static struct te_node **te_node_slot(uint64_t ino)
+{
+    struct te_node **p = &E.nodes[te_bucket(ino)];
+    while (*p != NULL && (*p)->ino != ino)
+        p = &(*p)->next;
+    return p;
+}
+
+/* tab_mu held. */
+static void te_nodes_clear(void)
+{
+    for (size_t i = 0; i < TE_BUCKETS; i++)
+        while (E.nodes[i] != NULL) {
+            struct te_node *node = E.nodes[i];
+            E.nodes[i] = node->next;
+            free(node);
+        }
 }
 
 static void te_file_drop(uint64_t fh)
@@ -426,6 +456,99 @@ static int te_fsync(const struct fuse_in_header *in, size_t n)
     return 1;
 }
 
+/* --- F: answers from Python's inode table --------------------------------------------------------
+ *
+ * What pyfuse3's own native answers give (tandem_native.pxi: _native_getattr, _native_lookup,
+ * _native_getxattr), on F's thread instead of after the hop to pyfuse3's: GETATTR of a known inode,
+ * the LOOKUP of a name that does not exist in a known directory, and GETXATTR(security.capability)
+ * of a known regular file that has none, which the kernel asks before a file's first write. Python
+ * removes an inode from this table (te_node) before it closes its fd, and F uses the fd under
+ * tab_mu only. Whatever the table does not hold, and every other outcome, goes to Python. */
+
+/* libfuse's calc_timeout_sec and calc_timeout_nsec. */
+static void te_timeout(double t, uint64_t *sec, uint32_t *nsec)
+{
+    if (t < 0.0) {
+        *sec = 0, *nsec = 0;
+        return;
+    }
+    *sec = t > (double) UINT64_MAX ? UINT64_MAX : (uint64_t) t;
+    double f = t - (double) *sec;
+    *nsec = f < 0.0 ? 0 : f >= 0.999999999 ? 999999999 : (uint32_t) (f * 1.0e9);
+}
+
+/* libfuse's convert_stat, with the inode number Python gives the kernel. */
+static void te_attr(const struct stat *st, uint64_t ino, struct fuse_attr *a)
+{
+    memset(a, 0, sizeof(*a));
+    a->ino = ino, a->mode = st->st_mode, a->nlink = (uint32_t) st->st_nlink;
+    a->uid = st->st_uid, a->gid = st->st_gid, a->rdev = (uint32_t) st->st_rdev;
+    a->size = (uint64_t) st->st_size, a->blksize = (uint32_t) st->st_blksize, a->blocks = (uint64_t) st->st_blocks;
+    a->atime = (uint64_t) st->st_atim.tv_sec, a->atimensec = (uint32_t) st->st_atim.tv_nsec;
+    a->mtime = (uint64_t) st->st_mtim.tv_sec, a->mtimensec = (uint32_t) st->st_mtim.tv_nsec;
+    a->ctime = (uint64_t) st->st_ctim.tv_sec, a->ctimensec = (uint32_t) st->st_ctim.tv_nsec;
+}
+
+/* The request's name argument (LOOKUP, GETXATTR): NUL-terminated within the request, or NULL. */
+static const char *te_name(const char *p, const char *end)
+{
+    const char *nul = p < end ? memchr(p, 0, (size_t) (end - p)) : NULL;
+    return nul == NULL || nul == p ? NULL : p;
+}
+
+/* 1: answered here; 0: the request goes to Python. */
+static int te_answer_node(const struct fuse_in_header *in, size_t n)
+{
+    const char *arg = (const char *) (in + 1), *end = (const char *) in + n;
+    union {
+        struct fuse_attr_out attr;
+        struct fuse_entry_out entry;
+    } out;
+    size_t size = 0;
+    int error = -1; /* -1: not answered here */
+    uint64_t *count = NULL;
+    struct stat st;
+
+    if (!__atomic_load_n(&E.answers, __ATOMIC_ACQUIRE) || n < sizeof(*in))
+        return 0;
+    memset(&out, 0, sizeof(out));
+    pthread_mutex_lock(&E.tab_mu);
+    struct te_node *node = *te_node_slot(in->nodeid);
+    if (node == NULL) {
+        /* Python answers */
+    } else if (in->opcode == FUSE_GETATTR) {
+        if (fstat(node->fd, &st) == 0) {
+            te_timeout(E.attr_timeout, &out.attr.attr_valid, &out.attr.attr_valid_nsec);
+            te_attr(&st, in->nodeid, &out.attr.attr);
+            error = 0, size = sizeof(out.attr), count = &E.n_getattr;
+        }
+    } else if (in->opcode == FUSE_LOOKUP) {
+        const char *name = te_name(arg, end);
+        if (name != NULL && fstatat(node->fd, name, &st, AT_SYMLINK_NOFOLLOW) != 0 && errno == ENOENT) {
+            count = &E.n_lookup;
+            if (E.negative_timeout < 0) {
+                error = ENOENT;
+            } else {
+                te_timeout(E.negative_timeout, &out.entry.entry_valid, &out.entry.entry_valid_nsec);
+                error = 0, size = sizeof(out.entry);
+            }
+        }
+    } else if (in->opcode == FUSE_GETXATTR && n >= sizeof(*in) + sizeof(struct fuse_getxattr_in)) {
+        const char *name = te_name(arg + sizeof(struct fuse_getxattr_in), end);
+        char proc[32];
+        snprintf(proc, sizeof(proc), "/proc/self/fd/%d", node->fd);
+        if (name != NULL && strcmp(name, "security.capability") == 0 && fstat(node->fd, &st) == 0 &&
+            S_ISREG(st.st_mode) && getxattr(proc, name, NULL, 0) < 0 && errno == ENODATA)
+            error = ENODATA, count = &E.n_getxattr;
+    }
+    pthread_mutex_unlock(&E.tab_mu);
+    if (error < 0)
+        return 0;
+    te_reply(in->unique, error, &out, size);
+    __atomic_add_fetch(count, 1, __ATOMIC_RELAXED);
+    return 1;
+}
+
 static void *te_fuse_thread(void *arg)
 {
     (void) arg;
@@ -460,6 +583,10 @@ static void *te_fuse_thread(void *arg)
             pthread_mutex_unlock(&E.tab_mu);
         } else if ((in->opcode == FUSE_WRITE && te_write(in, (size_t) n)) ||
                    (in->opcode == FUSE_FSYNC && te_fsync(in, (size_t) n))) {
+            te_touch();
+            continue;
+        } else if ((in->opcode == FUSE_GETATTR || in->opcode == FUSE_LOOKUP || in->opcode == FUSE_GETXATTR) &&
+                   te_answer_node(in, (size_t) n)) {
             te_touch();
             continue;
         }
@@ -764,6 +891,8 @@ static void te_stop(void)
     for (size_t i = 0; i < TE_BUCKETS; i++)
         while (E.files[i] != NULL)
             te_file_drop(E.files[i]->fh);
+    te_nodes_clear();
+    __atomic_store_n(&E.answers, 0, __ATOMIC_RELEASE);
     pthread_mutex_unlock(&E.tab_mu);
     E.dev = E.fwd_r = E.fwd_w = E.stop = E.sock = E.ans_w = E.qos = -1;
     E.on = 0;
@@ -879,6 +1008,40 @@ static int te_file(uint64_t fh, int fd, const char *path, size_t plen)
     return 0;
 }
 
+/* Python's inode table: ino has the O_PATH fd `fd` now, or none (fd < 0, before Python closes it).
+ * 0 or -ENOMEM. */
+static int te_node(uint64_t ino, int fd)
+{
+    int err = 0;
+    pthread_mutex_lock(&E.tab_mu);
+    struct te_node **p = te_node_slot(ino), *node = *p;
+    if (node != NULL && fd < 0) {
+        *p = node->next;
+        free(node);
+    } else if (node != NULL) {
+        node->fd = fd;
+    } else if (fd >= 0 && (node = malloc(sizeof(*node))) != NULL) {
+        node->ino = ino, node->fd = fd;
+        node->next = E.nodes[te_bucket(ino)];
+        E.nodes[te_bucket(ino)] = node;
+    } else if (fd >= 0) {
+        err = -ENOMEM;
+    }
+    pthread_mutex_unlock(&E.tab_mu);
+    return err;
+}
+
+/* Let F answer from the node table (on), with pyfuse3's native answers' timeouts. The table starts
+ * empty: Python fills it (te_node). */
+static void te_answers(int on, double attr_timeout, double negative_timeout)
+{
+    pthread_mutex_lock(&E.tab_mu);
+    E.attr_timeout = attr_timeout, E.negative_timeout = negative_timeout;
+    __atomic_store_n(&E.answers, on, __ATOMIC_RELEASE);
+    te_nodes_clear();
+    pthread_mutex_unlock(&E.tab_mu);
+}
+
 /* The bytes F wrote to fh since its last fsync; they count as synced from now on. */
 static uint64_t te_unsynced(uint64_t fh)
 {
@@ -928,9 +1091,11 @@ static const char *te_lost(int *err)
     return E.lost;
 }
 
+/* Requests F answered: 0 WRITE, 1 FSYNC, 2 GETATTR, 3 LOOKUP, 4 GETXATTR. */
 static unsigned long long te_count(int which)
 {
-    return __atomic_load_n(which ? &E.n_fsync : &E.n_write, __ATOMIC_RELAXED);
+    uint64_t *counts[] = {&E.n_write, &E.n_fsync, &E.n_getattr, &E.n_lookup, &E.n_getxattr};
+    return which >= 0 && which < 5 ? __atomic_load_n(counts[which], __ATOMIC_RELAXED) : 0;
 }
 
 static unsigned long long te_seq(void)
