@@ -163,16 +163,17 @@ async def adopt(conn: FrameConnection, traffic: Any = None, silence: float = 0.0
 
 
 async def adopt_receiver(
-    conn: FrameConnection, root_fd: int, traffic: Any = None, silence: float = 0.0
+    conn: FrameConnection, root_fd: int, traffic: Any = None, silence: float = 0.0, *, durable: bool = False
 ) -> ReceiverConnection:
-    """Hand a secondary's `received` stream whose handshake is done over to the engine. What was
-    already read past the handshake goes to the engine first. From the session's second frame on,
-    the engine acknowledges on receipt what `received` acknowledges so (ON_RECEIPT)."""
+    """Hand a secondary's `received` (or `durable`) stream whose handshake is done over to the
+    engine. What was already read past the handshake goes to the engine first. In `received` mode,
+    from the session's second frame on, the engine acknowledges on receipt what that mode
+    acknowledges so (ON_RECEIPT); in `durable` mode nothing is acknowledged before it is on disk."""
     root = os.dup(root_fd)
     unread = conn.take_unread()
     handed: ReceiverConnection = await _hand_over(
         conn,
-        lambda own: pyfuse3.receiver_attach(own, root, unread, ON_RECEIPT),
+        lambda own: pyfuse3.receiver_attach(own, root, unread, 0 if durable else ON_RECEIPT, durable),
         lambda: ReceiverConnection(traffic=traffic, silence=silence),
         (root,),
     )

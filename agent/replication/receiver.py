@@ -55,7 +55,8 @@ class Receiver:
         native: bool = False,
     ) -> None:
         self.applier = applier
-        # `received` streams go to the native data path, which applies the Write frames it can.
+        # `received` and `durable` streams go to the native data path, which applies the Write and
+        # Fsync frames it can.
         self.native = native and engine.receiver_available()
         self._handed = False
         self.traffic = traffic
@@ -129,8 +130,14 @@ class Receiver:
         self._connected = True
         self.events.peer("connected")
         log.info("Replication stream open: peer=%s applied_seq=%d mode=%s", peer.node, peer.applied_seq, self.mode)
-        if self.native and self.mode is AckMode.RECEIVED:
-            handed = await engine.adopt_receiver(conn, self.applier.beneath.root_fd, self.traffic, self.peer_timeout)
+        if self.native and self.mode in (AckMode.RECEIVED, AckMode.DURABLE):
+            handed = await engine.adopt_receiver(
+                conn,
+                self.applier.beneath.root_fd,
+                self.traffic,
+                self.peer_timeout,
+                durable=self.mode is AckMode.DURABLE,
+            )
             self._conns.add(handed)
             self._handed = True
             try:
@@ -178,7 +185,11 @@ class Receiver:
         """An fsync the native data path applied met a disk error: this session keeps it (_synced)."""
         err, seq, text = pyfuse3.receiver_disk_error()
         if err and self._disk_error is None:
-            log.error("Replication error: fsync of seq %d failed: %s; no later sync is acknowledged", seq, text)
+            log.error(
+                "Replication error: the native data path's sync of seq %d failed: %s; no later sync is acknowledged",
+                seq,
+                text,
+            )
             self._disk_error = m.Ack(err, f"an fsync failed: {os.strerror(err)}")
 
     async def _apply(self, conn: FrameConnection, frame: Frame) -> None:
@@ -207,7 +218,7 @@ class Receiver:
 
     def _settle(self, conn: FrameConnection, frame: Frame, answer: m.Message) -> None:
         """Log, answer and track one applied frame; the answer is queued on the transport."""
-        if self._handed:
+        if self._handed and self.mode is not AckMode.DURABLE:
             pyfuse3.receiver_applied()  # the native data path may apply the frames after it
         if isinstance(frame.msg, m.Fsync) and isinstance(answer, m.Ack):
             answer = self._synced(frame, answer)
@@ -265,6 +276,9 @@ class Receiver:
             answers = [Frame(a.seq, failed) if isinstance(a.msg, m.Ack) and not a.msg.status else a for a in answers]
         for answer in answers:
             self._answer(conn, answer)
+        if self._handed:
+            # On disk now: the native data path may apply and acknowledge the frames after them.
+            pyfuse3.receiver_applied(len(answers))
         with contextlib.suppress(ConnectionError):
             await conn.drain()
 

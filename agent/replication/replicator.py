@@ -112,9 +112,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         "--native-writes",
         action=argparse.BooleanOptionalAction,
         default=True,
-        help="primary, ack received or durable: serve and replicate writes and fsyncs in the native data path's "
-        "own thread, without Python; secondary, ack received: apply Write frames there (default: yes, with "
-        "Tandem's pyfuse3; no: through Python, for comparisons)",
+        help="ack received or durable: the primary serves and replicates writes and fsyncs in the native data "
+        "path's own thread, without Python, and the secondary applies Write and Fsync frames there (default: yes, "
+        "with Tandem's pyfuse3; no: through Python, for comparisons)",
     )
     p.add_argument("--debug-fuse", action="store_true")
     p.add_argument("--log-file", type=Path, help="append the logs (stderr) to this file")

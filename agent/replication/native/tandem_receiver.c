@@ -1,10 +1,10 @@
 /* Tandem's native data path on the secondary (docs/dev/native-data-path.md, stage 6): Write and
- * Fsync frames received, applied and acknowledged without Python, in `received` mode.
+ * Fsync frames received, applied and acknowledged without Python, in `received` and `durable` mode.
  *
  * Built into Tandem's pyfuse3 beside tandem_engine.c (the primary's side). After Python's handshake
  * the Receiver hands the stream over (rx_attach). One thread (X) then reads it:
  *
- * - A Write frame of less than STREAM_WRITE_BYTES that comes next in sequence while Python has
+ * - A Write frame (in `received` mode: of less than STREAM_WRITE_BYTES) that comes next in sequence while Python has
  *   nothing of the stream left to apply, whose header this file reads in full (a plain path, one
  *   time fix naming the same file), is
  *   applied here: the file opened beneath the root with openat2(RESOLVE_BENEATH | RESOLVE_NO_SYMLINKS
@@ -21,6 +21,12 @@
  *   frame went to Python, the frames after it go too until Python has applied all of them
  *   (rx_applied), so frames are applied in their order whoever applies them; the files this side
  *   keeps open are closed whenever Python applies anything but an Fsync, which may rename or remove.
+ * - In `durable` mode a Write applied here is acknowledged once it is on disk: the Writes of one
+ *   read from the stream share one flush (fdatasync of each file written, as Python's Dirty does;
+ *   group commit), which also comes before any frame goes to Python and before an Fsync. A flush
+ *   that fails answers those Writes with its error, kept from then on as an fsync's is. Python
+ *   counts a frame applied (rx_applied) only once its own flush put it on disk, so that nothing
+ *   here is acknowledged before what Python applied ahead of it is durable.
  * - An operation that `received` acknowledges on receipt (rx_attach's on_receipt: not an Fsync nor
  *   a resync's checkpoint), in sequence after the session's first frame, is acknowledged here when
  *   it arrives, whoever applies it: a Create or an Unlink that goes to Python is answered without
@@ -37,6 +43,7 @@
 
 struct rx_file {
     int fd;
+    int dirty;              /* `durable`: written here since this side's last flush */
     size_t plen;
     uint8_t path[TF_PATH_MAX];
 };
@@ -65,6 +72,9 @@ static struct {
     char disk_error_text[256];
     uint64_t n_fsync;
     uint64_t on_receipt;    /* bit N: operation code N is acknowledged on receipt (rx_attach) */
+    int durable;            /* `durable` mode: a Write is acknowledged once flushed (rx_flush) */
+    uint64_t *unflushed;    /* `durable`: the Writes applied here and not flushed yet */
+    size_t n_unflushed, cap_unflushed;
 } RX = {.sock = -1, .root = -1, .ans_w = -1, .tx_mu = PTHREAD_MUTEX_INITIALIZER};
 
 static void rx_close_files(void)
@@ -76,12 +86,12 @@ static void rx_close_files(void)
     RX.n_files = 0;
 }
 
-/* A writable fd of the regular file at path, beneath the root and on its file system; -1 if not. */
-static int rx_file(const uint8_t *path, size_t plen)
+/* The open regular file at path, beneath the root and on its file system; NULL if not. */
+static struct rx_file *rx_file(const uint8_t *path, size_t plen)
 {
     for (size_t i = 0; i < RX.n_files; i++)
         if (RX.files[i]->plen == plen && memcmp(RX.files[i]->path, path, plen) == 0)
-            return RX.files[i]->fd;
+            return RX.files[i];
     char name[TF_PATH_MAX + 1];
     memcpy(name, path, plen);
     name[plen] = 0;
@@ -93,33 +103,42 @@ static int rx_file(const uint8_t *path, size_t plen)
     int pfd = (int) syscall(SYS_openat2, RX.root, name, &probe, sizeof(probe));
     struct stat st;
     if (pfd < 0)
-        return -1;
+        return NULL;
     int regular = fstat(pfd, &st) == 0 && S_ISREG(st.st_mode);
     close(pfd);
     if (!regular)
-        return -1;
+        return NULL;
     int fd = (int) syscall(SYS_openat2, RX.root, name, &how, sizeof(how));
     if (fd < 0)
-        return -1;
+        return NULL;
     if (fstat(fd, &st) != 0 || !S_ISREG(st.st_mode)) {
         close(fd);
-        return -1;
+        return NULL;
     }
     struct rx_file *f = malloc(sizeof(*f));
     if (f == NULL) {
         close(fd);
-        return -1;
+        return NULL;
     }
-    f->fd = fd, f->plen = plen;
+    f->fd = fd, f->dirty = 0, f->plen = plen;
     memcpy(f->path, path, plen);
     if (RX.n_files == RX_FILES) {
-        close(RX.files[0]->fd);
-        free(RX.files[0]);
-        memmove(RX.files, RX.files + 1, (RX_FILES - 1) * sizeof(RX.files[0]));
+        /* The oldest goes; `durable`: only once flushed (rx_flush first). */
+        size_t old = 0;
+        while (old < RX.n_files && RX.files[old]->dirty)
+            old++;
+        if (old == RX.n_files) {
+            close(fd);
+            free(f);
+            return NULL;
+        }
+        close(RX.files[old]->fd);
+        free(RX.files[old]);
+        memmove(RX.files + old, RX.files + old + 1, (RX.n_files - old - 1) * sizeof(RX.files[0]));
         RX.n_files--;
     }
     RX.files[RX.n_files++] = f;
-    return fd;
+    return f;
 }
 
 /* Apply a whole Write frame here if it is one this side reads and may apply now: 1, else 0. */
@@ -143,13 +162,15 @@ static int rx_write(const uint8_t *frame, size_t len, uint64_t seq)
     size_t size = len - (size_t) (data - frame);
     if (offset + size < offset || offset + size > (uint64_t) INT64_MAX)
         return 0;
-    /* A large write goes to Python, which acknowledges it on receipt and applies it meanwhile:
-     * here the ack would wait for the pwrite, and a sequential writer for each ack. */
-    if (size >= TE_STREAM_WRITE_BYTES)
+    /* `received`: a large write goes to Python, which acknowledges it on receipt and applies it
+     * meanwhile: here the ack would wait for the pwrite, and a sequential writer for each ack.
+     * (`durable` acknowledges after the flush whoever applies it: here it saves the hop.) */
+    if (size >= TE_STREAM_WRITE_BYTES && !RX.durable)
         return 0;
-    int fd = rx_file(path, plen);
-    if (fd < 0)
+    struct rx_file *f = rx_file(path, plen);
+    if (f == NULL)
         return 0;
+    int fd = f->fd;
     size_t done = 0;
     while (done < size) {
         ssize_t n = pwrite(fd, data + done, size - done, (off_t) (offset + done));
@@ -164,6 +185,10 @@ static int rx_write(const uint8_t *frame, size_t len, uint64_t seq)
             times[i].tv_sec -= 1, times[i].tv_nsec += 1000000000;
     if (futimens(fd, times) != 0)
         return 0;
+    if (RX.durable) {
+        f->dirty = 1; /* rx_flush syncs it before the ack */
+        return 1;
+    }
     __atomic_add_fetch(&RX.unsynced, size, __ATOMIC_RELAXED);
     RX.since_sync += size;
     return 1;
@@ -172,6 +197,71 @@ static int rx_write(const uint8_t *frame, size_t len, uint64_t seq)
 static int rx_disk_error(int err)
 {
     return err == EIO || err == ENOSPC || err == EDQUOT || err == EROFS;
+}
+
+/* A frame's Ack, done: [4, seq, 0, ""]. */
+static void rx_ack(struct te_out *acks, uint64_t seq)
+{
+    struct tf_buf ack;
+    tf_begin(&ack, 4, 4), tf_uint(&ack, seq), tf_uint(&ack, 0), tf_str(&ack, "");
+    tf_end(&ack, 0);
+    te_out_add(acks, ack.b, ack.n);
+}
+
+/* A disk error met by a sync here: from now on Python answers every frame, keeping it. */
+static void rx_keep_disk_error(int err, uint64_t seq, const char *text)
+{
+    snprintf(RX.disk_error_text, sizeof(RX.disk_error_text), "%s", text);
+    RX.disk_error_seq = seq;
+    __atomic_store_n(&RX.disk_error, err, __ATOMIC_RELEASE);
+}
+
+/* `durable`: put on disk what the Writes applied here since the last flush changed (fdatasync, as
+ * Python's Dirty does), then acknowledge them into `acks`, each with the failure if it failed. */
+static void rx_flush(struct te_out *acks)
+{
+    if (RX.n_unflushed == 0)
+        return;
+    int err = 0;
+    for (size_t i = 0; i < RX.n_files; i++)
+        if (RX.files[i]->dirty) {
+            if (fdatasync(RX.files[i]->fd) != 0 && err == 0)
+                err = errno;
+            RX.files[i]->dirty = 0;
+        }
+    char text[160] = "";
+    if (err) {
+        /* As receiver.py's _flush words it. */
+        snprintf(text, sizeof(text), "flushing to disk: %s", strerror(err));
+        if (rx_disk_error(err))
+            rx_keep_disk_error(err, RX.unflushed[0], text);
+    }
+    for (size_t i = 0; i < RX.n_unflushed; i++) {
+        struct tf_buf ack;
+        tf_begin(&ack, 4, 4), tf_uint(&ack, RX.unflushed[i]), tf_uint(&ack, (uint64_t) err), tf_str(&ack, text);
+        tf_end(&ack, 0);
+        te_out_add(acks, ack.b, ack.n);
+    }
+    RX.n_unflushed = 0;
+}
+
+/* A Write applied here is answered: now (`received`), or after the next flush (`durable`). 0, or
+ * -1 without memory to remember it. */
+static int rx_written(struct te_out *acks, uint64_t seq)
+{
+    if (!RX.durable) {
+        rx_ack(acks, seq);
+        return 0;
+    }
+    if (RX.n_unflushed == RX.cap_unflushed) {
+        size_t cap = RX.cap_unflushed ? 2 * RX.cap_unflushed : 256;
+        uint64_t *more = realloc(RX.unflushed, cap * sizeof(*more));
+        if (more == NULL)
+            return -1;
+        RX.unflushed = more, RX.cap_unflushed = cap;
+    }
+    RX.unflushed[RX.n_unflushed++] = seq;
+    return 0;
 }
 
 /* An Fsync frame of a regular file, applied here if it is one this side may apply now: its answer
@@ -191,10 +281,10 @@ static int rx_fsync(const uint8_t *frame, uint64_t seq, struct te_out *acks)
     int datasync = *c.p == 0xC3;
     if (RX.disk_error || RX.since_sync >= TE_INLINE_SYNC_BYTES)
         return 0; /* Python: the error it keeps, or a large sync in a thread of its own */
-    int fd = rx_file(path, plen);
-    if (fd < 0)
+    struct rx_file *f = rx_file(path, plen);
+    if (f == NULL)
         return 0;
-    int err = (datasync ? fdatasync(fd) : fsync(fd)) != 0 ? errno : 0;
+    int err = (datasync ? fdatasync(f->fd) : fsync(f->fd)) != 0 ? errno : 0;
     RX.since_sync = 0;
     __atomic_store_n(&RX.unsynced, 0, __ATOMIC_RELAXED);
     struct tf_buf ack;
@@ -205,11 +295,8 @@ static int rx_fsync(const uint8_t *frame, uint64_t seq, struct te_out *acks)
         snprintf(text, sizeof(text), "Fsync b'%.*s': %s", (int) (plen > 180 ? 180 : plen), (const char *) path,
                  strerror(err));
         tf_str(&ack, text);
-        if (rx_disk_error(err)) {
-            snprintf(RX.disk_error_text, sizeof(RX.disk_error_text), "%s", text);
-            RX.disk_error_seq = seq;
-            __atomic_store_n(&RX.disk_error, err, __ATOMIC_RELEASE);
-        }
+        if (rx_disk_error(err))
+            rx_keep_disk_error(err, seq, text);
     } else {
         tf_str(&ack, "");
     }
@@ -217,15 +304,6 @@ static int rx_fsync(const uint8_t *frame, uint64_t seq, struct te_out *acks)
     te_out_add(acks, ack.b, ack.n);
     __atomic_add_fetch(&RX.n_fsync, 1, __ATOMIC_RELAXED);
     return 1;
-}
-
-/* A frame's Ack, done: [4, seq, 0, ""]. */
-static void rx_ack(struct te_out *acks, uint64_t seq)
-{
-    struct tf_buf ack;
-    tf_begin(&ack, 4, 4), tf_uint(&ack, seq), tf_uint(&ack, 0), tf_str(&ack, "");
-    tf_end(&ack, 0);
-    te_out_add(acks, ack.b, ack.n);
 }
 
 static int rx_send_all(const void *p, size_t n)
@@ -308,17 +386,28 @@ static void *rx_thread(void *arg)
              * handshake) */
             int in_order = head && seq != 0 && RX.last_seq != 0 && seq == RX.last_seq + 1;
             int next = in_order && caught_up && out.n == 0 && !__atomic_load_n(&RX.disk_error, __ATOMIC_ACQUIRE);
+            if (next && op == 30)
+                rx_flush(&acks); /* `durable`: the Writes before it are answered first */
             if (next && op == 30 && rx_fsync(frame, seq, &acks)) {
                 RX.last_seq = seq;
                 __atomic_store_n(&RX.handled_seq, seq, __ATOMIC_RELEASE);
                 te_touch();
             } else if (next && op == 16 && rx_write(frame, need, seq)) {
-                rx_ack(&acks, seq);
+                if (rx_written(&acks, seq) != 0) {
+                    rx_flush(&acks);
+                    if (rx_written(&acks, seq) != 0) {
+                        err = ENOMEM;
+                        goto end;
+                    }
+                }
                 RX.last_seq = seq;
                 __atomic_store_n(&RX.handled_seq, seq, __ATOMIC_RELEASE);
                 __atomic_add_fetch(&RX.n_write, 1, __ATOMIC_RELAXED);
                 te_touch();
             } else {
+                /* `durable`: what this side wrote is on disk and answered before Python applies
+                 * anything after it (and before its files close below). */
+                rx_flush(&acks);
                 /* An operation acknowledged on receipt is acknowledged here, before Python
                  * applies it, as Python's _Stream would have: the primary's wait never includes
                  * Python's turn. */
@@ -342,6 +431,7 @@ static void *rx_thread(void *arg)
         }
         memmove(in, in + used, have - used);
         have -= used;
+        rx_flush(&acks); /* `durable`: one flush for the chunk's Writes (group commit) */
         if (acks.n) {
             /* One send for the chunk's acks, as Python corks a chunk's answers. */
             pthread_mutex_lock(&RX.tx_mu);
@@ -363,13 +453,15 @@ end:
     te_pass_rest(&out, RX.ans_w);
     free(acks.b), free(in);
     rx_close_files();
+    free(RX.unflushed);
+    RX.unflushed = NULL, RX.n_unflushed = RX.cap_unflushed = 0;
     return NULL;
 }
 
 /* Take over a stream whose handshake Python did (`received` mode). `sock` and `root` (the
  * directory's fd) are the engine's own from now on; `initial` is what Python read of the stream
  * past the handshake. The fd of the pair Python reads, or -errno. */
-static int rx_attach(int sock, int root, const uint8_t *initial, size_t n_initial, uint64_t on_receipt)
+static int rx_attach(int sock, int root, const uint8_t *initial, size_t n_initial, uint64_t on_receipt, int durable)
 {
     int pair[2];
     if (RX.on) {
@@ -394,7 +486,7 @@ static int rx_attach(int sock, int root, const uint8_t *initial, size_t n_initia
     RX.last_seq = RX.handled_seq = RX.forwarded = RX.py_applied = 0;
     RX.dead = 0, RX.lost[0] = 0, RX.lost_errno = 0, RX.since_sync = 0;
     RX.disk_error = 0, RX.disk_error_seq = 0, RX.disk_error_text[0] = 0;
-    RX.on_receipt = on_receipt;
+    RX.on_receipt = on_receipt, RX.durable = durable, RX.n_unflushed = 0;
     int err = pthread_create(&RX.x, NULL, rx_thread, NULL);
     if (err) {
         close(pair[0]), close(pair[1]);
@@ -414,10 +506,10 @@ static int rx_send(const uint8_t *p, size_t n)
     return -err;
 }
 
-/* Python applied one more of the operation frames passed to it. */
-static void rx_applied(void)
+/* Python applied n more of the operation frames passed to it (`durable`: and flushed them). */
+static void rx_applied(uint64_t n)
 {
-    __atomic_add_fetch(&RX.py_applied, 1, __ATOMIC_RELEASE);
+    __atomic_add_fetch(&RX.py_applied, n, __ATOMIC_RELEASE);
 }
 
 /* The last operation applied here (0: none), and the bytes written since the last call. */

@@ -17,6 +17,7 @@ import subprocess
 from collections.abc import Iterator
 from pathlib import Path
 
+import pyfuse3
 import pytest
 
 from agent.replication import messages as m
@@ -131,6 +132,37 @@ async def test_acknowledged_durable_operations_survive_a_power_cut(disk: Path, t
             assert _state(cut / "repl") == APPLIED
 
 
+# As the primary sends a Write: one time fix, for the written file itself (the native data path's).
+FIX = (m.TimeFix(b"f", 1_600_000_000_000_000_000, 1_700_000_000_000_000_000),)
+
+
+def _writes(count: int, size: int, first_seq: int) -> list[Frame]:
+    return [Frame(first_seq + i, m.Write(b"f", i * size, bytes([i % 256]) * size, FIX)) for i in range(count)]
+
+
+async def test_writes_the_native_data_path_acknowledges_survive_a_power_cut(disk: Path, tmp_path: Path) -> None:
+    # Once Python flushed the Create, the native data path applies the writes itself, and
+    # acknowledges each batch only after its own flush.
+    applied = pyfuse3.receiver_counts()["applied"]
+    async with open_link(disk, AckMode.DURABLE, native=True) as link:
+        await _send(link.conn, [m.Create(b"f", 0o644, 0, 0, 0)])
+        assert await _acks(link.conn, 1) == {1: m.Ack()}
+        for frame in _writes(20, 4096, 2):
+            link.conn.send_nowait(frame)
+            assert await _acks(link.conn, 1) == {frame.seq: m.Ack()}
+        for frame in _writes(20, 4096, 22)[:10]:  # and in one batch
+            link.conn.send_nowait(frame)
+        acks = await _acks(link.conn, 10)
+        # A write of STREAM_WRITE_BYTES and more too: nothing is acknowledged before its flush anyway.
+        link.conn.send_nowait(Frame(32, m.Write(b"f", 20 * 4096, b"B" * (1 << 20), FIX)))
+        acks |= await _acks(link.conn, 1)
+        assert all(ack == m.Ack() for ack in acks.values()), acks
+        with _after_power_cut(tmp_path) as cut:
+            expected = b"".join(bytes([i]) * 4096 for i in range(20)) + b"B" * (1 << 20)
+            assert (cut / "repl" / "f").read_bytes() == expected
+    assert pyfuse3.receiver_counts()["applied"] - applied >= 21
+
+
 async def test_a_batch_too_large_for_an_fsync_each_is_flushed_whole(disk: Path, tmp_path: Path) -> None:
     # 300 files sent at once: the batches hold more inodes than dirty.MAX_INODES, one syncfs each.
     ops: list[m.Message] = []
@@ -175,6 +207,29 @@ async def test_a_batch_that_cannot_reach_the_disk_is_acknowledged_as_failed(
             # Once a flush failed nothing after it is acknowledged as done (ext4 also turns read-only).
             assert set(failed) == set(range(min(failed), len(ops) + 1)), failed
             assert set(failed.values()) <= {errno.ENOSPC, errno.EIO, errno.EROFS}, failed
+
+
+async def test_a_native_flush_that_cannot_reach_the_disk_fails_every_later_ack(
+    tmp_path: Path, expected_logs: ExpectedLogs
+) -> None:
+    # Writes below STREAM_WRITE_BYTES, one at a time: the native data path applies and flushes each.
+    expected_logs.expect(r"native data path's sync of seq \d+ failed: flushing to disk")
+    expected_logs.expect(r"Replication error applying seq=\d+")
+    applied = pyfuse3.receiver_counts()["applied"]
+    with thin_disk(tmp_path) as mnt:
+        async with open_link(mnt / "repl", AckMode.DURABLE, native=True) as link:
+            await _send(link.conn, [m.Create(b"f", 0o644, 0, 0, 0)])
+            assert await _acks(link.conn, 1) == {1: m.Ack()}
+            acks: dict[int, m.Message] = {}
+            for frame in _writes(96, 192 << 10, 2):
+                link.conn.send_nowait(frame)
+                acks |= await _acks(link.conn, 1)
+    failed = {seq: ack.status for seq, ack in acks.items() if isinstance(ack, m.Ack) and ack.status}
+    assert failed, "18 MiB reached a 12 MiB disk"
+    assert set(failed) == set(range(min(failed), 98)), failed
+    assert set(failed.values()) <= {errno.ENOSPC, errno.EIO, errno.EROFS}, failed
+    # The first failure was the native data path's own flush.
+    assert pyfuse3.receiver_counts()["applied"] - applied >= min(failed) - 2
 
 
 async def test_after_a_failed_flush_no_later_batch_is_acknowledged(

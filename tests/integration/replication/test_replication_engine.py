@@ -115,7 +115,7 @@ def test_native_writes_among_renames_truncates_and_unlinks_leave_equal_trees(pai
     assert counts["write"] > ROUNDS and counts["fsync"] > 0, counts
     assert "The native data path serves writes and fsyncs" in pair.log("primary")
     applied = _counts(pair.log("secondary"))["applied"]
-    assert applied > 0 if ack == "received" else applied == 0, applied
+    assert applied > 0, applied
 
 
 @pytest.mark.slow
@@ -320,7 +320,7 @@ async def test_after_a_native_fsync_meets_a_disk_error_no_later_fsync_is_acknowl
     # Each round writes less than INLINE_SYNC_BYTES, in writes below STREAM_WRITE_BYTES, so that
     # the native data path applies the writes and then their Fsync (a write that went to Python
     # would leave it behind, and the Fsync after it would go to Python too).
-    expected_logs.expect(r"fsync of seq \d+ failed")
+    expected_logs.expect(r"native data path's sync of seq \d+ failed: Fsync b'big'")
     expected_logs.expect(r"Replication error applying seq=\d+")
     with thin_disk(tmp_path) as mnt:
         ops: list[m.Message] = [m.Create(b"big", 0o644, 0, 0, 0)]

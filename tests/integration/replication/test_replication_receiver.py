@@ -20,8 +20,14 @@ from tests.integration.replication.links import Link, open_link
 
 
 @pytest.fixture(
-    params=[(AckMode.RECEIVED, False), (AckMode.RECEIVED, True), (AckMode.DURABLE, False), (AckMode.FSYNC, False)],
-    ids=["received", "received-native", "durable", "fsync"],
+    params=[
+        (AckMode.RECEIVED, False),
+        (AckMode.RECEIVED, True),
+        (AckMode.DURABLE, False),
+        (AckMode.DURABLE, True),
+        (AckMode.FSYNC, False),
+    ],
+    ids=["received", "received-native", "durable", "durable-native", "fsync"],
 )
 async def link(request: pytest.FixtureRequest, tmp_path: Path) -> AsyncIterator[Link]:
     root = tmp_path / "repl"
