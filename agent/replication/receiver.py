@@ -370,8 +370,12 @@ class _Stream:
         self._expected = frame.seq + 1
         # Queued before the ack, so an acknowledged frame is always applied, even if the link dies now.
         self._queue.append(frame)
-        # The native data path acknowledged it on receipt already, all but the session's first.
-        if self.mode is not AckMode.DURABLE and not frame.msg.AFTER_APPLY and (first or self.native is None):
+        # The native data path may have acknowledged it on receipt already (never the session's first).
+        if (
+            self.mode is not AckMode.DURABLE
+            and not frame.msg.AFTER_APPLY
+            and (self.native is None or first or not pyfuse3.receiver_acked(frame.seq))
+        ):
             self.conn.send_nowait(Frame(frame.seq, m.Ack()))
         if len(self._queue) >= QUEUE_FRAMES and not self._paused:
             self._paused = True

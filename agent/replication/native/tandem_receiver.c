@@ -29,9 +29,10 @@
  *   here is acknowledged before what Python applied ahead of it is durable.
  * - An operation that `received` acknowledges on receipt (rx_attach's on_receipt: not an Fsync nor
  *   a resync's checkpoint), in sequence after the session's first frame, is acknowledged here when
- *   it arrives, whoever applies it: a Create or an Unlink that goes to Python is answered without
- *   waiting for Python's turn. Python then acknowledges only the first frame on receipt, and the
- *   others after applying them (receiver.py, _Stream).
+ *   it arrives, whoever applies it, as long as fewer than RX_AHEAD frames passed to Python wait to
+ *   be applied: a Create or an Unlink that goes to Python is answered without waiting for Python's
+ *   turn. Python acknowledges on receipt the others (rx_acked says which), as it did alone: a
+ *   backlog it has yet to read then paces the primary, and an Fsync behind it waits no longer.
  *
  * Python's answers go out through rx_send, under the same mutex as this side's acks.
  */
@@ -40,6 +41,12 @@
 #include <sys/syscall.h>
 
 #define RX_FILES 64
+/* At most this many frames go to Python acknowledged here and not applied yet: past it Python
+ * acknowledges on receipt, at the pace it reads (an Fsync waits for every frame ahead of it). */
+#define RX_AHEAD 16
+/* The last frames acknowledged here, by sequence number modulo RX_RING (> RX_AHEAD): Python asks
+ * (rx_acked) when it reads one, which is always before RX_RING more could be acknowledged. */
+#define RX_RING 256
 
 struct rx_file {
     int fd;
@@ -72,6 +79,7 @@ static struct {
     char disk_error_text[256];
     uint64_t n_fsync;
     uint64_t on_receipt;    /* bit N: operation code N is acknowledged on receipt (rx_attach) */
+    uint64_t acked[RX_RING]; /* seq of the frames passed to Python that were acknowledged here */
     int durable;            /* `durable` mode: a Write is acknowledged once flushed (rx_flush) */
     uint64_t *unflushed;    /* `durable`: the Writes applied here and not flushed yet */
     size_t n_unflushed, cap_unflushed;
@@ -411,8 +419,11 @@ static void *rx_thread(void *arg)
                 /* An operation acknowledged on receipt is acknowledged here, before Python
                  * applies it, as Python's _Stream would have: the primary's wait never includes
                  * Python's turn. */
-                if (in_order && op < 64 && (RX.on_receipt >> op & 1))
+                if (in_order && op < 64 && (RX.on_receipt >> op & 1) &&
+                    RX.forwarded - __atomic_load_n(&RX.py_applied, __ATOMIC_ACQUIRE) < RX_AHEAD) {
                     rx_ack(&acks, seq);
+                    __atomic_store_n(&RX.acked[seq % RX_RING], seq, __ATOMIC_RELEASE);
+                }
                 if (head && seq != 0) {
                     if (op == 16)
                         RX.since_sync += need; /* what an Fsync here would have to sync too */
@@ -487,6 +498,7 @@ static int rx_attach(int sock, int root, const uint8_t *initial, size_t n_initia
     RX.dead = 0, RX.lost[0] = 0, RX.lost_errno = 0, RX.since_sync = 0;
     RX.disk_error = 0, RX.disk_error_seq = 0, RX.disk_error_text[0] = 0;
     RX.on_receipt = on_receipt, RX.durable = durable, RX.n_unflushed = 0;
+    memset(RX.acked, 0, sizeof(RX.acked));
     int err = pthread_create(&RX.x, NULL, rx_thread, NULL);
     if (err) {
         close(pair[0]), close(pair[1]);
@@ -510,6 +522,12 @@ static int rx_send(const uint8_t *p, size_t n)
 static void rx_applied(uint64_t n)
 {
     __atomic_add_fetch(&RX.py_applied, n, __ATOMIC_RELEASE);
+}
+
+/* Whether the frame `seq`, passed to Python, was acknowledged here on receipt. */
+static int rx_acked(uint64_t seq)
+{
+    return __atomic_load_n(&RX.acked[seq % RX_RING], __ATOMIC_ACQUIRE) == seq;
 }
 
 /* The last operation applied here (0: none), and the bytes written since the last call. */

@@ -9,6 +9,7 @@ FIFO, a full disk) goes to Python, which refuses or reports it as before."""
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import os
 import random
 import re
@@ -16,7 +17,7 @@ import socket
 import stat
 import subprocess
 import threading
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import pyfuse3
@@ -182,11 +183,33 @@ async def test_the_secondary_applies_writes_itself_in_order_with_python(tmp_path
     assert pyfuse3.receiver_counts()["applied"] - before >= 40
 
 
-def _read_frames(sock: socket.socket, count: int) -> dict[int, list[m.Message]]:
+@contextlib.contextmanager
+def _raw(conn: FrameConnection) -> Iterator[socket.socket]:
+    """The connection's socket, blocking, for a test that holds the event loop meanwhile."""
+    with socket.socket(fileno=os.dup(conn.transport.get_extra_info("socket").fileno())) as sock:
+        sock.setblocking(True)
+        sock.settimeout(10)
+        try:
+            yield sock
+        finally:
+            sock.setblocking(False)
+
+
+def _read_frames(sock: socket.socket, count: int, patience: float = 0.0) -> dict[int, list[m.Message]]:
+    """`count` frames; with `patience`, those that come before a pause of that many seconds."""
     got: dict[int, list[m.Message]] = {}
     for _ in range(count):
-        body = _recv_exactly(sock, frame_length(_recv_exactly(sock, 4)))
-        frame = decode_body(body)
+        if patience:
+            sock.settimeout(patience)
+            try:
+                word = _recv_exactly(sock, 4)
+            except TimeoutError:
+                break
+            finally:
+                sock.settimeout(10)
+        else:
+            word = _recv_exactly(sock, 4)
+        frame = decode_body(_recv_exactly(sock, frame_length(word)))
         got.setdefault(frame.seq, []).append(frame.msg)
     return got
 
@@ -210,15 +233,11 @@ async def test_the_secondary_acknowledges_on_receipt_without_waiting_for_python(
         # The session's first frame is Python's to acknowledge (it checks it against the handshake).
         link.conn.send_nowait(Frame(1, m.Mkdir(b"d", 0o755, 0, 0)))
         assert await _answers(link.conn, lambda got: 1 in got) == {1: [m.Ack()]}
-        ops: list[m.Message] = [m.Create(b"d/f%d" % i, 0o644, 0, 0, 0) for i in range(20)]
+        ops: list[m.Message] = [m.Create(b"d/f%d" % i, 0o644, 0, 0, 0) for i in range(10)]
         ops += [_write(b"d/f0", 0, b"data"), m.Rename(b"d/f0", b"d/g", 0), m.Unlink(b"d/f1")]
-        transport_sock = link.conn.transport.get_extra_info("socket")
-        with socket.socket(fileno=os.dup(transport_sock.fileno())) as sock:
-            sock.setblocking(True)
-            sock.settimeout(10)
+        with _raw(link.conn) as sock:
             sock.sendall(b"".join(encode(Frame(seq, op)) for seq, op in enumerate(ops, 2)))
             got = _read_frames(sock, len(ops))
-            sock.setblocking(False)
             applied_meanwhile = sorted(p.name for p in (root / "d").iterdir())
         assert got == {seq: [m.Ack()] for seq in range(2, len(ops) + 2)}, got
         assert applied_meanwhile == [], applied_meanwhile
@@ -227,8 +246,17 @@ async def test_the_secondary_acknowledges_on_receipt_without_waiting_for_python(
             if not (root / "d" / "f1").exists() and (root / "d" / "g").exists():
                 break
             await asyncio.sleep(0.05)
-    assert (root / "d" / "g").read_bytes() == b"data"
-    assert sorted(p.name for p in (root / "d").iterdir()) == sorted(["g", *(f"f{i}" for i in range(2, 20))])
+        assert (root / "d" / "g").read_bytes() == b"data"
+        assert sorted(p.name for p in (root / "d").iterdir()) == sorted(["g", *(f"f{i}" for i in range(2, 10))])
+        # Past RX_AHEAD frames waiting for Python, Python acknowledges them itself when it reads them.
+        first = len(ops) + 2
+        more: list[m.Message] = [m.Create(b"e%d" % i, 0o644, 0, 0, 0) for i in range(40)]
+        with _raw(link.conn) as sock:
+            sock.sendall(b"".join(encode(Frame(seq, op)) for seq, op in enumerate(more, first)))
+            early = _read_frames(sock, 40, patience=0.5)
+        assert early == {seq: [m.Ack()] for seq in range(first, first + 16)}, early
+        late = await _answers(link.conn, lambda got: len(got) == 24)
+        assert late == {seq: [m.Ack()] for seq in range(first + 16, first + 40)}, late
 
 
 @pytest.mark.parametrize(
