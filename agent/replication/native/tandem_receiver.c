@@ -207,13 +207,18 @@ static int rx_disk_error(int err)
     return err == EIO || err == ENOSPC || err == EDQUOT || err == EROFS;
 }
 
-/* A frame's Ack, done: [4, seq, 0, ""]. */
-static void rx_ack(struct te_out *acks, uint64_t seq)
+/* A frame's Ack: [4, seq, status, text] (status 0 and no text: done). */
+static void rx_answer(struct te_out *acks, uint64_t seq, int status, const char *text)
 {
     struct tf_buf ack;
-    tf_begin(&ack, 4, 4), tf_uint(&ack, seq), tf_uint(&ack, 0), tf_str(&ack, "");
+    tf_begin(&ack, 4, 4), tf_uint(&ack, seq), tf_uint(&ack, (uint64_t) status), tf_str(&ack, text);
     tf_end(&ack, 0);
     te_out_add(acks, ack.b, ack.n);
+}
+
+static void rx_ack(struct te_out *acks, uint64_t seq)
+{
+    rx_answer(acks, seq, 0, "");
 }
 
 /* A disk error met by a sync here: from now on Python answers every frame, keeping it. */
@@ -244,12 +249,8 @@ static void rx_flush(struct te_out *acks)
         if (rx_disk_error(err))
             rx_keep_disk_error(err, RX.unflushed[0], text);
     }
-    for (size_t i = 0; i < RX.n_unflushed; i++) {
-        struct tf_buf ack;
-        tf_begin(&ack, 4, 4), tf_uint(&ack, RX.unflushed[i]), tf_uint(&ack, (uint64_t) err), tf_str(&ack, text);
-        tf_end(&ack, 0);
-        te_out_add(acks, ack.b, ack.n);
-    }
+    for (size_t i = 0; i < RX.n_unflushed; i++)
+        rx_answer(acks, RX.unflushed[i], err, text);
     RX.n_unflushed = 0;
 }
 
@@ -295,21 +296,15 @@ static int rx_fsync(const uint8_t *frame, uint64_t seq, struct te_out *acks)
     int err = (datasync ? fdatasync(f->fd) : fsync(f->fd)) != 0 ? errno : 0;
     RX.since_sync = 0;
     __atomic_store_n(&RX.unsynced, 0, __ATOMIC_RELAXED);
-    struct tf_buf ack;
-    tf_begin(&ack, 4, 4), tf_uint(&ack, seq), tf_uint(&ack, (uint64_t) err);
+    char text[256] = "";
     if (err) {
         /* As the Applier words it: Fsync b'path': strerror. */
-        char text[256];
         snprintf(text, sizeof(text), "Fsync b'%.*s': %s", (int) (plen > 180 ? 180 : plen), (const char *) path,
                  strerror(err));
-        tf_str(&ack, text);
         if (rx_disk_error(err))
             rx_keep_disk_error(err, seq, text);
-    } else {
-        tf_str(&ack, "");
     }
-    tf_end(&ack, 0);
-    te_out_add(acks, ack.b, ack.n);
+    rx_answer(acks, seq, err, text);
     __atomic_add_fetch(&RX.n_fsync, 1, __ATOMIC_RELAXED);
     return 1;
 }
@@ -417,8 +412,8 @@ static void *rx_thread(void *arg)
                  * anything after it (and before its files close below). */
                 rx_flush(&acks);
                 /* An operation acknowledged on receipt is acknowledged here, before Python
-                 * applies it, as Python's _Stream would have: the primary's wait never includes
-                 * Python's turn. */
+                 * applies it, as Python's _Stream would have, while fewer than RX_AHEAD frames
+                 * wait for Python; past that Python acknowledges it as it reads it (rx_acked). */
                 if (in_order && op < 64 && (RX.on_receipt >> op & 1) &&
                     RX.forwarded - __atomic_load_n(&RX.py_applied, __ATOMIC_ACQUIRE) < RX_AHEAD) {
                     rx_ack(&acks, seq);
@@ -469,7 +464,7 @@ end:
     return NULL;
 }
 
-/* Take over a stream whose handshake Python did (`received` mode). `sock` and `root` (the
+/* Take over a stream whose handshake Python did (`received` or `durable` mode). `sock` and `root` (the
  * directory's fd) are the engine's own from now on; `initial` is what Python read of the stream
  * past the handshake. The fd of the pair Python reads, or -errno. */
 static int rx_attach(int sock, int root, const uint8_t *initial, size_t n_initial, uint64_t on_receipt, int durable)
