@@ -218,8 +218,6 @@ class Receiver:
 
     def _settle(self, conn: FrameConnection, frame: Frame, answer: m.Message) -> None:
         """Log, answer and track one applied frame; the answer is queued on the transport."""
-        if self._handed and self.mode is not AckMode.DURABLE:
-            pyfuse3.receiver_applied()  # the native data path may apply the frames after it
         if isinstance(frame.msg, m.Fsync) and isinstance(answer, m.Ack):
             answer = self._synced(frame, answer)
         failed = isinstance(answer, m.Ack) and bool(answer.status)
@@ -233,6 +231,9 @@ class Receiver:
             self._answer(conn, Frame(frame.seq, m.Fault(answer.status, answer.message)))
         if not failed:
             self._track(frame.msg)
+        if self._handed and self.mode is not AckMode.DURABLE:
+            # Last, once a disk error it met is kept: the native data path may apply the frames after it.
+            pyfuse3.receiver_applied()
 
     def _synced(self, frame: Frame, answer: m.Ack) -> m.Ack:
         """The answer to an applied Fsync: the session's disk error once there was one."""
@@ -244,8 +245,15 @@ class Receiver:
                 frame.seq,
                 answer.message,
             )
-            self._disk_error = m.Ack(answer.status, f"an fsync failed: {os.strerror(answer.status)}")
+            self._keep_disk_error(m.Ack(answer.status, f"an fsync failed: {os.strerror(answer.status)}"))
         return answer
+
+    def _keep_disk_error(self, failed: m.Ack) -> None:
+        """A sync failed: every later sync of the session is answered with this (the fsyncgate rule),
+        whoever applies it; the native data path then passes every frame to Python."""
+        self._disk_error = failed
+        if self._handed:
+            pyfuse3.receiver_fail(failed.status, failed.message)
 
     async def _flush(self, conn: FrameConnection) -> None:
         """`durable`: put on disk what the frames applied since the last flush changed, then answer them.
@@ -270,7 +278,7 @@ class Receiver:
                     failure,
                 )
                 self.in_sync = False
-                self._disk_error = m.Ack(code, f"flushing to disk: {os.strerror(code)}")
+                self._keep_disk_error(m.Ack(code, f"flushing to disk: {os.strerror(code)}"))
         if self._disk_error is not None:
             failed = self._disk_error
             answers = [Frame(a.seq, failed) if isinstance(a.msg, m.Ack) and not a.msg.status else a for a in answers]
@@ -322,8 +330,8 @@ class _Stream:
     and before any frame of the chunk is applied: the primary's wait does not include the apply. Then,
     still in that turn, `apply_received` applies the queued frames (`apply_now`) until one would block.
     The queue is bounded by pausing the socket, which the primary feels as TCP backpressure. On the
-    native data path's stream (`native`) that path acknowledged every frame after the first on
-    receipt, and its own buffer ahead of this socket is bounded too (TE_FORWARD_MAX).
+    native data path's stream (`native`) that path acknowledged on receipt most frames after the
+    first (`receiver_acked` says which), and its own buffer ahead of this socket is bounded too.
     """
 
     def __init__(

@@ -525,6 +525,13 @@ static int rx_acked(uint64_t seq)
     return __atomic_load_n(&RX.acked[seq % RX_RING], __ATOMIC_ACQUIRE) == seq;
 }
 
+/* A sync Python applied met a disk error: from now on Python answers every frame, keeping it. */
+static void rx_fail(int err, const char *text)
+{
+    if (!__atomic_load_n(&RX.disk_error, __ATOMIC_ACQUIRE))
+        rx_keep_disk_error(err, 0, text);
+}
+
 /* The last operation applied here (0: none), and the bytes written since the last call. */
 static uint64_t rx_handled(void)
 {

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import errno
 import os
 import random
 import re
@@ -24,7 +25,9 @@ import pyfuse3
 import pytest
 
 from agent.replication import messages as m
+from agent.replication import receiver as receiver_module
 from agent.replication.connection import FrameConnection
+from agent.replication.dirty import Dirty
 from agent.replication.receiver import AckMode
 from agent.replication.wire import Frame, decode_body, encode, frame_length
 from tests.conftest import ExpectedLogs
@@ -390,3 +393,60 @@ async def test_after_python_syncs_a_large_write_the_next_fsyncs_are_native_again
     synced = pyfuse3.receiver_counts()["synced"] - synced
     assert synced >= 8, synced
     assert (root / "f").read_bytes() == b"y" * (10 << 12) + b"x" * ((5 << 18) - (10 << 12))
+
+
+async def test_after_python_meets_a_disk_error_the_native_path_acknowledges_no_later_sync(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, expected_logs: ExpectedLogs
+) -> None:
+    # More than INLINE_SYNC_BYTES before the first Fsync: Python syncs it, and that fsync fails
+    # once. The small write and Fsync after it, which the native data path would apply itself (and
+    # whose fsync would succeed), are answered with the error Python keeps.
+    expected_logs.expect(r"fsync of seq 3 failed")
+    expected_logs.expect(r"Replication error applying seq=\d+")
+    real, calls = os.fsync, []
+
+    def fsync_fails_once(fd: int) -> None:
+        calls.append(fd)
+        if len(calls) == 1:
+            raise OSError(errno.EIO, "injected")
+        real(fd)
+
+    monkeypatch.setattr(os, "fsync", fsync_fails_once)
+    root = tmp_path / "repl"
+    root.mkdir()
+    ops: list[m.Message] = [m.Create(b"f", 0o644, 0, 0, 0), _write(b"f", 0, b"x" * (2 << 20)), m.Fsync(b"f", False)]
+    ops += [_write(b"f", 0, b"y" * 4096), m.Fsync(b"f", False)]
+    got: dict[int, list[m.Message]] = {}
+    async with open_link(root, AckMode.RECEIVED, native=True) as link:
+        for seq, op in enumerate(ops, 1):
+            link.conn.send_nowait(Frame(seq, op))
+            _merge(got, await _answers(link.conn, lambda answers, seq=seq: seq in answers))
+    statuses = {seq: [a.status for a in answers if isinstance(a, m.Ack)] for seq, answers in got.items()}
+    assert statuses[3] == [errno.EIO] and statuses[5] == [errno.EIO], got
+
+
+async def test_after_a_failed_flush_in_python_the_native_path_acknowledges_nothing(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, expected_logs: ExpectedLogs
+) -> None:
+    # `durable`: Python's flush of the Create fails once; the Write after it, which the native data
+    # path would apply and flush itself (successfully), is answered with that failure.
+    expected_logs.expect(r"flushing seq 1-1 to disk failed")
+    flushes: list[int] = []
+
+    def flushed_once(dirty: Dirty) -> OSError | None:
+        flushes.append(1)
+        dirty.discard()
+        return OSError(errno.EIO, "injected") if len(flushes) == 1 else None
+
+    monkeypatch.setattr(receiver_module, "_flushed", flushed_once)
+    root = tmp_path / "repl"
+    root.mkdir()
+    applied = pyfuse3.receiver_counts()["applied"]
+    async with open_link(root, AckMode.DURABLE, native=True) as link:
+        link.conn.send_nowait(Frame(1, m.Create(b"f", 0o644, 0, 0, 0)))
+        first = await _answers(link.conn, lambda got: 1 in got)
+        link.conn.send_nowait(Frame(2, _write(b"f", 0, b"x")))
+        second = await _answers(link.conn, lambda got: 2 in got)
+    assert first == {1: [m.Ack(errno.EIO, "flushing to disk: Input/output error")]}
+    assert second == {2: [m.Ack(errno.EIO, "flushing to disk: Input/output error")]}
+    assert pyfuse3.receiver_counts()["applied"] == applied
