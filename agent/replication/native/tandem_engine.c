@@ -736,6 +736,43 @@ static void te_end_waits(void)
     pthread_mutex_unlock(&E.tab_mu);
 }
 
+/* One wait of a stream's reader (R, X): pass on to `pair` what it takes now, then read what the
+ * stream has into in + *have. `idle` is what `pair` is polled for while nothing waits for it, and
+ * that, an error or a hang-up means its reader (Python) went away: `pair_gone` says so. 1: bytes were
+ * read; 0: none yet; -1: the end, *why or *err saying why (neither: the peer closed the stream). */
+static int te_read_more(int sock, int pair, short idle, struct te_out *out, uint8_t *in, size_t *have, size_t cap,
+                        int timeout, const char *pair_gone, const char **why, int *err)
+{
+    struct pollfd p[2] = {{.fd = sock, .events = out->n < TE_FORWARD_MAX ? POLLIN : 0},
+                          {.fd = pair, .events = out->n ? POLLOUT : idle}};
+    int ready = poll(p, 2, timeout);
+    if (ready == 0 || (ready < 0 && errno == EINTR))
+        return 0;
+    if (ready < 0) {
+        *err = errno;
+        return -1;
+    }
+    if (p[1].revents & (POLLERR | POLLHUP | idle)) {
+        *why = pair_gone;
+        return -1;
+    }
+    if (p[1].revents & POLLOUT)
+        te_out_flush_to(out, pair);
+    if (!(p[0].revents & (POLLIN | POLLERR | POLLHUP)))
+        return 0;
+    ssize_t n = recv(sock, in + *have, cap - *have, MSG_DONTWAIT);
+    if (n < 0 && (errno == EAGAIN || errno == EINTR))
+        return 0;
+    if (n < 0) {
+        *err = errno;
+        return -1;
+    }
+    if (n == 0)
+        return -1;
+    *have += (size_t) n;
+    return 1;
+}
+
 static void *te_reader_thread(void *arg)
 {
     (void) arg;
@@ -746,32 +783,12 @@ static void *te_reader_thread(void *arg)
     int err = 0;
 
     while (in != NULL) {
-        struct pollfd p[2] = {{.fd = E.sock, .events = out.n < TE_FORWARD_MAX ? POLLIN : 0},
-                              {.fd = E.ans_w, .events = out.n ? POLLOUT : 0}};
-        if (poll(p, 2, -1) < 0) {
-            if (errno == EINTR)
-                continue;
-            err = errno;
+        int got = te_read_more(E.sock, E.ans_w, 0, &out, in, &have, cap, -1,
+                               "the replicator stopped reading its stream", &why, &err);
+        if (got < 0)
             break;
-        }
-        if (p[1].revents & (POLLERR | POLLHUP)) {
-            why = "the replicator stopped reading its stream";
-            break;
-        }
-        if (p[1].revents & POLLOUT)
-            te_out_flush_to(&out, E.ans_w);
-        if (!(p[0].revents & (POLLIN | POLLERR | POLLHUP)))
+        if (got == 0)
             continue;
-        ssize_t n = recv(E.sock, in + have, cap - have, MSG_DONTWAIT);
-        if (n < 0) {
-            if (errno == EAGAIN || errno == EINTR)
-                continue;
-            err = errno;
-            break;
-        }
-        if (n == 0)
-            break;
-        have += (size_t) n;
         size_t used = 0;
         for (;;) {
             size_t need = te_next_frame(&in, &cap, have, used);

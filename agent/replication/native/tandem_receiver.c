@@ -330,41 +330,16 @@ static void *rx_thread(void *arg)
     RX.initial = NULL, RX.n_initial = 0;
     int first = have > 0;
     while (in != NULL) {
-        struct pollfd p[2] = {{.fd = RX.sock, .events = out.n < TE_FORWARD_MAX ? POLLIN : 0},
-                              {.fd = RX.ans_w, .events = out.n ? POLLOUT : POLLIN}};
-        if (first) {
-            /* What Python read already is taken as if it had just arrived. */
-            first = 0;
-            goto take;
-        }
-        int ready = poll(p, 2, te_qos_timeout());
-        if (ready == 0)
-            continue;
-        if (ready < 0) {
-            if (errno == EINTR)
+        /* What Python read already is taken first, as if it had just arrived. */
+        if (!first) {
+            int got = te_read_more(RX.sock, RX.ans_w, POLLIN, &out, in, &have, cap, te_qos_timeout(),
+                                   "the replicator ended the stream", &why, &err);
+            if (got < 0)
+                break;
+            if (got == 0)
                 continue;
-            err = errno;
-            break;
         }
-        if (p[1].revents & (POLLERR | POLLHUP | POLLIN)) {
-            why = "the replicator ended the stream";
-            break;
-        }
-        if (p[1].revents & POLLOUT)
-            te_out_flush_to(&out, RX.ans_w);
-        if (!(p[0].revents & (POLLIN | POLLERR | POLLHUP)))
-            continue;
-        ssize_t n = recv(RX.sock, in + have, cap - have, MSG_DONTWAIT);
-        if (n < 0) {
-            if (errno == EAGAIN || errno == EINTR)
-                continue;
-            err = errno;
-            break;
-        }
-        if (n == 0)
-            break;
-        have += (size_t) n;
-    take:;
+        first = 0;
         size_t used = 0;
         for (;;) {
             size_t need = te_next_frame(&in, &cap, have, used);

@@ -102,6 +102,32 @@ def thin_disk(tmp_path: Path) -> Iterator[Path]:
         subprocess.run(["umount", "-l", str(host)], check=False)
 
 
+def fail_flush_once(monkeypatch: pytest.MonkeyPatch) -> list[int]:
+    """The receiver's first group flush fails with EIO, the later ones succeed; one entry per flush."""
+    flushes: list[int] = []
+
+    def flushed_once(dirty: Dirty) -> OSError | None:
+        flushes.append(1)
+        dirty.discard()
+        return OSError(errno.EIO, "injected") if len(flushes) == 1 else None
+
+    monkeypatch.setattr(receiver_module, "_flushed", flushed_once)
+    return flushes
+
+
+def fail_fsync_once(monkeypatch: pytest.MonkeyPatch) -> None:
+    """The process's first os.fsync fails with EIO, the later ones are real."""
+    real, calls = os.fsync, []
+
+    def fsync_fails_once(fd: int) -> None:
+        calls.append(fd)
+        if len(calls) == 1:
+            raise OSError(errno.EIO, "injected")
+        real(fd)
+
+    monkeypatch.setattr(os, "fsync", fsync_fails_once)
+
+
 def _after_power_cut(tmp_path: Path) -> contextlib.AbstractContextManager[Path]:
     """The secondary's disk as a power cut now would leave it, mounted (its journal replayed)."""
     shutil.copyfile(tmp_path / "disk.img", tmp_path / "cut.img")
@@ -239,14 +265,7 @@ async def test_after_a_failed_flush_no_later_batch_is_acknowledged(
     # never reached the disk. Here the first flush fails and a second one would succeed.
     expected_logs.expect(r"flushing seq \d+-\d+ to disk failed")
     expected_logs.expect(r"Replication error applying seq=\d+")
-    flushes: list[int] = []
-
-    def flushed_once(dirty: Dirty) -> OSError | None:
-        flushes.append(1)
-        dirty.discard()
-        return OSError(errno.EIO, "injected") if len(flushes) == 1 else None
-
-    monkeypatch.setattr(receiver_module, "_flushed", flushed_once)
+    flushes = fail_flush_once(monkeypatch)
     async with open_link(disk, AckMode.DURABLE) as link:
         await _send(link.conn, [m.Create(b"f", 0o644, 0, 0, 0)])
         first = await _acks(link.conn, 1)
@@ -265,15 +284,7 @@ async def test_after_a_failed_fsync_no_later_fsync_is_acknowledged(
     expected_logs.expect(r"fsync of seq \d+ failed")
     expected_logs.expect(r"Replication error applying seq=\d+")
     expected_logs.expect(r"flushing seq \d+-\d+ to disk failed")
-    real, calls = os.fsync, []
-
-    def fsync_fails_once(fd: int) -> None:
-        calls.append(fd)
-        if len(calls) == 1:
-            raise OSError(errno.EIO, "injected")
-        real(fd)
-
-    monkeypatch.setattr(os, "fsync", fsync_fails_once)
+    fail_fsync_once(monkeypatch)
     async with open_link(disk, mode) as link:
         await _send(link.conn, [m.Create(b"f", 0o644, 0, 0, 0), m.Fsync(b"f", False)])
         acks = await _acks(link.conn, 2)

@@ -25,15 +25,13 @@ import pyfuse3
 import pytest
 
 from agent.replication import messages as m
-from agent.replication import receiver as receiver_module
 from agent.replication.connection import FrameConnection
-from agent.replication.dirty import Dirty
 from agent.replication.receiver import AckMode
 from agent.replication.wire import Frame, decode_body, encode, frame_length
 from tests.conftest import ExpectedLogs
 from tests.integration.replication.links import open_link
 from tests.integration.replication.pairs import Pair
-from tests.integration.replication.test_replication_durable import thin_disk
+from tests.integration.replication.test_replication_durable import fail_flush_once, fail_fsync_once, thin_disk
 from tests.integration.replication.test_replication_resync import assert_same_trees, stop_both
 
 DIRS, FILES, ROUNDS = 4, 4, 300
@@ -403,15 +401,7 @@ async def test_after_python_meets_a_disk_error_the_native_path_acknowledges_no_l
     # whose fsync would succeed), are answered with the error Python keeps.
     expected_logs.expect(r"fsync of seq 3 failed")
     expected_logs.expect(r"Replication error applying seq=\d+")
-    real, calls = os.fsync, []
-
-    def fsync_fails_once(fd: int) -> None:
-        calls.append(fd)
-        if len(calls) == 1:
-            raise OSError(errno.EIO, "injected")
-        real(fd)
-
-    monkeypatch.setattr(os, "fsync", fsync_fails_once)
+    fail_fsync_once(monkeypatch)
     root = tmp_path / "repl"
     root.mkdir()
     ops: list[m.Message] = [m.Create(b"f", 0o644, 0, 0, 0), _write(b"f", 0, b"x" * (2 << 20)), m.Fsync(b"f", False)]
@@ -431,14 +421,7 @@ async def test_after_a_failed_flush_in_python_the_native_path_acknowledges_nothi
     # `durable`: Python's flush of the Create fails once; the Write after it, which the native data
     # path would apply and flush itself (successfully), is answered with that failure.
     expected_logs.expect(r"flushing seq 1-1 to disk failed")
-    flushes: list[int] = []
-
-    def flushed_once(dirty: Dirty) -> OSError | None:
-        flushes.append(1)
-        dirty.discard()
-        return OSError(errno.EIO, "injected") if len(flushes) == 1 else None
-
-    monkeypatch.setattr(receiver_module, "_flushed", flushed_once)
+    fail_flush_once(monkeypatch)
     root = tmp_path / "repl"
     root.mkdir()
     applied = pyfuse3.receiver_counts()["applied"]
