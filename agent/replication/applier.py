@@ -140,6 +140,9 @@ class Applier:
     def applied_by_others(self, seq: int, written: int) -> None:
         """Frames up to `seq` of this stream were applied elsewhere (the native data path), writing
         `written` bytes; the next frame here is the one after."""
+        if seq > self.applied_seq:
+            # They may have removed or created the files this applier keeps open by name.
+            self._close_files()
         self.applied_seq = max(self.applied_seq, seq)
         self.unsynced += written
 

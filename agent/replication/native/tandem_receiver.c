@@ -1,5 +1,6 @@
 /* Tandem's native data path on the secondary (docs/dev/native-data-path.md, stage 6): Write and
- * Fsync frames received, applied and acknowledged without Python, in `received` and `durable` mode.
+ * Fsync frames received, applied and acknowledged without Python, in `received` and `durable` mode,
+ * and in `received` mode Create and Unlink frames too.
  *
  * Built into Tandem's pyfuse3 beside tandem_engine.c (the primary's side). After Python's handshake
  * the Receiver hands the stream over (rx_attach). One thread (X) then reads it:
@@ -14,6 +15,10 @@
  *   than INLINE_SYNC_BYTES wait for it (Python syncs those in a thread). An fsync that meets a disk
  *   error answers it, and from then on Python answers everything, keeping that error for every
  *   later fsync (rx_disk_error_of).
+ * - A Create or an Unlink frame (`received` mode) on the same conditions, whose time fixes name
+ *   only the entry or its directory: applied as the Applier applies it, beneath the entry's
+ *   directory opened as above (rx_create, rx_unlink); one that fails changes nothing and goes to
+ *   Python, which applies it again and reports the error.
  * - Every other frame goes to Python whole, through a socket pair its FrameConnection reads as it
  *   read the stream: the handshake's successors, every other operation, Pings, anything malformed
  *   or hostile (Python's parser and checks refuse it and end the stream, as before), and a Write
@@ -83,8 +88,14 @@ static struct {
     int durable;            /* `durable` mode: a Write is acknowledged once flushed (rx_flush) */
     uint64_t *unflushed;    /* `durable`: the Writes applied here and not flushed yet */
     size_t n_unflushed, cap_unflushed;
-} RX = {.sock = -1, .root = -1, .ans_w = -1, .tx_mu = PTHREAD_MUTEX_INITIALIZER};
+    int dir_fd;             /* the directory the last Create or Unlink here was in (O_PATH) ... */
+    size_t dir_plen;
+    uint8_t dir_path[TF_PATH_MAX]; /* ... and its path (a top-level name's is the root: never kept here) */
+    uint64_t n_named;       /* Creates and Unlinks applied here */
+} RX = {.sock = -1, .root = -1, .ans_w = -1, .tx_mu = PTHREAD_MUTEX_INITIALIZER, .dir_fd = -1};
 
+/* Close the files and the directory kept open here: Python is about to apply a frame that may
+ * rename or remove what they name. */
 static void rx_close_files(void)
 {
     for (size_t i = 0; i < RX.n_files; i++) {
@@ -92,6 +103,52 @@ static void rx_close_files(void)
         free(RX.files[i]);
     }
     RX.n_files = 0;
+    if (RX.dir_fd >= 0)
+        close(RX.dir_fd);
+    RX.dir_fd = -1, RX.dir_plen = 0;
+}
+
+/* Close the kept file at path, if one is kept (its name is about to go or to name another file). */
+static void rx_drop_file(const uint8_t *path, size_t plen)
+{
+    for (size_t i = 0; i < RX.n_files; i++)
+        if (RX.files[i]->plen == plen && memcmp(RX.files[i]->path, path, plen) == 0) {
+            close(RX.files[i]->fd);
+            free(RX.files[i]);
+            memmove(RX.files + i, RX.files + i + 1, (RX.n_files - i - 1) * sizeof(RX.files[0]));
+            RX.n_files--;
+            return;
+        }
+}
+
+/* Keep fd, a regular file open for writing at path, for the frames that name it; NULL (fd closed)
+ * if it cannot be kept. */
+static struct rx_file *rx_keep(const uint8_t *path, size_t plen, int fd)
+{
+    struct rx_file *f = malloc(sizeof(*f));
+    if (f == NULL) {
+        close(fd);
+        return NULL;
+    }
+    f->fd = fd, f->dirty = 0, f->plen = plen;
+    memcpy(f->path, path, plen);
+    if (RX.n_files == RX_FILES) {
+        /* The oldest goes; `durable`: only once flushed (rx_flush first). */
+        size_t old = 0;
+        while (old < RX.n_files && RX.files[old]->dirty)
+            old++;
+        if (old == RX.n_files) {
+            close(fd);
+            free(f);
+            return NULL;
+        }
+        close(RX.files[old]->fd);
+        free(RX.files[old]);
+        memmove(RX.files + old, RX.files + old + 1, (RX.n_files - old - 1) * sizeof(RX.files[0]));
+        RX.n_files--;
+    }
+    RX.files[RX.n_files++] = f;
+    return f;
 }
 
 /* The open regular file at path, beneath the root and on its file system; NULL if not. */
@@ -123,30 +180,16 @@ static struct rx_file *rx_file(const uint8_t *path, size_t plen)
         close(fd);
         return NULL;
     }
-    struct rx_file *f = malloc(sizeof(*f));
-    if (f == NULL) {
-        close(fd);
-        return NULL;
-    }
-    f->fd = fd, f->dirty = 0, f->plen = plen;
-    memcpy(f->path, path, plen);
-    if (RX.n_files == RX_FILES) {
-        /* The oldest goes; `durable`: only once flushed (rx_flush first). */
-        size_t old = 0;
-        while (old < RX.n_files && RX.files[old]->dirty)
-            old++;
-        if (old == RX.n_files) {
-            close(fd);
-            free(f);
-            return NULL;
-        }
-        close(RX.files[old]->fd);
-        free(RX.files[old]);
-        memmove(RX.files + old, RX.files + old + 1, (RX.n_files - old - 1) * sizeof(RX.files[0]));
-        RX.n_files--;
-    }
-    RX.files[RX.n_files++] = f;
-    return f;
+    return rx_keep(path, plen, fd);
+}
+
+static void rx_times(int64_t atime, int64_t mtime, struct timespec times[2])
+{
+    times[0] = (struct timespec){.tv_sec = atime / 1000000000, .tv_nsec = atime % 1000000000};
+    times[1] = (struct timespec){.tv_sec = mtime / 1000000000, .tv_nsec = mtime % 1000000000};
+    for (int i = 0; i < 2; i++)
+        if (times[i].tv_nsec < 0)
+            times[i].tv_sec -= 1, times[i].tv_nsec += 1000000000;
 }
 
 /* Apply a whole Write frame here if it is one this side reads and may apply now: 1, else 0. */
@@ -186,11 +229,8 @@ static int rx_write(const uint8_t *frame, size_t len, uint64_t seq)
             return 0; /* Python applies it again and reports what fails */
         done += (size_t) n;
     }
-    struct timespec times[2] = {{.tv_sec = atime / 1000000000, .tv_nsec = atime % 1000000000},
-                                {.tv_sec = mtime / 1000000000, .tv_nsec = mtime % 1000000000}};
-    for (int i = 0; i < 2; i++)
-        if (times[i].tv_nsec < 0)
-            times[i].tv_sec -= 1, times[i].tv_nsec += 1000000000;
+    struct timespec times[2];
+    rx_times(atime, mtime, times);
     if (futimens(fd, times) != 0)
         return 0;
     if (RX.durable) {
@@ -200,6 +240,25 @@ static int rx_write(const uint8_t *frame, size_t len, uint64_t seq)
     __atomic_add_fetch(&RX.unsynced, size, __ATOMIC_RELAXED);
     RX.since_sync += size;
     return 1;
+}
+
+/* "Op b'path': strerror", the path escaped much as Python's repr of bytes does (printable ASCII:
+ * the text of an answer must be valid UTF-8) and cut to fit. */
+static void rx_failure_text(char *text, size_t cap, const char *op, const uint8_t *path, size_t plen, int err)
+{
+    char shown[4 * 48 + 1];
+    size_t n = 0;
+    for (size_t i = 0; i < plen && n + 4 < sizeof(shown); i++) {
+        uint8_t b = path[i];
+        if (b == '\\' || b == '\'')
+            shown[n++] = '\\', shown[n++] = (char) b;
+        else if (b >= 32 && b < 127)
+            shown[n++] = (char) b;
+        else
+            n += (size_t) snprintf(shown + n, sizeof(shown) - n, "\\x%02x", b);
+    }
+    shown[n] = 0;
+    snprintf(text, cap, "%s b'%s': %s", op, shown, strerror(err));
 }
 
 static int rx_disk_error(int err)
@@ -299,13 +358,196 @@ static int rx_fsync(const uint8_t *frame, uint64_t seq, struct te_out *acks)
     char text[256] = "";
     if (err) {
         /* As the Applier words it: Fsync b'path': strerror. */
-        snprintf(text, sizeof(text), "Fsync b'%.*s': %s", (int) (plen > 180 ? 180 : plen), (const char *) path,
-                 strerror(err));
+        rx_failure_text(text, sizeof(text), "Fsync", path, plen, err);
         if (rx_disk_error(err))
             rx_keep_disk_error(err, seq, text);
     }
     rx_answer(acks, seq, err, text);
     __atomic_add_fetch(&RX.n_fsync, 1, __ATOMIC_RELAXED);
+    return 1;
+}
+
+/* The length of the directory part of an entry path (0: a top-level name). */
+static size_t rx_dir_len(const uint8_t *path, size_t plen)
+{
+    while (plen > 0 && path[plen - 1] != '/')
+        plen--;
+    return plen ? plen - 1 : 0;
+}
+
+/* The directory that path's first dir_len bytes name, beneath the root and on its file system (the
+ * root itself for none): its fd, kept open in RX.dir_fd for the next entry frame. -1 if that is not
+ * a plain directory there (Python then applies the frame). */
+static int rx_dir(const uint8_t *path, size_t dir_len)
+{
+    if (dir_len == 0)
+        return RX.root;
+    if (RX.dir_fd >= 0 && RX.dir_plen == dir_len && memcmp(RX.dir_path, path, dir_len) == 0)
+        return RX.dir_fd;
+    char name[TF_PATH_MAX + 1];
+    memcpy(name, path, dir_len);
+    name[dir_len] = 0;
+    struct open_how how = {.flags = O_PATH | O_DIRECTORY | O_NOFOLLOW | O_CLOEXEC,
+                           .resolve = RESOLVE_BENEATH | RESOLVE_NO_SYMLINKS | RESOLVE_NO_MAGICLINKS |
+                                      RESOLVE_NO_XDEV};
+    int fd = (int) syscall(SYS_openat2, RX.root, name, &how, sizeof(how));
+    if (fd < 0)
+        return -1;
+    if (RX.dir_fd >= 0)
+        close(RX.dir_fd);
+    RX.dir_fd = fd, RX.dir_plen = dir_len;
+    memcpy(RX.dir_path, path, dir_len);
+    return fd;
+}
+
+/* An entry path's last component, NUL-terminated in name (tf_plain_path bounds it to 255 bytes). */
+static void rx_last(const uint8_t *path, size_t plen, size_t dir_len, char name[256])
+{
+    size_t at = dir_len ? dir_len + 1 : 0;
+    memcpy(name, path + at, plen - at);
+    name[plen - at] = 0;
+}
+
+#define RX_FIXES 4
+
+/* A time fix of an entry frame, which this side applies only to the entry itself or to the
+ * directory it is in (`self` 1 or 0). */
+struct rx_fix {
+    int self;
+    struct timespec times[2];
+};
+
+/* The times field of an entry frame at c, each fix naming path itself (only if `self_ok`) or its
+ * directory (path's first dir_len bytes): 0 with *n set, -1 if it is not one this side reads. */
+static int rx_fixes(struct tf_cursor *c, const uint8_t *path, size_t plen, size_t dir_len, int self_ok,
+                    struct rx_fix *fix, size_t *n)
+{
+    size_t parts;
+    if (tf_next_array(c, n) || *n > RX_FIXES)
+        return -1;
+    for (size_t i = 0; i < *n; i++) {
+        const uint8_t *p;
+        size_t len;
+        int64_t atime, mtime;
+        if (tf_next_array(c, &parts) || parts != 3 || tf_next_bin(c, &p, &len) || tf_next_int(c, &atime) ||
+            tf_next_int(c, &mtime))
+            return -1;
+        if (self_ok && len == plen && memcmp(p, path, plen) == 0)
+            fix[i].self = 1;
+        else if (len == dir_len && memcmp(p, path, dir_len) == 0)
+            fix[i].self = 0;
+        else
+            return -1;
+        rx_times(atime, mtime, fix[i].times);
+    }
+    return 0;
+}
+
+/* Set the fixed times (the entry's own on fd): 0, or the errno of the first that fails. */
+static int rx_set_times(int dir_fd, int fd, const struct rx_fix *fix, size_t n)
+{
+    for (size_t i = 0; i < n; i++)
+        if ((fix[i].self ? futimens(fd, fix[i].times) : utimensat(dir_fd, ".", fix[i].times, AT_SYMLINK_NOFOLLOW)) != 0)
+            return errno;
+    return 0;
+}
+
+/* The answers to a `received` entry frame whose times could not be set once it was applied, as
+ * Python's would be: its Ack (on receipt), then a Fault [5, seq, status, text] with the error. */
+static void rx_times_failed(struct te_out *acks, uint64_t seq, const char *op, const uint8_t *path, size_t plen,
+                            int err)
+{
+    char text[256];
+    rx_failure_text(text, sizeof(text), op, path, plen, err);
+    rx_ack(acks, seq);
+    struct tf_buf fault;
+    tf_begin(&fault, 4, 5), tf_uint(&fault, seq), tf_uint(&fault, (uint64_t) err), tf_str(&fault, text);
+    tf_end(&fault, 0);
+    te_out_add(acks, fault.b, fault.n);
+}
+
+/* The parts of an entry frame up to its times (after its op, seq and path) must be nothing more
+ * than the header's: a frame with data or trailing bytes is Python's to refuse. */
+static int rx_header_only(const uint8_t *frame)
+{
+    return tf_get_be(frame, 4) == 4 + tf_get_be(frame + 4, 4);
+}
+
+/* A Create frame, applied here if it is one this side reads and may apply now: its answer goes
+ * into `acks` and 1, else 0 (nothing changed: Python applies it, and reports what fails). As the
+ * Applier does: always exclusive, owner then mode, then the times; the new file stays open for the
+ * Writes that follow. */
+static int rx_create(const uint8_t *frame, uint64_t seq, struct te_out *acks)
+{
+    struct tf_cursor c = {frame + 8, frame + 8 + tf_get_be(frame + 4, 4)};
+    size_t items, plen, n_fix;
+    uint64_t op, s, mode, uid, gid, flags;
+    const uint8_t *path;
+    struct rx_fix fix[RX_FIXES];
+    /* [19, seq, path, mode, uid, gid, flags, [[path, atime_ns, mtime_ns], ...]] */
+    if (!rx_header_only(frame) || tf_next_array(&c, &items) || items != 8 || tf_next_uint(&c, &op) || op != 19 ||
+        tf_next_uint(&c, &s) || s != seq || tf_next_bin(&c, &path, &plen) || !tf_plain_path(path, plen) ||
+        tf_next_uint(&c, &mode) || mode > 07777 || tf_next_uint(&c, &uid) || uid > UINT32_MAX ||
+        tf_next_uint(&c, &gid) || gid > UINT32_MAX || tf_next_uint(&c, &flags) || flags > UINT32_MAX)
+        return 0;
+    size_t dir_len = rx_dir_len(path, plen);
+    if (rx_fixes(&c, path, plen, dir_len, 1, fix, &n_fix) || c.p != c.end)
+        return 0;
+    int dir_fd = rx_dir(path, dir_len);
+    if (dir_fd < 0)
+        return 0;
+    char name[256];
+    rx_last(path, plen, dir_len, name);
+    int fd = openat(dir_fd, name, O_CREAT | O_EXCL | O_WRONLY | O_NOFOLLOW | O_NOCTTY | O_CLOEXEC, 0600);
+    if (fd < 0)
+        return 0;
+    if (fchown(fd, (uid_t) uid, (gid_t) gid) != 0 || fchmod(fd, (mode_t) mode) != 0) {
+        /* Undone, so that Python's attempt meets the same error rather than the file made here. */
+        close(fd);
+        unlinkat(dir_fd, name, 0);
+        return 0;
+    }
+    int err = rx_set_times(dir_fd, fd, fix, n_fix);
+    rx_drop_file(path, plen);
+    rx_keep(path, plen, fd);
+    if (err)
+        rx_times_failed(acks, seq, "Create", path, plen, err);
+    else
+        rx_ack(acks, seq);
+    return 1;
+}
+
+/* An Unlink frame, applied here if it is one this side reads and may apply now: its answer goes
+ * into `acks` and 1, else 0 (nothing changed: Python applies it, and reports what fails). */
+static int rx_unlink(const uint8_t *frame, uint64_t seq, struct te_out *acks)
+{
+    struct tf_cursor c = {frame + 8, frame + 8 + tf_get_be(frame + 4, 4)};
+    size_t items, plen, n_fix;
+    uint64_t op, s;
+    const uint8_t *path;
+    struct rx_fix fix[RX_FIXES];
+    /* [22, seq, path, [[dir path, atime_ns, mtime_ns], ...]] */
+    if (!rx_header_only(frame) || tf_next_array(&c, &items) || items != 4 || tf_next_uint(&c, &op) || op != 22 ||
+        tf_next_uint(&c, &s) || s != seq || tf_next_bin(&c, &path, &plen) || !tf_plain_path(path, plen))
+        return 0;
+    size_t dir_len = rx_dir_len(path, plen);
+    if (rx_fixes(&c, path, plen, dir_len, 0, fix, &n_fix) || c.p != c.end)
+        return 0;
+    int dir_fd = rx_dir(path, dir_len);
+    if (dir_fd < 0)
+        return 0;
+    char name[256];
+    rx_last(path, plen, dir_len, name);
+    /* A kept file of that name stays open on its inode, which a later frame with the name (after
+     * a Create) must not reach. */
+    rx_drop_file(path, plen);
+    if (unlinkat(dir_fd, name, 0) != 0)
+        return 0;
+    int err = rx_set_times(dir_fd, -1, fix, n_fix);
+    if (err)
+        rx_times_failed(acks, seq, "Unlink", path, plen, err);
+    else
+        rx_ack(acks, seq);
     return 1;
 }
 
@@ -369,6 +611,12 @@ static void *rx_thread(void *arg)
             if (next && op == 30 && rx_fsync(frame, seq, &acks)) {
                 RX.last_seq = seq;
                 __atomic_store_n(&RX.handled_seq, seq, __ATOMIC_RELEASE);
+                te_touch();
+            } else if (next && !RX.durable && ((op == 19 && rx_create(frame, seq, &acks)) ||
+                                               (op == 22 && rx_unlink(frame, seq, &acks)))) {
+                RX.last_seq = seq;
+                __atomic_store_n(&RX.handled_seq, seq, __ATOMIC_RELEASE);
+                __atomic_add_fetch(&RX.n_named, 1, __ATOMIC_RELAXED);
                 te_touch();
             } else if (next && op == 16 && rx_write(frame, need, seq)) {
                 if (rx_written(&acks, seq) != 0) {
@@ -538,9 +786,10 @@ static const char *rx_lost(int *err)
     return RX.lost;
 }
 
+/* Frames applied here: Writes (0), Fsyncs (1), Creates and Unlinks (2). */
 static unsigned long long rx_count(int which)
 {
-    return __atomic_load_n(which ? &RX.n_fsync : &RX.n_write, __ATOMIC_RELAXED);
+    return __atomic_load_n(which == 2 ? &RX.n_named : which ? &RX.n_fsync : &RX.n_write, __ATOMIC_RELAXED);
 }
 
 /* The disk error an fsync here met on this stream (0: none), its frame and its answer's text. */

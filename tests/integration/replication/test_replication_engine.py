@@ -184,6 +184,98 @@ async def test_the_secondary_applies_writes_itself_in_order_with_python(tmp_path
     assert pyfuse3.receiver_counts()["applied"] - before >= 40
 
 
+T1, T2, T3 = 1_500_000_000_111_111_111, 1_500_000_000_222_222_222, 1_500_000_000_333_333_333
+
+
+async def test_the_secondary_creates_and_unlinks_files_itself_in_order_with_python(tmp_path: Path) -> None:
+    # As the primary sends them: a Create with time fixes for the new file and its directory (the
+    # root's path is empty), an Unlink with one for its directory.
+    root = tmp_path / "repl"
+    root.mkdir()
+    named = pyfuse3.receiver_counts()["named"]
+    ops: list[m.Message] = [
+        m.Mkdir(b"d", 0o755, 0, 0),
+        m.Create(b"d/f", 0o640, 1234, 5678, os.O_WRONLY, (m.TimeFix(b"d/f", T1, T1), m.TimeFix(b"d", T2, T2))),
+        _write(b"d/f", 0, b"first"),
+        m.Create(b"top", 0o600, 0, 0, 0, (m.TimeFix(b"top", T1, T1), m.TimeFix(b"", T3, T3))),
+    ]
+    async with open_link(root, AckMode.RECEIVED, native=True) as link:
+        for seq, op in enumerate(ops, 1):
+            link.conn.send_nowait(Frame(seq, op))
+            assert await _answers(link.conn, lambda got, seq=seq: seq in got) == {seq: [m.Ack()]}
+        st, top = os.stat(root / "d" / "f"), os.stat(root / "top")
+        assert (stat.S_IMODE(st.st_mode), st.st_uid, st.st_gid, st.st_size) == (0o640, 1234, 5678, 5)
+        assert stat.S_IMODE(top.st_mode) == 0o600 and top.st_mtime_ns == T1
+        assert os.stat(root / "d").st_mtime_ns == T2 and os.stat(root).st_mtime_ns == T3
+        # The file's name is removed and made again: the next write reaches the new file only.
+        seq = len(ops)
+        for op in (m.Unlink(b"d/f", (m.TimeFix(b"d", T3, T3),)), m.Create(b"d/f", 0o644, 0, 0, 0)):
+            seq += 1
+            link.conn.send_nowait(Frame(seq, op))
+            assert await _answers(link.conn, lambda got, seq=seq: seq in got) == {seq: [m.Ack()]}
+            if isinstance(op, m.Unlink):
+                assert not (root / "d" / "f").exists() and os.stat(root / "d").st_mtime_ns == T3
+        seq += 1
+        link.conn.send_nowait(Frame(seq, _write(b"d/f", 0, b"2nd")))
+        assert await _answers(link.conn, lambda got: seq in got) == {seq: [m.Ack()]}
+        assert (root / "d" / "f").read_bytes() == b"2nd"
+        assert pyfuse3.receiver_counts()["named"] - named == 4
+
+        # Python keeps a file open by name too: after the native path removed and made that name
+        # again, Python's next operation on it reaches the new file. The event loop is held while
+        # a mkdir and a write go out, so that Python applies both (and keeps the file open).
+        with _raw(link.conn) as sock:
+            frames = (Frame(seq + 1, m.Mkdir(b"e", 0o755, 0, 0)), Frame(seq + 2, _write(b"d/f", 0, b"PY")))
+            sock.sendall(b"".join(encode(frame) for frame in frames))
+            assert _read_frames(sock, 2) == {seq + 1: [m.Ack()], seq + 2: [m.Ack()]}
+        seq += 2
+        for _ in range(200):
+            if (root / "d" / "f").read_bytes() == b"PYd":
+                break
+            await asyncio.sleep(0.01)
+        assert (root / "d" / "f").read_bytes() == b"PYd"
+        named = pyfuse3.receiver_counts()["named"]
+        for op in (m.Unlink(b"d/f"), m.Create(b"d/f", 0o644, 0, 0, 0), m.Truncate(b"d/f", 3)):
+            seq += 1
+            link.conn.send_nowait(Frame(seq, op))
+            assert await _answers(link.conn, lambda got, seq=seq: seq in got) == {seq: [m.Ack()]}
+        for _ in range(200):
+            if os.stat(root / "d" / "f").st_size == 3:
+                break
+            await asyncio.sleep(0.01)
+        assert (root / "d" / "f").read_bytes() == b"\0\0\0"
+        assert pyfuse3.receiver_counts()["named"] - named == 2
+
+
+async def test_a_create_or_unlink_the_native_path_cannot_apply_goes_to_python_which_reports_it(
+    tmp_path: Path, expected_logs: ExpectedLogs
+) -> None:
+    # A name that exists already (divergence: the primary created a new file) and one that is
+    # missing: the native path changes nothing, and Python applies them and reports the error.
+    expected_logs.expect(r"Replication error applying seq=3: Create b'f': File exists")
+    expected_logs.expect(r"Replication error applying seq=4: Unlink b'missing': No such file or directory")
+    root = tmp_path / "repl"
+    root.mkdir()
+    ops: list[m.Message] = [
+        m.Mkdir(b"d", 0o755, 0, 0),
+        m.Create(b"d/f", 0o600, 0, 0, 0),
+        m.Create(b"d/f", 0o644, 0, 0, 0),
+        m.Unlink(b"d/missing"),
+        _write(b"d/f", 0, b"still here"),
+    ]
+    got: dict[int, list[m.Message]] = {}
+    async with open_link(root, AckMode.RECEIVED, native=True) as link:
+        for seq, op in enumerate(ops, 1):
+            link.conn.send_nowait(Frame(seq, op))
+            _merge(got, await _answers(link.conn, lambda answers, seq=seq: seq in answers))
+        while len(got.get(3, [])) < 2 or len(got.get(4, [])) < 2:
+            _merge(got, await _answers(link.conn, lambda answers: bool(answers)))
+    assert [type(a) for a in got[3]] == [m.Ack, m.Fault] and got[3][1].status == errno.EEXIST, got
+    assert [type(a) for a in got[4]] == [m.Ack, m.Fault] and got[4][1].status == errno.ENOENT, got
+    assert stat.S_IMODE(os.stat(root / "d" / "f").st_mode) == 0o600
+    assert (root / "d" / "f").read_bytes() == b"still here"
+
+
 @contextlib.contextmanager
 def _raw(conn: FrameConnection) -> Iterator[socket.socket]:
     """The connection's socket, blocking, for a test that holds the event loop meanwhile."""
@@ -225,16 +317,17 @@ def _recv_exactly(sock: socket.socket, n: int) -> bytes:
 
 
 async def test_the_secondary_acknowledges_on_receipt_without_waiting_for_python(tmp_path: Path) -> None:
-    # Creates, a rename and an unlink go to Python to apply; the native data path acknowledges them
-    # on receipt. The test blocks the event loop, and the receiver's Python with it, while it sends
-    # them and reads their acks on the socket itself.
+    # A mkdir goes to Python to apply, and the frames behind it with it (creates, a write, a rename,
+    # an unlink); the native data path acknowledges them on receipt. The test blocks the event loop,
+    # and the receiver's Python with it, while it sends them and reads their acks on the socket.
     root = tmp_path / "repl"
     root.mkdir()
     async with open_link(root, AckMode.RECEIVED, native=True) as link:
         # The session's first frame is Python's to acknowledge (it checks it against the handshake).
         link.conn.send_nowait(Frame(1, m.Mkdir(b"d", 0o755, 0, 0)))
         assert await _answers(link.conn, lambda got: 1 in got) == {1: [m.Ack()]}
-        ops: list[m.Message] = [m.Create(b"d/f%d" % i, 0o644, 0, 0, 0) for i in range(10)]
+        ops: list[m.Message] = [m.Mkdir(b"d/sub", 0o755, 0, 0)]
+        ops += [m.Create(b"d/f%d" % i, 0o644, 0, 0, 0) for i in range(10)]
         ops += [_write(b"d/f0", 0, b"data"), m.Rename(b"d/f0", b"d/g", 0), m.Unlink(b"d/f1")]
         with _raw(link.conn) as sock:
             sock.sendall(b"".join(encode(Frame(seq, op)) for seq, op in enumerate(ops, 2)))
@@ -248,10 +341,11 @@ async def test_the_secondary_acknowledges_on_receipt_without_waiting_for_python(
                 break
             await asyncio.sleep(0.05)
         assert (root / "d" / "g").read_bytes() == b"data"
-        assert sorted(p.name for p in (root / "d").iterdir()) == sorted(["g", *(f"f{i}" for i in range(2, 10))])
+        assert sorted(p.name for p in (root / "d").iterdir()) == sorted(["sub", "g", *(f"f{i}" for i in range(2, 10))])
         # Past RX_AHEAD frames waiting for Python, Python acknowledges them itself when it reads them.
         first = len(ops) + 2
-        more: list[m.Message] = [m.Create(b"e%d" % i, 0o644, 0, 0, 0) for i in range(40)]
+        more: list[m.Message] = [m.Mkdir(b"e", 0o755, 0, 0)]
+        more += [m.Create(b"e/f%d" % i, 0o644, 0, 0, 0) for i in range(39)]
         with _raw(link.conn) as sock:
             sock.sendall(b"".join(encode(Frame(seq, op)) for seq, op in enumerate(more, first)))
             early = _read_frames(sock, 40, patience=0.5)
@@ -260,6 +354,14 @@ async def test_the_secondary_acknowledges_on_receipt_without_waiting_for_python(
         assert late == {seq: [m.Ack()] for seq in range(first + 16, first + 40)}, late
 
 
+_HOSTILE: dict[str, Callable[[bytes], m.Message]] = {
+    "write": lambda path: _write(path, 0, b"x"),
+    "create": lambda path: m.Create(path, 0o644, 0, 0, 0, (m.TimeFix(path, 1, 1),)),
+    "unlink": lambda path: m.Unlink(path),
+}
+
+
+@pytest.mark.parametrize("kind", sorted(_HOSTILE))
 @pytest.mark.parametrize(
     "path, why",
     [
@@ -267,10 +369,11 @@ async def test_the_secondary_acknowledges_on_receipt_without_waiting_for_python(
         (b"/etc/passwd", "absolute path"),
         (b"a//b", "empty component"),
         (b"l/escaped", "crosses a symlink"),
+        (b"l/outside", "crosses a symlink"),
     ],
 )
-async def test_a_hostile_write_goes_to_python_which_refuses_it(
-    tmp_path: Path, path: bytes, why: str, expected_logs: ExpectedLogs
+async def test_a_hostile_operation_goes_to_python_which_refuses_it(
+    tmp_path: Path, kind: str, path: bytes, why: str, expected_logs: ExpectedLogs
 ) -> None:
     expected_logs.expect(f"Disconnecting replication peer .*{re.escape(why)}")
     root = tmp_path / "repl"
@@ -281,7 +384,7 @@ async def test_a_hostile_write_goes_to_python_which_refuses_it(
         for seq, op in enumerate(frames, 1):
             link.conn.send_nowait(Frame(seq, op))
             await _answers(link.conn, lambda answers, seq=seq: seq in answers)
-        link.conn.send_nowait(Frame(4, _write(path, 0, b"x")))
+        link.conn.send_nowait(Frame(4, _HOSTILE[kind](path)))
         link.conn.send_nowait(Frame(5, _write(b"f", 0, b"never")))
         await _answers(link.conn, lambda got: False)  # until the secondary ends the stream
         await asyncio.wait_for(link.server, 5)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import dataclasses
 import hashlib
 import os
@@ -16,7 +17,10 @@ from hypothesis import strategies as st
 from agent.replication import messages as m
 from agent.replication.applier import Applier
 from agent.replication.beneath import PathEscape
+from agent.replication.receiver import AckMode
 from agent.replication.wire import Frame, ProtocolError, decode, encode
+from tests.conftest import ExpectedLogs
+from tests.integration.replication.links import open_link
 
 HOSTILE_PATHS = [b"../x", b"/etc/passwd", b"a/../../b", b"..", b".", b"", b"a//b", b"a/\0b", b"../outside/secret"]
 names = st.sampled_from([b"a", b"b", b"l", b"a/l", b"l/x", b"l/secret", b"a/b", b"b/l/secret", b"l/l"])
@@ -135,6 +139,91 @@ def test_nothing_is_ever_written_outside(
             apply_all(app, msgs, through_codec)
         finally:
             os.close(fd)
+        assert snapshot(top, repl) == before
+        assert Path("/etc/passwd").read_bytes() == passwd
+    finally:
+        shutil.rmtree(top)
+
+
+def _primary_shaped(op: m.Message) -> tuple[m.Message, list[m.TimeFix]]:
+    """An operation with the time fixes the primary sends with it, which the native data path reads."""
+    own, parent = m.TimeFix(op.path, 1, 2), m.TimeFix(op.path.rpartition(b"/")[0], 3, 4)
+    fixes = {m.Create: [own, parent], m.Write: [own], m.Unlink: [parent]}.get(type(op), [])
+    return op, fixes
+
+
+# Mostly plain names, so that a sequence goes on past its first frames and the native data path
+# applies many of them; then the hostile paths and symlinks of the attacks above.
+PLAIN = [b"a", b"b", b"d/a", b"d/b", b"d"]
+native_paths = st.sampled_from(PLAIN * 8 + HOSTILE_PATHS + [b"l", b"a/l", b"l/x", b"l/secret", b"b/l/secret"])
+native_ops = st.one_of(
+    st.builds(m.Create, native_paths, modes, st.just(0), st.just(0), st.just(0)),
+    st.builds(m.Write, native_paths, small, st.binary(max_size=64)),
+    st.builds(m.Unlink, native_paths),
+    st.builds(m.Fsync, native_paths, st.booleans()),
+)
+
+
+@st.composite
+def native_attacks(draw: st.DrawFn) -> list[tuple[m.Message, list[m.TimeFix]]]:
+    """Plant a symlink that points out of the tree, then create, write or unlink through it."""
+    link, target = draw(planted), draw(evil)
+    victim = link + draw(through)
+    use = draw(native_ops.map(lambda op: _retarget(op, victim)))
+    return [(m.Mkdir(b"a", 0o755, 0, 0), []), (m.Symlink(link, target, 0, 0), []), _primary_shaped(use)]
+
+
+native_sequences = st.tuples(
+    st.lists(native_ops.map(_primary_shaped), max_size=24),
+    st.lists(st.one_of(native_attacks(), sequences), max_size=2),
+).map(lambda parts: [(m.Mkdir(b"d", 0o755, 0, 0), []), *parts[0], *(step for chunk in parts[1] for step in chunk)])
+
+
+async def _send_through_native(repl: Path, msgs: list[tuple[m.Message, list[m.TimeFix]]]) -> None:
+    """Each frame once the one before is answered, as a primary sends them, until the secondary ends
+    the stream (it refuses a hostile frame): the native data path sees each first."""
+    async with open_link(repl, AckMode.RECEIVED, native=True) as link:
+        # The session's first frame is always Python's: the test's come after it.
+        for seq, (msg, fixes) in enumerate([(m.Mkdir(b"first", 0o755, 0, 0), []), *msgs], 1):
+            if hasattr(msg, "times"):
+                msg = dataclasses.replace(msg, times=tuple(fixes))
+            try:
+                link.conn.send_nowait(Frame(seq, msg))
+            except ConnectionError:
+                return
+            while True:
+                frame = await asyncio.wait_for(link.conn.read(), 10)
+                if frame is None:
+                    return
+                if frame.seq == seq:
+                    break
+            # A frame passed to Python is acknowledged on receipt: once Python applied it (in this
+            # event loop), the native data path may apply the next.
+            await asyncio.sleep(0.001)
+
+
+@settings(
+    max_examples=120, deadline=None, suppress_health_check=[HealthCheck.too_slow, HealthCheck.function_scoped_fixture]
+)
+@given(msgs=native_sequences)
+def test_nothing_is_ever_written_outside_through_the_native_path(
+    msgs: list[tuple[m.Message, list[m.TimeFix]]], expected_logs: ExpectedLogs
+) -> None:
+    # tandem_receiver.c parses Write, Fsync, Create and Unlink frames itself and applies those it
+    # reads in full; everything else, and anything it is not sure of, goes to Python.
+    expected_logs.expect("Disconnecting replication peer")
+    expected_logs.expect("Replication error applying")
+    top = Path(tempfile.mkdtemp(prefix="hostile-native-"))
+    try:
+        outside = top / "outside"
+        outside.mkdir()
+        (outside / "secret").write_bytes(b"do not touch")
+        (top / "sibling").write_bytes(b"nor this")
+        repl = top / "repl"
+        repl.mkdir()
+        before = snapshot(top, repl)
+        passwd = Path("/etc/passwd").read_bytes()
+        asyncio.run(_send_through_native(repl, msgs))
         assert snapshot(top, repl) == before
         assert Path("/etc/passwd").read_bytes() == passwd
     finally:
