@@ -162,7 +162,7 @@ def run(base: Path, sizes: Sizes, profile: bool) -> str:
         port = stack.enter_context(tandem_secondary(base / "tandem-mirror", base / "tandem-mirror.log"))
         stack.enter_context(serving([str(binary), str(to_tandem), "--tandem", str(port)], to_tandem, base / "c.log"))
         stack.enter_context(serving(primary, alone, base / "python.log"))
-        replicated, _ = stack.enter_context(replicated_pair(base, "received"))
+        replicated, _, _ = stack.enter_context(replicated_pair(base, "received"))
         tops = (local, native, shipped, to_tandem, alone, replicated)
         recorders = [fuse_profile.Recorder(top, enabled=profile) for top in tops[1:]]
         try:

@@ -141,7 +141,7 @@ def bench_local(base: Path, ack: str, pg_bin: Path, load: Load) -> Run:
 
 def bench_replicated(base: Path, ack: str, pg_bin: Path, load: Load) -> tuple[Run, str]:
     """pgbench with the data directory inside the primary's mount; the run and the committed sum of balances."""
-    with replicated_pair(base, ack) as (mnt, primary):
+    with replicated_pair(base, ack) as (mnt, primary, _):
         pg = Server(pg_bin, _postgres_dir(mnt / "pg"), _postgres_dir(base / f"run-replicated-{ack}"))
         try:
             run = bench(pg, load)

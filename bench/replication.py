@@ -64,8 +64,10 @@ def _in_sync(log: Path) -> bool:
 
 
 @contextlib.contextmanager
-def replicated_pair(base: Path, ack: str, extra: Sequence[str] = ()) -> Iterator[tuple[Path, subprocess.Popen[bytes]]]:
-    """Start a secondary and a primary replicator; yield the primary's mount and process; stop both.
+def replicated_pair(
+    base: Path, ack: str, extra: Sequence[str] = ()
+) -> Iterator[tuple[Path, subprocess.Popen[bytes], subprocess.Popen[bytes]]]:
+    """Start a secondary and a primary replicator; yield the primary's mount and both processes; stop both.
 
     `extra`: more arguments for both replicators.
     """
@@ -93,7 +95,7 @@ def replicated_pair(base: Path, ack: str, extra: Sequence[str] = ()) -> Iterator
             if primary.poll() is not None or secondary.poll() is not None or time.monotonic() > deadline:
                 raise RuntimeError(f"replicators did not start or get in sync; see {log.name}")
             time.sleep(0.05)
-        yield primary_dir, primary
+        yield primary_dir, primary, secondary
     finally:
         for proc, path in ((primary, primary_dir), (secondary, secondary_dir)):
             stop_and_unmount(proc, path)
@@ -110,6 +112,12 @@ def stop_and_unmount(proc: subprocess.Popen[bytes], path: Path) -> None:
             proc.kill()
             proc.wait(10)
     unmount(path)
+
+
+def cpu_seconds(pid: int) -> float:
+    """The user and system CPU time a running process has used so far, in seconds (/proc)."""
+    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
 
 
 class RssSampler:
@@ -226,15 +234,18 @@ def bench_sqlite(top: Path, sizes: Sizes) -> float:
 
 def run_mode(
     base: Path, ack: str, sizes: Sizes, extra: Sequence[str] = (), *, profile: bool = False
-) -> tuple[list[Row], float, str]:
+) -> tuple[list[Row], float, tuple[float, ...], str]:
     """Every benchmark, local then replicated, with one pair in `ack` mode.
 
-    Also the peak RSS during dd, and with `profile` a table of the FUSE requests of each replicated run.
+    Also the peak RSS during dd, the CPU time (ms) each replicator (primary, secondary) spent per
+    small file created, written, closed and unlinked (the local tree's turns included: nothing of
+    theirs reaches the replicators), and with `profile` a table of the FUSE requests of each
+    replicated run.
     """
     local = base / f"local-{ack}"
     local.mkdir()
     rows: list[Row] = []
-    with replicated_pair(base, ack, extra) as (mnt, primary):
+    with replicated_pair(base, ack, extra) as (mnt, primary, secondary):
         traced = fuse_profile.Recorder(mnt, enabled=profile)
         dd_local = bench_dd(local, sizes)
         with RssSampler(primary.pid) as rss, traced.section("dd, per 1 MiB block", sizes.dd_mib):
@@ -247,15 +258,18 @@ def run_mode(
         rows.append(Row("4 KiB write+fsync p50", "µs", lp50, rp50, higher_is_better=False))
         rows.append(Row("4 KiB write+fsync p99", "µs", lp99, rp99, higher_is_better=False))
         # The local tree takes turns with the mount here; its requests do not reach the mount.
+        before = cpu_seconds(primary.pid), cpu_seconds(secondary.pid)
         with traced.section("small files, per file (create+write+close, later unlink)", sizes.small_files):
             (lc, lu), (rc, ru) = bench_small_files((local, mnt), sizes.small_files)
+        procs = (primary, secondary)
+        cpu = tuple((cpu_seconds(p.pid) - t0) / sizes.small_files * 1e3 for p, t0 in zip(procs, before, strict=True))
         rows.append(Row(f"create+write 4 KiB+close, {sizes.small_files} files", "files/s", lc, rc))
         rows.append(Row(f"unlink, {sizes.small_files} files", "files/s", lu, ru))
         sqlite_local = bench_sqlite(local, sizes)
         with traced.section("SQLite WAL synchronous=FULL, per transaction", sizes.sqlite_tx):
             sqlite_repl = bench_sqlite(mnt, sizes)
         rows.append(Row("SQLite WAL synchronous=FULL", "tx/s", sqlite_local, sqlite_repl))
-    return rows, rss.peak, traced.render()
+    return rows, rss.peak, cpu, traced.render()
 
 
 def machine() -> str:
@@ -298,12 +312,14 @@ def calibration(rounds: int = 2000) -> str:
     return f"calibration: process ping-pong p50 {statistics.median(lat) * 1e6:.0f} µs, load {load:.2f}"
 
 
-def render(ack: str, rows: list[Row], rss: float) -> str:
+def render(ack: str, rows: list[Row], rss: float, cpu: tuple[float, ...]) -> str:
     """A markdown table of one mode's results."""
     out = [f"### ack: {ack}", "", "| benchmark | unit | local | replicated | ratio |", "|---|---|---|---|---|"]
     for r in rows:
         out.append(f"| {r.name} | {r.unit} | {r.local:,.0f} | {r.replicated:,.0f} | {r.ratio()} |")
     out.append(f"| replicator RSS during the dd write (peak) | MiB | - | {rss:.0f} | - |")
+    shown = " / ".join(f"{ms:.2f}" for ms in cpu)
+    out.append(f"| replicators' CPU per small file (primary / secondary) | ms | - | {shown} | - |")
     return "\n".join(out)
 
 
@@ -345,8 +361,8 @@ def main(argv: list[str] | None = None) -> None:
     header("bench.replication", argv, args)
     with disk.work_dir(args.dir, "tandem-bench-", args.fresh_fs) as tmp:
         for ack in args.modes.split(","):
-            rows, rss, requests = run_mode(tmp, ack, sizes, extra, profile=args.fuse_profile)
-            print(render(ack, rows, rss), "\n", flush=True)
+            rows, rss, cpu, requests = run_mode(tmp, ack, sizes, extra, profile=args.fuse_profile)
+            print(render(ack, rows, rss, cpu), "\n", flush=True)
             if requests:
                 print(requests, "\n", flush=True)
 

@@ -1,6 +1,6 @@
 /* Tandem's native data path on the secondary (docs/dev/native-data-path.md, stage 6): Write and
  * Fsync frames received, applied and acknowledged without Python, in `received` and `durable` mode,
- * and in `received` mode Create and Unlink frames too.
+ * and Create and Unlink frames too.
  *
  * Built into Tandem's pyfuse3 beside tandem_engine.c (the primary's side). After Python's handshake
  * the Receiver hands the stream over (rx_attach). One thread (X) then reads it:
@@ -15,10 +15,11 @@
  *   than INLINE_SYNC_BYTES wait for it (Python syncs those in a thread). An fsync that meets a disk
  *   error answers it, and from then on Python answers everything, keeping that error for every
  *   later fsync (rx_disk_error_of).
- * - A Create or an Unlink frame (`received` mode) on the same conditions, whose time fixes name
- *   only the entry or its directory: applied as the Applier applies it, beneath the entry's
- *   directory opened as above (rx_create, rx_unlink); one that fails changes nothing and goes to
- *   Python, which applies it again and reports the error.
+ * - A Create or an Unlink frame on the same conditions, whose time fixes name only the entry or its
+ *   directory: applied as the Applier applies it, beneath the entry's directory opened as above
+ *   (rx_create, rx_unlink); one that fails changes nothing and goes to Python, which applies it
+ *   again and reports the error. In `durable` mode the flush then fsyncs the new file and the
+ *   directory, as Python's Dirty does.
  * - Every other frame goes to Python whole, through a socket pair its FrameConnection reads as it
  *   read the stream: the handshake's successors, every other operation, Pings, anything malformed
  *   or hostile (Python's parser and checks refuse it and end the stream, as before), and a Write
@@ -46,6 +47,12 @@
 #include <sys/syscall.h>
 
 #define RX_FILES 64
+/* What a flush must sync of a file changed here (`durable`): its bytes (fdatasync), or its inode
+ * too, for a file made here (fsync), as Python's Dirty does. */
+#define RX_DATA 1
+#define RX_META 2
+/* Directories whose entries changed here, waiting for the next flush besides the kept one. */
+#define RX_FLUSH_DIRS 16
 /* At most this many frames go to Python acknowledged here and not applied yet: past it Python
  * acknowledges on receipt, at the pace it reads (an Fsync waits for every frame ahead of it). */
 #define RX_AHEAD 16
@@ -55,7 +62,7 @@
 
 struct rx_file {
     int fd;
-    int dirty;              /* `durable`: written here since this side's last flush */
+    int dirty;              /* `durable`: changed here since this side's last flush (RX_DATA, RX_META) */
     size_t plen;
     uint8_t path[TF_PATH_MAX];
 };
@@ -88,9 +95,12 @@ static struct {
     int durable;            /* `durable` mode: a Write is acknowledged once flushed (rx_flush) */
     uint64_t *unflushed;    /* `durable`: the Writes applied here and not flushed yet */
     size_t n_unflushed, cap_unflushed;
-    int dir_fd;             /* the directory the last Create or Unlink here was in (O_PATH) ... */
+    int dir_fd;             /* the directory the last Create or Unlink here was in (read-only) ... */
     size_t dir_plen;
-    uint8_t dir_path[TF_PATH_MAX]; /* ... and its path (a top-level name's is the root: never kept here) */
+    uint8_t dir_path[TF_PATH_MAX]; /* ... and its path (empty: the root) */
+    int dir_dirty;          /* `durable`: its entries changed since the last flush */
+    int flush_dirs[RX_FLUSH_DIRS]; /* `durable`: other directories changed since then, to fsync */
+    size_t n_flush_dirs;
     uint64_t n_named;       /* Creates and Unlinks applied here */
 } RX = {.sock = -1, .root = -1, .ans_w = -1, .tx_mu = PTHREAD_MUTEX_INITIALIZER, .dir_fd = -1};
 
@@ -105,7 +115,10 @@ static void rx_close_files(void)
     RX.n_files = 0;
     if (RX.dir_fd >= 0)
         close(RX.dir_fd);
-    RX.dir_fd = -1, RX.dir_plen = 0;
+    RX.dir_fd = -1, RX.dir_plen = 0, RX.dir_dirty = 0;
+    for (size_t i = 0; i < RX.n_flush_dirs; i++)
+        close(RX.flush_dirs[i]);
+    RX.n_flush_dirs = 0;
 }
 
 /* Close the kept file at path, if one is kept (its name is about to go or to name another file). */
@@ -234,7 +247,7 @@ static int rx_write(const uint8_t *frame, size_t len, uint64_t seq)
     if (futimens(fd, times) != 0)
         return 0;
     if (RX.durable) {
-        f->dirty = 1; /* rx_flush syncs it before the ack */
+        f->dirty |= RX_DATA; /* rx_flush syncs it before the ack */
         return 1;
     }
     __atomic_add_fetch(&RX.unsynced, size, __ATOMIC_RELAXED);
@@ -288,25 +301,33 @@ static void rx_keep_disk_error(int err, uint64_t seq, const char *text)
     __atomic_store_n(&RX.disk_error, err, __ATOMIC_RELEASE);
 }
 
-/* `durable`: put on disk what the Writes applied here since the last flush changed (fdatasync, as
- * Python's Dirty does), then acknowledge them into `acks`, each with the failure if it failed. */
+/* `durable`: put on disk what the frames applied here since the last flush changed, as Python's
+ * Dirty does (fdatasync of a written file, fsync of a file made here and of each directory whose
+ * entries changed), then acknowledge them into `acks`, each with the failure if it failed. */
 static void rx_flush(struct te_out *acks)
 {
-    if (RX.n_unflushed == 0)
-        return;
     int err = 0;
     for (size_t i = 0; i < RX.n_files; i++)
         if (RX.files[i]->dirty) {
-            if (fdatasync(RX.files[i]->fd) != 0 && err == 0)
+            if ((RX.files[i]->dirty & RX_META ? fsync : fdatasync)(RX.files[i]->fd) != 0 && err == 0)
                 err = errno;
             RX.files[i]->dirty = 0;
         }
+    for (size_t i = 0; i < RX.n_flush_dirs; i++) {
+        if (fsync(RX.flush_dirs[i]) != 0 && err == 0)
+            err = errno;
+        close(RX.flush_dirs[i]);
+    }
+    RX.n_flush_dirs = 0;
+    if (RX.dir_dirty && fsync(RX.dir_fd) != 0 && err == 0)
+        err = errno;
+    RX.dir_dirty = 0;
     char text[160] = "";
     if (err) {
         /* As receiver.py's _flush words it. */
         snprintf(text, sizeof(text), "flushing to disk: %s", strerror(err));
         if (rx_disk_error(err))
-            rx_keep_disk_error(err, RX.unflushed[0], text);
+            rx_keep_disk_error(err, RX.n_unflushed ? RX.unflushed[0] : 0, text);
     }
     for (size_t i = 0; i < RX.n_unflushed; i++)
         rx_answer(acks, RX.unflushed[i], err, text);
@@ -330,6 +351,16 @@ static int rx_written(struct te_out *acks, uint64_t seq)
     }
     RX.unflushed[RX.n_unflushed++] = seq;
     return 0;
+}
+
+/* A frame applied here is answered (rx_written), after a flush if its seq cannot be remembered
+ * otherwise. 0, or -1 without memory even then. */
+static int rx_answer_applied(struct te_out *acks, uint64_t seq)
+{
+    if (rx_written(acks, seq) == 0)
+        return 0;
+    rx_flush(acks);
+    return rx_written(acks, seq);
 }
 
 /* An Fsync frame of a regular file, applied here if it is one this side may apply now: its answer
@@ -375,27 +406,32 @@ static size_t rx_dir_len(const uint8_t *path, size_t plen)
     return plen ? plen - 1 : 0;
 }
 
-/* The directory that path's first dir_len bytes name, beneath the root and on its file system (the
- * root itself for none): its fd, kept open in RX.dir_fd for the next entry frame. -1 if that is not
- * a plain directory there (Python then applies the frame). */
+/* The directory that path's first dir_len bytes name (none: the root), beneath the root and on its
+ * file system: its fd, read-only (a flush fsyncs it), kept open in RX.dir_fd for the next entry
+ * frame. -1 if that is not a plain directory there, or if a flush is due first (`durable`: too
+ * many directories changed): Python then applies the frame. */
 static int rx_dir(const uint8_t *path, size_t dir_len)
 {
-    if (dir_len == 0)
-        return RX.root;
     if (RX.dir_fd >= 0 && RX.dir_plen == dir_len && memcmp(RX.dir_path, path, dir_len) == 0)
         return RX.dir_fd;
-    char name[TF_PATH_MAX + 1];
-    memcpy(name, path, dir_len);
-    name[dir_len] = 0;
-    struct open_how how = {.flags = O_PATH | O_DIRECTORY | O_NOFOLLOW | O_CLOEXEC,
+    if (RX.dir_dirty && RX.n_flush_dirs == RX_FLUSH_DIRS)
+        return -1;
+    char name[TF_PATH_MAX + 1] = ".";
+    if (dir_len) {
+        memcpy(name, path, dir_len);
+        name[dir_len] = 0;
+    }
+    struct open_how how = {.flags = O_RDONLY | O_DIRECTORY | O_NOFOLLOW | O_CLOEXEC,
                            .resolve = RESOLVE_BENEATH | RESOLVE_NO_SYMLINKS | RESOLVE_NO_MAGICLINKS |
                                       RESOLVE_NO_XDEV};
     int fd = (int) syscall(SYS_openat2, RX.root, name, &how, sizeof(how));
     if (fd < 0)
         return -1;
-    if (RX.dir_fd >= 0)
+    if (RX.dir_dirty)
+        RX.flush_dirs[RX.n_flush_dirs++] = RX.dir_fd; /* the next flush syncs and closes it */
+    else if (RX.dir_fd >= 0)
         close(RX.dir_fd);
-    RX.dir_fd = fd, RX.dir_plen = dir_len;
+    RX.dir_fd = fd, RX.dir_plen = dir_len, RX.dir_dirty = 0;
     memcpy(RX.dir_path, path, dir_len);
     return fd;
 }
@@ -452,18 +488,33 @@ static int rx_set_times(int dir_fd, int fd, const struct rx_fix *fix, size_t n)
     return 0;
 }
 
-/* The answers to a `received` entry frame whose times could not be set once it was applied, as
- * Python's would be: its Ack (on receipt), then a Fault [5, seq, status, text] with the error. */
+/* The answers to an entry frame whose times could not be set once it was applied, as Python's
+ * would be: in `received` mode its Ack (on receipt), then a Fault [5, seq, status, text] with the
+ * error; in `durable` mode, once what it changed is on disk, an Ack with the error. */
 static void rx_times_failed(struct te_out *acks, uint64_t seq, const char *op, const uint8_t *path, size_t plen,
                             int err)
 {
     char text[256];
     rx_failure_text(text, sizeof(text), op, path, plen, err);
+    if (RX.durable) {
+        rx_flush(acks); /* a flush that fails is kept as a disk error too */
+        rx_answer(acks, seq, err, text);
+        return;
+    }
     rx_ack(acks, seq);
     struct tf_buf fault;
     tf_begin(&fault, 4, 5), tf_uint(&fault, seq), tf_uint(&fault, (uint64_t) err), tf_str(&fault, text);
     tf_end(&fault, 0);
     te_out_add(acks, fault.b, fault.n);
+}
+
+/* How many of the files kept here wait for a flush (`durable`). */
+static size_t rx_files_dirty(void)
+{
+    size_t n = 0;
+    for (size_t i = 0; i < RX.n_files; i++)
+        n += RX.files[i]->dirty != 0;
+    return n;
 }
 
 /* The parts of an entry frame up to its times (after its op, seq and path) must be nothing more
@@ -473,10 +524,11 @@ static int rx_header_only(const uint8_t *frame)
     return tf_get_be(frame, 4) == 4 + tf_get_be(frame + 4, 4);
 }
 
-/* A Create frame, applied here if it is one this side reads and may apply now: its answer goes
- * into `acks` and 1, else 0 (nothing changed: Python applies it, and reports what fails). As the
- * Applier does: always exclusive, owner then mode, then the times; the new file stays open for the
- * Writes that follow. */
+/* A Create frame, applied here if it is one this side reads and may apply now: 1 (to be answered as
+ * a Write applied here is), 2 (answered into `acks`: its times failed), else 0 (nothing changed:
+ * Python applies it, and reports what fails). As the Applier does: always exclusive, owner then
+ * mode, then the times; the new file stays open for the Writes that follow (`durable`: and for
+ * the flush, which syncs it and its directory). */
 static int rx_create(const uint8_t *frame, uint64_t seq, struct te_out *acks)
 {
     struct tf_cursor c = {frame + 8, frame + 8 + tf_get_be(frame + 4, 4)};
@@ -493,6 +545,8 @@ static int rx_create(const uint8_t *frame, uint64_t seq, struct te_out *acks)
     size_t dir_len = rx_dir_len(path, plen);
     if (rx_fixes(&c, path, plen, dir_len, 1, fix, &n_fix) || c.p != c.end)
         return 0;
+    if (RX.durable && rx_files_dirty() == RX_FILES)
+        rx_flush(acks); /* a file kept for the flush must go first */
     int dir_fd = rx_dir(path, dir_len);
     if (dir_fd < 0)
         return 0;
@@ -509,16 +563,21 @@ static int rx_create(const uint8_t *frame, uint64_t seq, struct te_out *acks)
     }
     int err = rx_set_times(dir_fd, fd, fix, n_fix);
     rx_drop_file(path, plen);
-    rx_keep(path, plen, fd);
-    if (err)
+    struct rx_file *f = rx_keep(path, plen, fd);
+    if (RX.durable) {
+        RX.dir_dirty = 1;
+        if (f != NULL)
+            f->dirty |= RX_META;
+    }
+    if (err) {
         rx_times_failed(acks, seq, "Create", path, plen, err);
-    else
-        rx_ack(acks, seq);
+        return 2;
+    }
     return 1;
 }
 
-/* An Unlink frame, applied here if it is one this side reads and may apply now: its answer goes
- * into `acks` and 1, else 0 (nothing changed: Python applies it, and reports what fails). */
+/* An Unlink frame, applied here if it is one this side reads and may apply now: 1, 2 or 0 as
+ * rx_create answers (`durable`: the flush syncs its directory). */
 static int rx_unlink(const uint8_t *frame, uint64_t seq, struct te_out *acks)
 {
     struct tf_cursor c = {frame + 8, frame + 8 + tf_get_be(frame + 4, 4)};
@@ -543,11 +602,13 @@ static int rx_unlink(const uint8_t *frame, uint64_t seq, struct te_out *acks)
     rx_drop_file(path, plen);
     if (unlinkat(dir_fd, name, 0) != 0)
         return 0;
+    if (RX.durable)
+        RX.dir_dirty = 1;
     int err = rx_set_times(dir_fd, -1, fix, n_fix);
-    if (err)
+    if (err) {
         rx_times_failed(acks, seq, "Unlink", path, plen, err);
-    else
-        rx_ack(acks, seq);
+        return 2;
+    }
     return 1;
 }
 
@@ -600,6 +661,7 @@ static void *rx_thread(void *arg)
             uint8_t *frame = in + used;
             uint64_t op = 0, seq = 0;
             size_t after;
+            int named;
             int head = tf_read_head(frame, need, &op, &seq, &after) == 0;
             int caught_up = __atomic_load_n(&RX.py_applied, __ATOMIC_ACQUIRE) == RX.forwarded;
             /* In sequence, after the session's first frame (which Python checks against the
@@ -612,19 +674,20 @@ static void *rx_thread(void *arg)
                 RX.last_seq = seq;
                 __atomic_store_n(&RX.handled_seq, seq, __ATOMIC_RELEASE);
                 te_touch();
-            } else if (next && !RX.durable && ((op == 19 && rx_create(frame, seq, &acks)) ||
-                                               (op == 22 && rx_unlink(frame, seq, &acks)))) {
+            } else if (next && (named = op == 19 ? rx_create(frame, seq, &acks)
+                                          : op == 22 ? rx_unlink(frame, seq, &acks) : 0) != 0) {
+                if (named == 1 && rx_answer_applied(&acks, seq) != 0) {
+                    err = ENOMEM;
+                    goto end;
+                }
                 RX.last_seq = seq;
                 __atomic_store_n(&RX.handled_seq, seq, __ATOMIC_RELEASE);
                 __atomic_add_fetch(&RX.n_named, 1, __ATOMIC_RELAXED);
                 te_touch();
             } else if (next && op == 16 && rx_write(frame, need, seq)) {
-                if (rx_written(&acks, seq) != 0) {
-                    rx_flush(&acks);
-                    if (rx_written(&acks, seq) != 0) {
-                        err = ENOMEM;
-                        goto end;
-                    }
+                if (rx_answer_applied(&acks, seq) != 0) {
+                    err = ENOMEM;
+                    goto end;
                 }
                 RX.last_seq = seq;
                 __atomic_store_n(&RX.handled_seq, seq, __ATOMIC_RELEASE);

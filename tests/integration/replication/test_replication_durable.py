@@ -189,6 +189,35 @@ async def test_writes_the_native_data_path_acknowledges_survive_a_power_cut(disk
     assert pyfuse3.receiver_counts()["applied"] - applied >= 21
 
 
+async def test_creates_and_unlinks_the_native_data_path_acknowledges_survive_a_power_cut(
+    disk: Path, tmp_path: Path
+) -> None:
+    # As the primary sends them (time fixes for the entry and its directory), one at a time: the
+    # native data path applies all but the first, and its flush syncs the new files and their
+    # directories before each ack.
+    named = pyfuse3.receiver_counts()["named"]
+    t = 1_650_000_000_000_000_000
+    ops: list[m.Message] = [
+        m.Mkdir(b"d", 0o755, 0, 0),
+        m.Create(b"d/gone", 0o644, 0, 0, 0, (m.TimeFix(b"d/gone", t, t), m.TimeFix(b"d", t, t))),
+        m.Create(b"d/f", 0o640, 1000, 1000, 0, (m.TimeFix(b"d/f", t, t), m.TimeFix(b"d", t, t))),
+        m.Write(b"d/f", 0, b"kept", (m.TimeFix(b"d/f", t, t),)),
+        m.Create(b"top", 0o600, 0, 0, 0, (m.TimeFix(b"top", t, t), m.TimeFix(b"", t, t))),
+        m.Unlink(b"d/gone", (m.TimeFix(b"d", t, t),)),
+    ]
+    async with open_link(disk, AckMode.DURABLE, native=True) as link:
+        for seq, op in enumerate(ops, 1):
+            link.conn.send_nowait(Frame(seq, op))
+            assert await _acks(link.conn, 1) == {seq: m.Ack()}
+        with _after_power_cut(tmp_path) as cut:
+            repl = cut / "repl"
+            st = os.stat(repl / "d" / "f")
+            assert (repl / "d" / "f").read_bytes() == b"kept"
+            assert (stat.S_IMODE(st.st_mode), st.st_uid, st.st_gid) == (0o640, 1000, 1000)
+            assert (repl / "top").exists() and not (repl / "d" / "gone").exists()
+    assert pyfuse3.receiver_counts()["named"] - named == 4
+
+
 async def test_a_batch_too_large_for_an_fsync_each_is_flushed_whole(disk: Path, tmp_path: Path) -> None:
     # 300 files sent at once: the batches hold more inodes than dirty.MAX_INODES, one syncfs each.
     ops: list[m.Message] = []

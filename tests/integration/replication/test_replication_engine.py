@@ -187,7 +187,10 @@ async def test_the_secondary_applies_writes_itself_in_order_with_python(tmp_path
 T1, T2, T3 = 1_500_000_000_111_111_111, 1_500_000_000_222_222_222, 1_500_000_000_333_333_333
 
 
-async def test_the_secondary_creates_and_unlinks_files_itself_in_order_with_python(tmp_path: Path) -> None:
+@pytest.mark.parametrize("mode", [AckMode.RECEIVED, AckMode.DURABLE])
+async def test_the_secondary_creates_and_unlinks_files_itself_in_order_with_python(
+    tmp_path: Path, mode: AckMode
+) -> None:
     # As the primary sends them: a Create with time fixes for the new file and its directory (the
     # root's path is empty), an Unlink with one for its directory.
     root = tmp_path / "repl"
@@ -199,7 +202,7 @@ async def test_the_secondary_creates_and_unlinks_files_itself_in_order_with_pyth
         _write(b"d/f", 0, b"first"),
         m.Create(b"top", 0o600, 0, 0, 0, (m.TimeFix(b"top", T1, T1), m.TimeFix(b"", T3, T3))),
     ]
-    async with open_link(root, AckMode.RECEIVED, native=True) as link:
+    async with open_link(root, mode, native=True) as link:
         for seq, op in enumerate(ops, 1):
             link.conn.send_nowait(Frame(seq, op))
             assert await _answers(link.conn, lambda got, seq=seq: seq in got) == {seq: [m.Ack()]}
@@ -219,11 +222,21 @@ async def test_the_secondary_creates_and_unlinks_files_itself_in_order_with_pyth
         link.conn.send_nowait(Frame(seq, _write(b"d/f", 0, b"2nd")))
         assert await _answers(link.conn, lambda got: seq in got) == {seq: [m.Ack()]}
         assert (root / "d" / "f").read_bytes() == b"2nd"
-        assert pyfuse3.receiver_counts()["named"] - named == 4
+    assert pyfuse3.receiver_counts()["named"] - named == 4
 
-        # Python keeps a file open by name too: after the native path removed and made that name
-        # again, Python's next operation on it reaches the new file. The event loop is held while
-        # a mkdir and a write go out, so that Python applies both (and keeps the file open).
+
+async def test_after_the_native_path_makes_a_name_again_python_reaches_the_new_file(tmp_path: Path) -> None:
+    # Python keeps files open by name too: after the native path removed and made that name again,
+    # Python's next operation on it reaches the new file. The event loop is held while a mkdir and
+    # a write go out, so that Python applies both (and keeps the file open).
+    root = tmp_path / "repl"
+    root.mkdir()
+    ops: list[m.Message] = [m.Mkdir(b"d", 0o755, 0, 0), m.Create(b"d/f", 0o644, 0, 0, 0), _write(b"d/f", 0, b"old")]
+    async with open_link(root, AckMode.RECEIVED, native=True) as link:
+        for seq, op in enumerate(ops, 1):
+            link.conn.send_nowait(Frame(seq, op))
+            assert await _answers(link.conn, lambda got, seq=seq: seq in got) == {seq: [m.Ack()]}
+        seq = len(ops)
         with _raw(link.conn) as sock:
             frames = (Frame(seq + 1, m.Mkdir(b"e", 0o755, 0, 0)), Frame(seq + 2, _write(b"d/f", 0, b"PY")))
             sock.sendall(b"".join(encode(frame) for frame in frames))
