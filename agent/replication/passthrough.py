@@ -5,9 +5,12 @@ from __future__ import annotations
 import asyncio
 import errno
 import functools
+import logging
 import os
+import resource
 import select
 import stat
+import time
 from collections.abc import Awaitable, Callable
 from typing import Any, ParamSpec, TypeVar
 
@@ -16,6 +19,8 @@ import pyfuse3.asyncio
 
 from agent.replication import syscalls
 from agent.replication.inodes import Inodes
+
+log = logging.getLogger("agent.replication")
 
 BASE_OPTIONS = frozenset({"fsname=tandem", "subtype=tandem", "default_permissions", "allow_other"})
 _P = ParamSpec("_P")
@@ -30,9 +35,33 @@ def passes_errors(fn: Callable[_P, Awaitable[_R]]) -> Callable[_P, Awaitable[_R]
         try:
             return await fn(*args, **kwargs)
         except OSError as exc:
+            if exc.errno in (errno.EMFILE, errno.ENFILE):
+                _out_of_fds(exc)
             raise pyfuse3.FUSEError(exc.errno or errno.EIO) from exc
 
     return wrapper
+
+
+_OUT_OF_FDS_EVERY = 10.0
+_out_of_fds_logged = -_OUT_OF_FDS_EVERY
+
+
+def _out_of_fds(exc: OSError) -> None:
+    """The application sees EMFILE or ENFILE for a stat or an open: say why, once every 10 s."""
+    global _out_of_fds_logged
+    now = time.monotonic()
+    if now - _out_of_fds_logged < _OUT_OF_FDS_EVERY:
+        return
+    _out_of_fds_logged = now
+    soft, _ = resource.getrlimit(resource.RLIMIT_NOFILE)
+    # Nothing here may open a file: there is no descriptor left for it.
+    log.error(
+        "Out of file descriptors (%s): requests through the mount fail with it. The replicator holds one per "
+        "inode the kernel knows and one per open file, and its limit is %d: raise it (--open-files-limit, or "
+        "the service's LimitNOFILE)",
+        os.strerror(exc.errno or errno.EMFILE),
+        soft,
+    )
 
 
 class Passthrough(pyfuse3.Operations):

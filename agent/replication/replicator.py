@@ -116,6 +116,14 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         "path's own thread, without Python, and the secondary applies Write and Fsync frames there (default: yes, "
         "with Tandem's pyfuse3; no: through Python, for comparisons)",
     )
+    p.add_argument(
+        "--open-files-limit",
+        type=int,
+        default=syscalls.OPEN_FILES,
+        metavar="N",
+        help="raise the process's open-files limit to N where allowed (default %(default)s): the mount holds "
+        "one fd per inode the kernel knows and one per open file",
+    )
     p.add_argument("--debug-fuse", action="store_true")
     p.add_argument("--log-file", type=Path, help="append the logs (stderr) to this file")
     args = p.parse_args(argv)
@@ -275,6 +283,8 @@ def main(argv: list[str] | None = None) -> None:
         os.close(log_fd)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s", stream=sys.stderr)
     syscalls.keep_large_buffers()
+    soft, hard = syscalls.raise_open_files_limit(args.open_files_limit)
+    log.info("Open files limit %d (hard %d)", soft, hard)
     use_asyncio()
     events = Events(sys.stdout)
     try:

@@ -5,6 +5,7 @@ from __future__ import annotations
 import ctypes
 import os
 import platform
+import resource
 import struct
 
 RESOLVE_NO_XDEV = 0x01
@@ -128,3 +129,29 @@ def keep_large_buffers() -> bool:
         return False
     mallopt.argtypes = (ctypes.c_int, ctypes.c_int)
     return bool(mallopt(_M_MMAP_THRESHOLD, KEEP_ALLOCATIONS_BELOW) and mallopt(_M_TRIM_THRESHOLD, HEAP_TRIM_BYTES))
+
+
+# The open-files limit a replicator asks for unless told otherwise: a mount holds one O_PATH fd per
+# inode the kernel knows (as libfuse's passthrough_ll does) and one per open file, so a tree the
+# kernel has cached 100,000 entries of needs as many.
+OPEN_FILES = 1 << 20
+
+
+def raise_open_files_limit(wanted: int = OPEN_FILES) -> tuple[int, int]:
+    """Raise RLIMIT_NOFILE towards `wanted` (never lower it): the soft limit up to the hard one, and
+    the hard one too where the process may (root, up to fs.nr_open). The limits now (soft, hard)."""
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    try:
+        with open("/proc/sys/fs/nr_open") as f:
+            ceiling = int(f.read())
+    except (OSError, ValueError):
+        ceiling = hard
+    target = max(soft, min(wanted, ceiling))
+    if target > soft:
+        try:
+            resource.setrlimit(resource.RLIMIT_NOFILE, (target, max(hard, target)))
+        except (OSError, ValueError):
+            # Not privileged: as far as the hard limit lets.
+            resource.setrlimit(resource.RLIMIT_NOFILE, (min(target, hard), hard))
+    got = resource.getrlimit(resource.RLIMIT_NOFILE)
+    return got[0], got[1]
