@@ -121,19 +121,6 @@ static void rx_close_files(void)
     RX.n_flush_dirs = 0;
 }
 
-/* Close the kept file at path, if one is kept (its name is about to go or to name another file). */
-static void rx_drop_file(const uint8_t *path, size_t plen)
-{
-    for (size_t i = 0; i < RX.n_files; i++)
-        if (RX.files[i]->plen == plen && memcmp(RX.files[i]->path, path, plen) == 0) {
-            close(RX.files[i]->fd);
-            free(RX.files[i]);
-            memmove(RX.files + i, RX.files + i + 1, (RX.n_files - i - 1) * sizeof(RX.files[0]));
-            RX.n_files--;
-            return;
-        }
-}
-
 /* Keep fd, a regular file open for writing at path, for the frames that name it; NULL (fd closed)
  * if it cannot be kept. */
 static struct rx_file *rx_keep(const uint8_t *path, size_t plen, int fd)
@@ -398,6 +385,23 @@ static int rx_fsync(const uint8_t *frame, uint64_t seq, struct te_out *acks)
     return 1;
 }
 
+/* Close the kept file at path, if one is kept (its name is about to go or to name another file);
+ * `durable`: after a flush if it waits for one (its inode may have other names, and what was
+ * written to it is not synced yet). */
+static void rx_drop_kept(const uint8_t *path, size_t plen, struct te_out *acks)
+{
+    for (size_t i = 0; i < RX.n_files; i++)
+        if (RX.files[i]->plen == plen && memcmp(RX.files[i]->path, path, plen) == 0) {
+            if (RX.files[i]->dirty)
+                rx_flush(acks);
+            close(RX.files[i]->fd);
+            free(RX.files[i]);
+            memmove(RX.files + i, RX.files + i + 1, (RX.n_files - i - 1) * sizeof(RX.files[0]));
+            RX.n_files--;
+            return;
+        }
+}
+
 /* The length of the directory part of an entry path (0: a top-level name). */
 static size_t rx_dir_len(const uint8_t *path, size_t plen)
 {
@@ -562,7 +566,7 @@ static int rx_create(const uint8_t *frame, uint64_t seq, struct te_out *acks)
         return 0;
     }
     int err = rx_set_times(dir_fd, fd, fix, n_fix);
-    rx_drop_file(path, plen);
+    rx_drop_kept(path, plen, acks);
     struct rx_file *f = rx_keep(path, plen, fd);
     if (RX.durable) {
         RX.dir_dirty = 1;
@@ -599,7 +603,7 @@ static int rx_unlink(const uint8_t *frame, uint64_t seq, struct te_out *acks)
     rx_last(path, plen, dir_len, name);
     /* A kept file of that name stays open on its inode, which a later frame with the name (after
      * a Create) must not reach. */
-    rx_drop_file(path, plen);
+    rx_drop_kept(path, plen, acks);
     if (unlinkat(dir_fd, name, 0) != 0)
         return 0;
     if (RX.durable)
