@@ -665,37 +665,35 @@ static void *rx_thread(void *arg)
             uint8_t *frame = in + used;
             uint64_t op = 0, seq = 0;
             size_t after;
-            int named;
             int head = tf_read_head(frame, need, &op, &seq, &after) == 0;
             int caught_up = __atomic_load_n(&RX.py_applied, __ATOMIC_ACQUIRE) == RX.forwarded;
             /* In sequence, after the session's first frame (which Python checks against the
              * handshake) */
             int in_order = head && seq != 0 && RX.last_seq != 0 && seq == RX.last_seq + 1;
             int next = in_order && caught_up && out.n == 0 && !__atomic_load_n(&RX.disk_error, __ATOMIC_ACQUIRE);
-            if (next && op == 30)
+            /* Applied here: 1 (to be answered as a frame applied here is, rx_answer_applied), 2
+             * (answered already: an Fsync, or an entry frame whose times failed), 0 (Python's). */
+            int here = 0;
+            uint64_t *count = NULL;
+            if (next && op == 30) {
                 rx_flush(&acks); /* `durable`: the Writes before it are answered first */
-            if (next && op == 30 && rx_fsync(frame, seq, &acks)) {
-                RX.last_seq = seq;
-                __atomic_store_n(&RX.handled_seq, seq, __ATOMIC_RELEASE);
-                te_touch();
-            } else if (next && (named = op == 19 ? rx_create(frame, seq, &acks)
-                                          : op == 22 ? rx_unlink(frame, seq, &acks) : 0) != 0) {
-                if (named == 1 && rx_answer_applied(&acks, seq) != 0) {
+                here = rx_fsync(frame, seq, &acks) ? 2 : 0;
+            } else if (next && (op == 19 || op == 22)) {
+                here = op == 19 ? rx_create(frame, seq, &acks) : rx_unlink(frame, seq, &acks);
+                count = &RX.n_named;
+            } else if (next && op == 16) {
+                here = rx_write(frame, need, seq);
+                count = &RX.n_write;
+            }
+            if (here) {
+                if (here == 1 && rx_answer_applied(&acks, seq) != 0) {
                     err = ENOMEM;
                     goto end;
                 }
                 RX.last_seq = seq;
                 __atomic_store_n(&RX.handled_seq, seq, __ATOMIC_RELEASE);
-                __atomic_add_fetch(&RX.n_named, 1, __ATOMIC_RELAXED);
-                te_touch();
-            } else if (next && op == 16 && rx_write(frame, need, seq)) {
-                if (rx_answer_applied(&acks, seq) != 0) {
-                    err = ENOMEM;
-                    goto end;
-                }
-                RX.last_seq = seq;
-                __atomic_store_n(&RX.handled_seq, seq, __ATOMIC_RELEASE);
-                __atomic_add_fetch(&RX.n_write, 1, __ATOMIC_RELAXED);
+                if (count != NULL)
+                    __atomic_add_fetch(count, 1, __ATOMIC_RELAXED);
                 te_touch();
             } else {
                 /* `durable`: what this side wrote is on disk and answered before Python applies

@@ -3,12 +3,14 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import dataclasses
 import hashlib
 import os
 import shutil
 import stat
 import tempfile
+from collections.abc import Iterator
 from pathlib import Path
 
 from hypothesis import HealthCheck, given, settings
@@ -104,6 +106,27 @@ def snapshot(top: Path, skip: Path) -> dict[str, tuple[object, ...]]:
     return seen
 
 
+@contextlib.contextmanager
+def untouched_outside(prefix: str) -> Iterator[Path]:
+    """An empty replicated directory beside an outside tree and a sibling file; after the body,
+    everything but the directory (and /etc/passwd) is asserted unchanged."""
+    top = Path(tempfile.mkdtemp(prefix=prefix))
+    try:
+        outside = top / "outside"
+        outside.mkdir()
+        (outside / "secret").write_bytes(b"do not touch")
+        (top / "sibling").write_bytes(b"nor this")
+        repl = top / "repl"
+        repl.mkdir()
+        before = snapshot(top, repl)
+        passwd = Path("/etc/passwd").read_bytes()
+        yield repl
+        assert snapshot(top, repl) == before
+        assert Path("/etc/passwd").read_bytes() == passwd
+    finally:
+        shutil.rmtree(top)
+
+
 def apply_all(app: Applier, msgs: list[tuple[m.Message, list[m.TimeFix]]], through_codec: bool) -> None:
     for msg, fixes in msgs:
         if hasattr(msg, "times"):
@@ -122,16 +145,7 @@ def apply_all(app: Applier, msgs: list[tuple[m.Message, list[m.TimeFix]]], throu
 def test_nothing_is_ever_written_outside(
     msgs: list[tuple[m.Message, list[m.TimeFix]]], through_codec: bool, use_openat2: bool
 ) -> None:
-    top = Path(tempfile.mkdtemp(prefix="hostile-"))
-    try:
-        outside = top / "outside"
-        outside.mkdir()
-        (outside / "secret").write_bytes(b"do not touch")
-        (top / "sibling").write_bytes(b"nor this")
-        repl = top / "repl"
-        repl.mkdir()
-        before = snapshot(top, repl)
-        passwd = Path("/etc/passwd").read_bytes()
+    with untouched_outside("hostile-") as repl:
         fd = os.open(repl, os.O_PATH | os.O_DIRECTORY)
         try:
             app = Applier(fd, use_openat2=use_openat2)
@@ -139,10 +153,6 @@ def test_nothing_is_ever_written_outside(
             apply_all(app, msgs, through_codec)
         finally:
             os.close(fd)
-        assert snapshot(top, repl) == before
-        assert Path("/etc/passwd").read_bytes() == passwd
-    finally:
-        shutil.rmtree(top)
 
 
 def _primary_shaped(op: m.Message) -> tuple[m.Message, list[m.TimeFix]]:
@@ -213,18 +223,5 @@ def test_nothing_is_ever_written_outside_through_the_native_path(
     # reads in full; everything else, and anything it is not sure of, goes to Python.
     expected_logs.expect("Disconnecting replication peer")
     expected_logs.expect("Replication error applying")
-    top = Path(tempfile.mkdtemp(prefix="hostile-native-"))
-    try:
-        outside = top / "outside"
-        outside.mkdir()
-        (outside / "secret").write_bytes(b"do not touch")
-        (top / "sibling").write_bytes(b"nor this")
-        repl = top / "repl"
-        repl.mkdir()
-        before = snapshot(top, repl)
-        passwd = Path("/etc/passwd").read_bytes()
+    with untouched_outside("hostile-native-") as repl:
         asyncio.run(_send_through_native(repl, msgs))
-        assert snapshot(top, repl) == before
-        assert Path("/etc/passwd").read_bytes() == passwd
-    finally:
-        shutil.rmtree(top)
