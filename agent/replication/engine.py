@@ -98,6 +98,23 @@ class EngineConnection(_Handed):
             self._traffic()
         return seq, len(head) + len(data)
 
+    def send_held(self, msg: m.Message, unique: int) -> int | None:
+        """Send the frame that ends FUSE request `unique`: the engine holds that request's reply until
+        the secondary answers this frame (or the stream ends) and takes the answer itself; Python
+        only hears of an error, as a Fault. The frame's size, or None when the engine cannot hold
+        the reply (nothing was sent: send_op it)."""
+        head, data = encode_parts(Frame(PLACEHOLDER, msg))
+        try:
+            pyfuse3.engine_send(head, data, True, unique)
+        except MemoryError:
+            return None
+        except ConnectionResetError:
+            # Ended: nothing is held, the reply goes out as Python writes it (completes locally).
+            return 0
+        if self._traffic is not None:
+            self._traffic()
+        return len(head) + len(data)
+
     def send_nowait(self, frame: Frame) -> int:
         if frame.seq != 0:
             raise ValueError("frames of an engine's stream are numbered by send_op")

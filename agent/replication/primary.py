@@ -77,11 +77,15 @@ class ReplicatedFS(Passthrough):
                 fixes.append(m.TimeFix(path, st.st_atime_ns, st.st_mtime_ns))
         return tuple(fixes)
 
-    async def _ship(self, msg: m.Message | None) -> None:
+    async def _ship(self, msg: m.Message | None, ctx: pyfuse3.RequestContext | None = None) -> None:
+        """Ship one operation and wait for its ack. `ctx`: the request this operation ends (its
+        handler ships nothing after it); with the native data path the engine then holds the
+        request's reply until the ack, and the handler goes on at once."""
         if msg is None:
             return
         if not self.enable_writeback_cache:
-            await self.sender.replicate(msg)
+            reply = getattr(ctx, "unique", 0) if ctx is not None and self.tandem_engine else 0
+            await self.sender.replicate(msg, reply)
             return
         fut = self.sender.submit(msg)
         if fut is not None:
@@ -147,13 +151,17 @@ class ReplicatedFS(Passthrough):
                 os.close(fd)
 
     async def _entered(
-        self, parent: int, name: bytes, build: Callable[[bytes, os.stat_result], m.Message]
+        self,
+        parent: int,
+        name: bytes,
+        build: Callable[[bytes, os.stat_result], m.Message],
+        ctx: pyfuse3.RequestContext,
     ) -> pyfuse3.EntryAttributes:
         ino, st = self.inodes.learn(parent, name)
         path = self.inodes.entry_path(parent, name)
         if path is not None:
             msg = build(path, st)
-            await self._ship(_with_times(msg, self._fix(ino, parent)))
+            await self._ship(_with_times(msg, self._fix(ino, parent)), ctx)
         return self._attr(ino, st)
 
     @passes_errors
@@ -165,7 +173,7 @@ class ReplicatedFS(Passthrough):
         perm = stat.S_IMODE(mode) | (stat.S_ISGID if setgid else 0)
         self._chown_chmod(parent_inode, name, uid, gid, perm)
         return await self._entered(
-            parent_inode, name, lambda p, st: m.Mkdir(p, stat.S_IMODE(st.st_mode), st.st_uid, st.st_gid)
+            parent_inode, name, lambda p, st: m.Mkdir(p, stat.S_IMODE(st.st_mode), st.st_uid, st.st_gid), ctx
         )
 
     @passes_errors
@@ -176,7 +184,7 @@ class ReplicatedFS(Passthrough):
         os.mknod(name, stat.S_IFMT(mode) | 0o600, rdev, dir_fd=self.inodes.fd(parent_inode))
         self._chown_chmod(parent_inode, name, uid, gid, stat.S_IMODE(mode))
         return await self._entered(
-            parent_inode, name, lambda p, st: m.Mknod(p, st.st_mode, st.st_rdev, st.st_uid, st.st_gid)
+            parent_inode, name, lambda p, st: m.Mknod(p, st.st_mode, st.st_rdev, st.st_uid, st.st_gid), ctx
         )
 
     @passes_errors
@@ -186,7 +194,7 @@ class ReplicatedFS(Passthrough):
         uid, gid, _ = self._owner(parent_inode, ctx)
         os.symlink(target, name, dir_fd=self.inodes.fd(parent_inode))
         self._chown_chmod(parent_inode, name, uid, gid, None)
-        return await self._entered(parent_inode, name, lambda p, st: m.Symlink(p, target, st.st_uid, st.st_gid))
+        return await self._entered(parent_inode, name, lambda p, st: m.Symlink(p, target, st.st_uid, st.st_gid), ctx)
 
     @passes_errors
     async def create(
@@ -199,7 +207,10 @@ class ReplicatedFS(Passthrough):
             os.fchown(fd, uid, gid)
             os.fchmod(fd, stat.S_IMODE(mode))
             attr = await self._entered(
-                parent_inode, name, lambda p, st: m.Create(p, stat.S_IMODE(st.st_mode), st.st_uid, st.st_gid, flags)
+                parent_inode,
+                name,
+                lambda p, st: m.Create(p, stat.S_IMODE(st.st_mode), st.st_uid, st.st_gid, flags),
+                ctx,
             )
             # A file made with O_EXCL has no capability (none is ever inherited): the GETXATTR the
             # kernel sends before its first write is answered without Python.
@@ -219,24 +230,24 @@ class ReplicatedFS(Passthrough):
         os.link(syscalls.proc(self.inodes.fd(inode)), new_name, dst_dir_fd=self.inodes.fd(new_parent_inode))
         if target is None:
             return await self.lookup(new_parent_inode, new_name, ctx)
-        return await self._entered(new_parent_inode, new_name, lambda p, st: m.Link(target, p))
+        return await self._entered(new_parent_inode, new_name, lambda p, st: m.Link(target, p), ctx)
 
     @passes_errors
     async def unlink(self, parent_inode: int, name: bytes, ctx: pyfuse3.RequestContext) -> None:
-        await self._remove(parent_inode, name, rmdir=False)
+        await self._remove(parent_inode, name, ctx, rmdir=False)
 
     @passes_errors
     async def rmdir(self, parent_inode: int, name: bytes, ctx: pyfuse3.RequestContext) -> None:
-        await self._remove(parent_inode, name, rmdir=True)
+        await self._remove(parent_inode, name, ctx, rmdir=True)
 
-    async def _remove(self, parent: int, name: bytes, *, rmdir: bool) -> None:
+    async def _remove(self, parent: int, name: bytes, ctx: pyfuse3.RequestContext, *, rmdir: bool) -> None:
         ino = self.inodes.find(parent, name)
         path = self.inodes.entry_path(parent, name)
         (os.rmdir if rmdir else os.unlink)(name, dir_fd=self.inodes.fd(parent))
         self.inodes.unname(parent, name, ino)
         if path is not None:
             msg: m.Message = m.Rmdir(path) if rmdir else m.Unlink(path)
-            await self._ship(_with_times(msg, self._fix(parent)))
+            await self._ship(_with_times(msg, self._fix(parent)), ctx)
 
     @passes_errors
     async def rename(
@@ -265,7 +276,7 @@ class ReplicatedFS(Passthrough):
             self.inodes.rename(src, old, new)
         if old_path is not None and new_path is not None:
             times = self._fix(parent_inode_old, parent_inode_new, src, dst)
-            await self._ship(m.Rename(old_path, new_path, flags, times))
+            await self._ship(m.Rename(old_path, new_path, flags, times), ctx)
 
     # --- attributes ----------------------------------------------------------------------------
 
@@ -292,7 +303,7 @@ class ReplicatedFS(Passthrough):
             self._truncate(fd, fh, size)
         atime, mtime = self._set_times(fd, attr, fields)
         await self._ship_if_named(
-            inode, lambda path: m.Setattr(path, mode, uid, gid, size, atime, mtime, self._fix(inode))
+            inode, lambda path: m.Setattr(path, mode, uid, gid, size, atime, mtime, self._fix(inode)), ctx
         )
         return self._attr(inode, os.fstat(fd))
 
@@ -322,13 +333,13 @@ class ReplicatedFS(Passthrough):
     async def setxattr(self, inode: int, name: bytes, value: bytes, ctx: pyfuse3.RequestContext) -> None:
         self._no_caps.discard(inode)
         os.setxattr(syscalls.proc(self.inodes.fd(inode)), name, value)
-        await self._ship_if_named(inode, lambda path: m.Setxattr(path, name, 0, value))
+        await self._ship_if_named(inode, lambda path: m.Setxattr(path, name, 0, value), ctx)
 
     @passes_errors
     async def removexattr(self, inode: int, name: bytes, ctx: pyfuse3.RequestContext) -> None:
         self._no_caps.discard(inode)
         os.removexattr(syscalls.proc(self.inodes.fd(inode)), name)
-        await self._ship_if_named(inode, lambda path: m.Removexattr(path, name))
+        await self._ship_if_named(inode, lambda path: m.Removexattr(path, name), ctx)
 
     # --- file data -----------------------------------------------------------------------------
 
@@ -369,11 +380,13 @@ class ReplicatedFS(Passthrough):
                 inode, lambda path: m.Setattr(path, perm, None, None, None, None, None, self._fix(inode))
             )
 
-    async def _ship_if_named(self, inode: int, build: Callable[[bytes], m.Message]) -> None:
+    async def _ship_if_named(
+        self, inode: int, build: Callable[[bytes], m.Message], ctx: pyfuse3.RequestContext | None = None
+    ) -> None:
         """Ship what `build` makes of the inode's path; nothing for an inode without a name (unlinked)."""
         path = self.inodes.path(inode)
         if path is not None:
-            await self._ship(build(path))
+            await self._ship(build(path), ctx)
 
     @passes_errors
     async def open(self, inode: int, flags: int, ctx: pyfuse3.RequestContext) -> pyfuse3.FileInfo:
@@ -384,7 +397,7 @@ class ReplicatedFS(Passthrough):
             except BaseException:
                 os.close(fd)
                 raise
-            await self._ship_if_named(inode, lambda path: m.Truncate(path, 0, self._fix(inode)))
+            await self._ship_if_named(inode, lambda path: m.Truncate(path, 0, self._fix(inode)), ctx)
         fh = self._handle(self._files, (fd, inode))
         self._register(fh)
         return pyfuse3.FileInfo(fh=fh)

@@ -117,10 +117,20 @@ class Sender:
         if isinstance(self._conn, engine.EngineConnection):
             pyfuse3.engine_serve(self.connected and self._observer is None)
 
-    def submit(self, msg: m.Message) -> asyncio.Future[m.Message] | None:
-        """Send one live operation now, in call order; None when no peer is connected (running alone)."""
+    def submit(self, msg: m.Message, reply: int = 0) -> asyncio.Future[m.Message] | None:
+        """Send one live operation now, in call order; None when no peer is connected (running alone).
+
+        `reply`: the unique id of the FUSE request this operation ends (its handler ships nothing
+        after it). With the native data path the engine then holds that request's reply until the
+        peer acknowledged the operation, and there is nothing to wait for here (None).
+        """
         if self._observer is not None:
             self._observer(msg)
+        if reply and self.connected and isinstance(self._conn, engine.EngineConnection):
+            size = self._conn.send_held(msg, reply)
+            if size is not None:
+                self.sent_bytes += size
+                return None
         return self.send(msg)
 
     def send(self, msg: m.Message) -> asyncio.Future[m.Message] | None:
@@ -139,9 +149,10 @@ class Sender:
             with contextlib.suppress(ConnectionError):
                 await self._conn.drain()
 
-    async def replicate(self, msg: m.Message) -> None:
-        """Send one operation and return once the peer acknowledged it (or the stream is lost)."""
-        await self.wait(self.submit(msg))
+    async def replicate(self, msg: m.Message, reply: int = 0) -> None:
+        """Send one operation and return once the peer acknowledged it (or the stream is lost), or,
+        with `reply` (submit), once the engine holds the reply of the request it ends."""
+        await self.wait(self.submit(msg, reply))
 
     async def wait(self, fut: asyncio.Future[m.Message] | None) -> None:
         """Wait for an ack; errors were already routed to the error handler by the ack reader."""

@@ -55,7 +55,9 @@
 /* Answers R holds for Python before it stops reading the stream. */
 #define TE_FORWARD_MAX (64u << 20)
 
-enum { TE_WRITE = 1, TE_FSYNC = 2 };
+enum { TE_WRITE = 1, TE_FSYNC = 2, TE_HELD = 3 };
+/* A held reply kept without a malloc: a CREATE's (header, entry, open) is 160 bytes. */
+#define TE_HELD_REPLY 256
 
 struct te_file {
     struct te_file *next;
@@ -82,6 +84,11 @@ struct te_wait {
     int local;     /* FSYNC: -1 running, else 0 or the errno of the local fsync */
     int answered;  /* the secondary acknowledged it, or the stream ended */
     int replied;
+    /* TE_HELD: Python's reply to `unique`, kept until the ack (te_hold_reply) */
+    struct te_wait *held_next;
+    uint32_t reply_len;
+    uint8_t *reply;            /* inline, or malloc'd for a larger one */
+    uint8_t inline_reply[TE_HELD_REPLY];
 };
 
 static struct {
@@ -103,11 +110,13 @@ static struct {
     int lost_errno;     /* the system error that ended the stream, or 0 */
     struct te_file *files[TE_BUCKETS];
     struct te_wait *waits[TE_BUCKETS];
+    struct te_wait *held[TE_BUCKETS]; /* TE_HELD waits by unique, until their reply is written */
+    int n_open_held;                  /* how many are in held[] */
     struct te_node *nodes[TE_BUCKETS];
     int answers;              /* F answers from the node table (te_answers) */
     double attr_timeout;      /* GETATTR's validity */
     double negative_timeout;  /* a missing name's; < 0: ENOENT, no negative entry */
-    uint64_t n_write, n_fsync, n_getattr, n_lookup, n_getxattr;
+    uint64_t n_write, n_fsync, n_getattr, n_lookup, n_getxattr, n_held;
     int qos;            /* this engine's own PM QoS request, or -1 */
     int64_t hold_ns;
     int64_t last_ns;
@@ -142,6 +151,14 @@ static struct te_wait **te_wait_slot(uint64_t seq)
     struct te_wait **p = &E.waits[te_bucket(seq)];
     while (*p != NULL && (*p)->seq != seq)
         p = &(*p)->next;
+    return p;
+}
+
+static struct te_wait **te_held_slot(uint64_t unique)
+{
+    struct te_wait **p = &E.held[te_bucket(unique)];
+    while (*p != NULL && (*p)->unique != unique)
+        p = &(*p)->held_next;
     return p;
 }
 
@@ -187,6 +204,35 @@ static void te_reply_write(uint64_t unique, uint32_t size)
 {
     struct fuse_write_out w = {.size = size};
     te_reply(unique, 0, &w, sizeof(w));
+}
+
+/* Out of held[]; freed too unless it still waits for its answer (in waits[]). tab_mu held. */
+static void te_held_drop(struct te_wait *w)
+{
+    struct te_wait **slot = te_held_slot(w->unique);
+    if (*slot == w)
+        *slot = w->held_next;
+    __atomic_sub_fetch(&E.n_open_held, 1, __ATOMIC_RELEASE);
+    if (w->reply != w->inline_reply)
+        free(w->reply);
+    w->reply = NULL, w->reply_len = 0, w->replied = 1;
+    if (w->answered)
+        free(w);
+}
+
+/* A held reply whose frame was answered: written now if Python gave it, else when it does
+ * (te_hold_reply). The wait is out of waits[] already. tab_mu held. */
+static void te_release_held(struct te_wait *w)
+{
+    if (w->replied) { /* its reply could not be kept and went out at once */
+        free(w);
+        return;
+    }
+    if (w->reply_len == 0)
+        return;
+    /* ENOENT: the caller was interrupted by a fatal signal and the kernel dropped the request. */
+    (void) !write(E.dev, w->reply, w->reply_len);
+    te_held_drop(w);
 }
 
 /* A wait that has all it needs replies; 1 when it can go. tab_mu held. */
@@ -705,7 +751,10 @@ static int te_answer(uint8_t *frame, size_t len)
          * reports as it reports a Fault. The call itself succeeded here. */
         failed = op == 5 || (at < len && frame[at] != 0);
         w->answered = 1;
-        if (te_settle(w)) {
+        if (w->kind == TE_HELD) {
+            *slot = w->next;
+            te_release_held(w);
+        } else if (te_settle(w)) {
             *slot = w->next;
             free(w);
         }
@@ -725,7 +774,10 @@ static void te_end_waits(void)
         while (*p != NULL) {
             struct te_wait *w = *p;
             w->answered = 1;
-            if (te_settle(w)) {
+            if (w->kind == TE_HELD) {
+                *p = w->next;
+                te_release_held(w);
+            } else if (te_settle(w)) {
                 *p = w->next;
                 free(w);
             } else {
@@ -909,6 +961,10 @@ static void te_stop(void)
         while (E.files[i] != NULL)
             te_file_drop(E.files[i]->fh);
     te_nodes_clear();
+    for (size_t i = 0; i < TE_BUCKETS; i++)
+        while (E.held[i] != NULL) { /* answered (R ended): nobody writes these replies any more */
+            te_held_drop(E.held[i]);
+        }
     __atomic_store_n(&E.answers, 0, __ATOMIC_RELEASE);
     pthread_mutex_unlock(&E.tab_mu);
     E.dev = E.fwd_r = E.fwd_w = E.stop = E.sock = E.ans_w = E.qos = -1;
@@ -974,21 +1030,50 @@ static void te_detach(int abort)
 }
 
 /* Python's frame, with tf_seq_placeholder() in its header when `numbered`. Returns the number it
- * got (0 for an unnumbered frame) or -errno. A Rename, Unlink or Rmdir starts a new generation. */
-static int64_t te_send(uint8_t *head, size_t head_len, const void *data, size_t size, int numbered)
+ * got (0 for an unnumbered frame) or -errno. A Rename, Unlink or Rmdir starts a new generation.
+ *
+ * `unique` (numbered frames only; 0: none): the FUSE request this frame ends. Its reply, which
+ * Python writes next (te_hold_reply), reaches the kernel only once the secondary answered the frame
+ * (or the stream ended), from R: Python does not wait for the ack itself, nor hear of it unless it
+ * reports an error (then as a Fault). -ENOMEM before anything is sent: send it without. */
+static int64_t te_send(uint8_t *head, size_t head_len, const void *data, size_t size, int numbered, uint64_t unique)
 {
     uint64_t op = 0, seq = 0;
     size_t seq_at = 0;
     int err;
     if (tf_placeholder_at(head, head_len, &op, &seq_at) != 0 && numbered)
         return -EINVAL;
+    struct te_wait *held = NULL;
+    if (numbered && unique != 0 && (held = calloc(1, sizeof(*held))) == NULL)
+        return -ENOMEM;
     pthread_mutex_lock(&E.send_mu);
     if (E.sock < 0 || E.dead) {
         pthread_mutex_unlock(&E.send_mu);
+        free(held);
         return -ENOTCONN;
     }
     if (op == 22 || op == 23 || op == 24)
         __atomic_add_fetch(&E.gen, 1, __ATOMIC_RELEASE);
+    if (held != NULL) {
+        held->unique = unique, held->kind = TE_HELD;
+        pthread_mutex_lock(&E.tab_mu);
+        held->seq = E.seq + 1;
+        struct te_wait **slot = te_held_slot(unique);
+        if (*slot != NULL) { /* one held frame per request: this one is waited for by Python */
+            free(held);
+            held = NULL;
+        } else {
+            *slot = held;
+            *te_wait_slot(held->seq) = held;
+            __atomic_add_fetch(&E.n_open_held, 1, __ATOMIC_RELEASE);
+            __atomic_add_fetch(&E.n_held, 1, __ATOMIC_RELAXED);
+        }
+        pthread_mutex_unlock(&E.tab_mu);
+        if (held == NULL) {
+            pthread_mutex_unlock(&E.send_mu);
+            return -ENOMEM;
+        }
+    }
     if (numbered) {
         err = te_send_numbered(head, head_len, data, size, seq_at, &seq);
     } else {
@@ -999,6 +1084,39 @@ static int64_t te_send(uint8_t *head, size_t head_len, const void *data, size_t 
     }
     pthread_mutex_unlock(&E.send_mu);
     return err ? -err : (int64_t) seq;
+}
+
+/* pyfuse3 replies (tandem_writev): a reply to a request whose frame is held (te_send) is kept until
+ * that frame is answered; 1 when it was taken (the caller writes nothing), 0: write it now. */
+static int te_hold_reply(const struct iovec *iov, int count)
+{
+    if (count < 1 || iov[0].iov_len < sizeof(struct fuse_out_header) ||
+        __atomic_load_n(&E.n_open_held, __ATOMIC_ACQUIRE) == 0)
+        return 0;
+    uint64_t unique = ((const struct fuse_out_header *) iov[0].iov_base)->unique;
+    size_t len = 0;
+    for (int i = 0; i < count; i++)
+        len += iov[i].iov_len;
+    int taken = 0;
+    pthread_mutex_lock(&E.tab_mu);
+    struct te_wait *w = *te_held_slot(unique);
+    uint8_t *keep = NULL;
+    if (w != NULL && !w->answered && w->reply_len == 0)
+        keep = len <= sizeof(w->inline_reply) ? w->inline_reply : malloc(len);
+    if (keep != NULL) {
+        w->reply = keep;
+        for (int i = 0; i < count; i++) {
+            memcpy(keep + w->reply_len, iov[i].iov_base, iov[i].iov_len);
+            w->reply_len += (uint32_t) iov[i].iov_len;
+        }
+        taken = 1;
+    } else if (w != NULL) {
+        /* Answered first: the reply goes out now, from here (so too, out of memory, one that
+         * cannot be kept: its answer then only frees the wait). */
+        te_held_drop(w);
+    }
+    pthread_mutex_unlock(&E.tab_mu);
+    return taken;
 }
 
 /* Python registers (or, path NULL, forgets the path of) an open file F may serve. */
@@ -1108,11 +1226,12 @@ static const char *te_lost(int *err)
     return E.lost;
 }
 
-/* Requests F answered: 0 WRITE, 1 FSYNC, 2 GETATTR, 3 LOOKUP, 4 GETXATTR. */
+/* Requests F answered: 0 WRITE, 1 FSYNC, 2 GETATTR, 3 LOOKUP, 4 GETXATTR; 5: Python's replies held
+ * until their frame's ack (te_send). */
 static unsigned long long te_count(int which)
 {
-    uint64_t *counts[] = {&E.n_write, &E.n_fsync, &E.n_getattr, &E.n_lookup, &E.n_getxattr};
-    return which >= 0 && which < 5 ? __atomic_load_n(counts[which], __ATOMIC_RELAXED) : 0;
+    uint64_t *counts[] = {&E.n_write, &E.n_fsync, &E.n_getattr, &E.n_lookup, &E.n_getxattr, &E.n_held};
+    return which >= 0 && which < 6 ? __atomic_load_n(counts[which], __ATOMIC_RELAXED) : 0;
 }
 
 static unsigned long long te_seq(void)
