@@ -85,10 +85,13 @@ class EngineConnection(_Handed):
         """The stream's last sequence number: the engine numbers Python's frames and its own."""
         return int(pyfuse3.engine_seq())
 
-    def send_op(self, msg: m.Message) -> tuple[int, int]:
+    def send_op(self, msg: m.Message, unique: int = 0) -> tuple[int, int]:
+        """`unique`: the FUSE request this frame ends; the engine holds that request's reply until
+        the secondary answers the frame (or the stream ends) and takes the answer itself (Python only
+        hears of an error, as a Fault). MemoryError: it cannot hold it, and nothing was sent."""
         head, data = encode_parts(Frame(PLACEHOLDER, msg))
         try:
-            seq = pyfuse3.engine_send(head, data, True)
+            seq = pyfuse3.engine_send(head, data, True, unique)
         except ConnectionResetError:
             # The stream ended and Python has not read its end yet: the Sender's loss fails this
             # frame's wait in a moment, and the operation completes locally as every other.
@@ -97,23 +100,6 @@ class EngineConnection(_Handed):
         if self._traffic is not None:
             self._traffic()
         return seq, len(head) + len(data)
-
-    def send_held(self, msg: m.Message, unique: int) -> int | None:
-        """Send the frame that ends FUSE request `unique`: the engine holds that request's reply until
-        the secondary answers this frame (or the stream ends) and takes the answer itself; Python
-        only hears of an error, as a Fault. The frame's size, or None when the engine cannot hold
-        the reply (nothing was sent: send_op it)."""
-        head, data = encode_parts(Frame(PLACEHOLDER, msg))
-        try:
-            pyfuse3.engine_send(head, data, True, unique)
-        except MemoryError:
-            return None
-        except ConnectionResetError:
-            # Ended: nothing is held, the reply goes out as Python writes it (completes locally).
-            return 0
-        if self._traffic is not None:
-            self._traffic()
-        return len(head) + len(data)
 
     def send_nowait(self, frame: Frame) -> int:
         if frame.seq != 0:

@@ -127,9 +127,9 @@ class Sender:
         if self._observer is not None:
             self._observer(msg)
         if reply and self.connected and isinstance(self._conn, engine.EngineConnection):
-            size = self._conn.send_held(msg, reply)
-            if size is not None:
-                self.sent_bytes += size
+            with contextlib.suppress(MemoryError):  # not held: sent and awaited as any other
+                # Once the stream ended nothing is held: the reply goes out as Python writes it.
+                self.sent_bytes += self._conn.send_op(msg, reply)[1]
                 return None
         return self.send(msg)
 

@@ -253,6 +253,21 @@ static int te_settle(struct te_wait *w)
     return w->replied && w->answered;
 }
 
+/* The wait at *slot was answered (or its stream ended): 1 when it left waits[]. tab_mu held. */
+static int te_answered(struct te_wait **slot)
+{
+    struct te_wait *w = *slot;
+    w->answered = 1;
+    if (w->kind != TE_HELD && !te_settle(w))
+        return 0;
+    *slot = w->next;
+    if (w->kind == TE_HELD)
+        te_release_held(w);
+    else
+        free(w);
+    return 1;
+}
+
 /* --- PM QoS: idle CPUs poll while F serves requests (agent/replication/awake.py) ---------------- */
 
 static void te_touch(void)
@@ -750,14 +765,7 @@ static int te_answer(uint8_t *frame, size_t len)
         /* [4, seq, status, message]: a status other than 0 is a replication error, which Python
          * reports as it reports a Fault. The call itself succeeded here. */
         failed = op == 5 || (at < len && frame[at] != 0);
-        w->answered = 1;
-        if (w->kind == TE_HELD) {
-            *slot = w->next;
-            te_release_held(w);
-        } else if (te_settle(w)) {
-            *slot = w->next;
-            free(w);
-        }
+        te_answered(slot);
     }
     pthread_mutex_unlock(&E.tab_mu);
     if (mine && failed && op == 4)
@@ -771,19 +779,9 @@ static void te_end_waits(void)
     pthread_mutex_lock(&E.tab_mu);
     for (size_t i = 0; i < TE_BUCKETS; i++) {
         struct te_wait **p = &E.waits[i];
-        while (*p != NULL) {
-            struct te_wait *w = *p;
-            w->answered = 1;
-            if (w->kind == TE_HELD) {
-                *p = w->next;
-                te_release_held(w);
-            } else if (te_settle(w)) {
-                *p = w->next;
-                free(w);
-            } else {
-                p = &w->next;
-            }
-        }
+        while (*p != NULL)
+            if (!te_answered(p))
+                p = &(*p)->next;
     }
     pthread_mutex_unlock(&E.tab_mu);
 }

@@ -12,7 +12,6 @@ from __future__ import annotations
 import errno
 import os
 import signal
-import threading
 from collections.abc import Callable
 from pathlib import Path
 
@@ -21,6 +20,7 @@ import pytest
 from tests.conftest import ExpectedLogs
 from tests.integration.replication.pairs import Pair
 from tests.integration.replication.test_replication_engine import _counts
+from tests.integration.replication.test_replication_partition import in_background
 from tests.integration.replication.test_replication_resync import assert_same_trees, stop_both
 
 
@@ -57,21 +57,6 @@ _OPERATIONS: dict[str, tuple[Callable[[Path], None], Callable[[Path], bool]]] = 
 }
 
 
-def _in_background(fn: Callable[[], None]) -> tuple[threading.Event, list[BaseException]]:
-    done, errors = threading.Event(), []
-
-    def run() -> None:
-        try:
-            fn()
-        except BaseException as exc:  # reported by the test, in its own thread
-            errors.append(exc)
-        finally:
-            done.set()
-
-    threading.Thread(target=run, daemon=True).start()
-    return done, errors
-
-
 @pytest.mark.parametrize("ack", ["received", "durable"])
 @pytest.mark.parametrize("op", sorted(_OPERATIONS))
 def test_a_call_python_serves_returns_only_once_the_secondary_has_it(pair: Pair, op: str, ack: str) -> None:
@@ -81,7 +66,7 @@ def test_a_call_python_serves_returns_only_once_the_secondary_has_it(pair: Pair,
     do, shows = _OPERATIONS[op]
     os.kill(pair.pid("secondary"), signal.SIGSTOP)
     try:
-        done, errors = _in_background(lambda: do(pair.primary_dir))
+        done, errors = in_background(lambda: do(pair.primary_dir))
         # The frame sits unread in the stopped secondary's socket: no ack, so no reply. A reply the
         # engine let through (or Python's, not held) would return in well under a millisecond.
         assert not done.wait(0.5), f"{op} returned before the secondary acknowledged it"
@@ -104,7 +89,7 @@ def test_a_held_call_completes_locally_when_the_secondary_dies(pair: Pair, expec
     pair.start("received", secondary_mount=False)
     seen = len(pair.events("primary"))
     os.kill(pair.pid("secondary"), signal.SIGSTOP)
-    done, errors = _in_background(lambda: os.mkdir(pair.primary_dir / "during"))
+    done, errors = in_background(lambda: os.mkdir(pair.primary_dir / "during"))
     assert not done.wait(0.5), "mkdir returned before the secondary acknowledged it"
     # Its kernel closes the stream for it: the engine releases the held reply.
     pair.kill("secondary")

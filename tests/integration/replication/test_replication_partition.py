@@ -13,7 +13,7 @@ from __future__ import annotations
 import os
 import signal
 import threading
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from pathlib import Path
 
@@ -62,23 +62,31 @@ def partitioned(router: str) -> Iterator[None]:
 
 def write_in_background(path: Path) -> tuple[threading.Event, list[BaseException]]:
     """pwrite 4 KiB + fsync of a new file in a thread: (set once it returned, what it raised)."""
-    done = threading.Event()
-    errors: list[BaseException] = []
 
     def write() -> None:
+        fd = os.open(path, os.O_WRONLY | os.O_CREAT, 0o644)
         try:
-            fd = os.open(path, os.O_WRONLY | os.O_CREAT, 0o644)
-            try:
-                os.pwrite(fd, b"d" * 4096, 0)
-                os.fsync(fd)
-            finally:
-                os.close(fd)
+            os.pwrite(fd, b"d" * 4096, 0)
+            os.fsync(fd)
+        finally:
+            os.close(fd)
+
+    return in_background(write)
+
+
+def in_background(fn: Callable[[], None]) -> tuple[threading.Event, list[BaseException]]:
+    """Run `fn` in a thread: (set once it returned, what it raised)."""
+    done, errors = threading.Event(), []
+
+    def run() -> None:
+        try:
+            fn()
         except BaseException as exc:  # reported by the test, in its own thread
             errors.append(exc)
         finally:
             done.set()
 
-    threading.Thread(target=write, daemon=True).start()
+    threading.Thread(target=run, daemon=True).start()
     return done, errors
 
 
