@@ -18,7 +18,14 @@
  * Write, Truncate, Unlink and Fsync frames naming files by path, `received` mode): a C primary in
  * front of the Python secondary, the first stages of docs/dev/native-data-path.md.
  *
+ * With --null it does no file system work at all: it answers from a table of made-up inodes (a
+ * LOOKUP finds nothing, a CREATE or MKDIR makes an inode number, a WRITE is counted and dropped, a
+ * READ finds an empty file) and never touches DIR. What a create, write or close then costs is the
+ * FUSE protocol alone (with --peer: and shipping it), the part of a replicated create that no data
+ * path through FUSE on this machine can go below, whatever its language.
+ *
  * Usage: fuse_floor DIR [--peer PORT | --tandem PORT]   (mounts over DIR, serves until unmounted)
+ *        fuse_floor DIR --null [--peer PORT]             (the same, storing nothing)
  *        fuse_floor --acker DIR PORT                    (prints "listening", serves one connection)
  */
 #define FUSE_USE_VERSION 34
@@ -679,13 +686,245 @@ static const struct fuse_lowlevel_ops ops = {
     .getxattr = op_getxattr,
 };
 
+/* --- --null: the FUSE protocol alone ----------------------------------------------------------- */
+
+/* The made-up inodes: a mode per inode number (0: none), numbers handed out in order, and the
+ * entries (parent, name) -> inode in memory, so that an UNLINK ships the inode the peer knows. */
+#define NULL_INODES (1u << 20)
+static uint32_t *null_modes;
+static fuse_ino_t null_next = FUSE_ROOT_ID + 1;
+
+struct null_entry {
+    struct null_entry *next;
+    fuse_ino_t parent, id;
+    char name[];
+};
+
+static struct null_entry *null_entries[BUCKETS];
+
+static struct null_entry **null_slot(fuse_ino_t parent, const char *name)
+{
+    uint64_t h = parent * 0x9E3779B97F4A7C15ull;
+    for (const char *c = name; *c; c++)
+        h = (h ^ (uint8_t) *c) * 0x100000001B3ull;
+    struct null_entry **p = &null_entries[(h >> 32) % BUCKETS];
+    while (*p != NULL && ((*p)->parent != parent || strcmp((*p)->name, name) != 0))
+        p = &(*p)->next;
+    return p;
+}
+
+static void null_stat(fuse_ino_t id, struct stat *st)
+{
+    memset(st, 0, sizeof(*st));
+    st->st_ino = id;
+    st->st_mode = null_modes[id];
+    st->st_nlink = S_ISDIR(st->st_mode) ? 2 : 1;
+    st->st_blksize = 4096;
+}
+
+static int null_known(fuse_req_t req, fuse_ino_t id)
+{
+    if (id < NULL_INODES && null_modes[id] != 0)
+        return 1;
+    fuse_reply_err(req, ESTALE);
+    return 0;
+}
+
+/* A new inode of `mode` under parent, answered as a LOOKUP would; 0 when the table is full. */
+static fuse_ino_t null_make(fuse_req_t req, fuse_ino_t parent, const char *name, mode_t mode,
+                            struct fuse_entry_param *e)
+{
+    if (!null_known(req, parent))
+        return 0;
+    struct null_entry **slot = null_slot(parent, name), *n;
+    if (*slot != NULL) {
+        fuse_reply_err(req, EEXIST);
+        return 0;
+    }
+    if (null_next >= NULL_INODES || (n = malloc(sizeof(*n) + strlen(name) + 1)) == NULL) {
+        fuse_reply_err(req, ENOSPC);
+        return 0;
+    }
+    fuse_ino_t id = null_next++;
+    n->next = NULL, n->parent = parent, n->id = id;
+    strcpy(n->name, name);
+    *slot = n;
+    null_modes[id] = mode;
+    memset(e, 0, sizeof(*e));
+    e->ino = id;
+    null_stat(id, &e->attr);
+    e->attr_timeout = e->entry_timeout = TIMEOUT;
+    return id;
+}
+
+static void null_lookup(fuse_req_t req, fuse_ino_t parent, const char *name)
+{
+    struct fuse_entry_param e = {0};
+    if (!null_known(req, parent))
+        return;
+    struct null_entry *n = *null_slot(parent, name);
+    if (n != NULL) {
+        e.ino = n->id;
+        null_stat(n->id, &e.attr);
+        e.attr_timeout = TIMEOUT;
+    }
+    e.entry_timeout = TIMEOUT; /* without an inode: nothing is there, a cached negative entry */
+    fuse_reply_entry(req, &e);
+}
+
+static void null_getattr(fuse_req_t req, fuse_ino_t id, struct fuse_file_info *fi)
+{
+    struct stat st;
+    (void) fi;
+    if (!null_known(req, id))
+        return;
+    null_stat(id, &st);
+    fuse_reply_attr(req, &st, TIMEOUT);
+}
+
+static void null_setattr(fuse_req_t req, fuse_ino_t id, struct stat *attr, int to_set, struct fuse_file_info *fi)
+{
+    (void) attr, (void) to_set;
+    null_getattr(req, id, fi);
+}
+
+static void null_create(fuse_req_t req, fuse_ino_t parent, const char *name, mode_t mode,
+                        struct fuse_file_info *fi)
+{
+    struct fuse_entry_param e;
+    fuse_ino_t id = null_make(req, parent, name, S_IFREG | (mode & 07777), &e);
+    if (id == 0)
+        return;
+    ship(SHIP_CREATE, id, 0, NULL, 0);
+    fi->fh = id;
+    fuse_reply_create(req, &e, fi);
+}
+
+static void null_mkdir(fuse_req_t req, fuse_ino_t parent, const char *name, mode_t mode)
+{
+    struct fuse_entry_param e;
+    if (null_make(req, parent, name, S_IFDIR | (mode & 07777), &e) != 0)
+        fuse_reply_entry(req, &e);
+}
+
+static void null_open(fuse_req_t req, fuse_ino_t id, struct fuse_file_info *fi)
+{
+    if (!null_known(req, id))
+        return;
+    fi->fh = id;
+    fuse_reply_open(req, fi);
+}
+
+static void null_read(fuse_req_t req, fuse_ino_t id, size_t size, off_t off, struct fuse_file_info *fi)
+{
+    (void) id, (void) size, (void) off, (void) fi;
+    fuse_reply_buf(req, NULL, 0);
+}
+
+static void null_write(fuse_req_t req, fuse_ino_t id, const char *buf, size_t size, off_t off,
+                       struct fuse_file_info *fi)
+{
+    (void) fi;
+    ship(SHIP_WRITE, id, off, buf, size);
+    fuse_reply_write(req, size);
+}
+
+static void null_fsync(fuse_req_t req, fuse_ino_t id, int datasync, struct fuse_file_info *fi)
+{
+    (void) datasync, (void) fi;
+    ship(SHIP_FSYNC, id, 0, NULL, 0);
+    fuse_reply_err(req, 0);
+}
+
+/* Remove parent/name from the table; its inode, or 0 (the error answered). */
+static fuse_ino_t null_remove(fuse_req_t req, fuse_ino_t parent, const char *name)
+{
+    if (!null_known(req, parent))
+        return 0;
+    struct null_entry **slot = null_slot(parent, name), *n = *slot;
+    if (n == NULL) {
+        fuse_reply_err(req, ENOENT);
+        return 0;
+    }
+    fuse_ino_t id = n->id;
+    *slot = n->next;
+    free(n);
+    return id;
+}
+
+static void null_unlink(fuse_req_t req, fuse_ino_t parent, const char *name)
+{
+    fuse_ino_t id = null_remove(req, parent, name);
+    if (id == 0)
+        return;
+    ship(SHIP_UNLINK, id, 0, NULL, 0);
+    fuse_reply_err(req, 0);
+}
+
+static void null_rmdir(fuse_req_t req, fuse_ino_t parent, const char *name)
+{
+    if (null_remove(req, parent, name) != 0)
+        fuse_reply_err(req, 0);
+}
+
+static void null_forget(fuse_req_t req, fuse_ino_t id, uint64_t nlookup)
+{
+    (void) id, (void) nlookup;
+    fuse_reply_none(req);
+}
+
+static void null_forget_multi(fuse_req_t req, size_t count, struct fuse_forget_data *forgets)
+{
+    (void) count, (void) forgets;
+    fuse_reply_none(req);
+}
+
+static void null_forget_release(fuse_req_t req, fuse_ino_t id, struct fuse_file_info *fi)
+{
+    (void) id, (void) fi;
+    fuse_reply_err(req, 0);
+}
+
+static void null_getxattr(fuse_req_t req, fuse_ino_t id, const char *name, size_t size)
+{
+    (void) id, (void) name, (void) size;
+    fuse_reply_err(req, ENOSYS); /* no xattrs at all: the kernel stops asking before each write */
+}
+
+static const struct fuse_lowlevel_ops null_ops = {
+    .lookup = null_lookup,
+    .forget = null_forget,
+    .forget_multi = null_forget_multi,
+    .getattr = null_getattr,
+    .setattr = null_setattr,
+    .create = null_create,
+    .open = null_open,
+    .read = null_read,
+    .write = null_write,
+    .flush = op_flush,
+    .release = null_forget_release,
+    .fsync = null_fsync,
+    .unlink = null_unlink,
+    .mkdir = null_mkdir,
+    .rmdir = null_rmdir,
+    .getxattr = null_getxattr,
+};
+
 int main(int argc, char **argv)
 {
     if (argc == 4 && strcmp(argv[1], "--acker") == 0)
         return acker(argv[2], atoi(argv[3]));
-    tandem = argc == 4 && strcmp(argv[2], "--tandem") == 0;
-    if (argc != 2 && !(argc == 4 && (strcmp(argv[2], "--peer") == 0 || tandem))) {
-        fprintf(stderr, "usage: %s DIR [--peer PORT | --tandem PORT] | --acker DIR PORT\n", argv[0]);
+    int null = 0, port = -1, bad = argc < 2;
+    for (int i = 2; i < argc && !bad; i++) {
+        if (strcmp(argv[i], "--null") == 0)
+            null = 1;
+        else if ((strcmp(argv[i], "--peer") == 0 || strcmp(argv[i], "--tandem") == 0) && i + 1 < argc && port < 0)
+            tandem = argv[i][2] == 't', port = atoi(argv[++i]);
+        else
+            bad = 1;
+    }
+    if (bad || (null && tandem)) {
+        fprintf(stderr, "usage: %s DIR [--peer PORT | --tandem PORT] | DIR --null [--peer PORT] | --acker DIR PORT\n", argv[0]);
         return 2;
     }
     root.fd = open(argv[1], O_PATH | O_DIRECTORY | O_CLOEXEC);
@@ -693,9 +932,17 @@ int main(int argc, char **argv)
         perror(argv[1]);
         return 1;
     }
-    if (argc == 4) {
+    if (null) {
+        null_modes = calloc(NULL_INODES, sizeof(*null_modes));
+        if (null_modes == NULL) {
+            perror("fuse_floor --null");
+            return 1;
+        }
+        null_modes[FUSE_ROOT_ID] = S_IFDIR | 0755;
+    }
+    if (port >= 0) {
         int one = 1;
-        struct sockaddr_in addr = {.sin_family = AF_INET, .sin_port = htons((uint16_t) atoi(argv[3])),
+        struct sockaddr_in addr = {.sin_family = AF_INET, .sin_port = htons((uint16_t) port),
                                    .sin_addr.s_addr = htonl(INADDR_LOOPBACK)};
         peer = socket(AF_INET, SOCK_STREAM | SOCK_CLOEXEC, 0);
         if (peer < 0 || connect(peer, (struct sockaddr *) &addr, sizeof(addr)) < 0 ||
@@ -710,7 +957,8 @@ int main(int argc, char **argv)
     root.path = "";
     char *args_v[] = {argv[0], "-o", "default_permissions,allow_other,fsname=floor,subtype=floor", NULL};
     struct fuse_args args = FUSE_ARGS_INIT(3, args_v);
-    struct fuse_session *se = fuse_session_new(&args, &ops, sizeof(ops), NULL);
+    const struct fuse_lowlevel_ops *served = null ? &null_ops : &ops;
+    struct fuse_session *se = fuse_session_new(&args, served, sizeof(*served), NULL);
     if (se == NULL)
         return 1;
     if (fuse_set_signal_handlers(se) != 0 || fuse_session_mount(se, argv[1]) != 0)

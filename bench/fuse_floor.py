@@ -13,6 +13,11 @@ timeouts, so C against Tandem alone is what Python and pyfuse3 cost per request,
 against C alone what FUSE itself costs, and the shipped C tree the floor of a native replicated
 data path on this machine.
 
+For the small files, two more trees: the C program with `--null`, which does no file system work at
+all (made-up inodes in memory, written bytes dropped), alone and shipping to the C peer. What a
+create costs there is the FUSE protocol itself (and shipping it): no data path through FUSE, in any
+language, creates files faster on this machine, whatever the disk underneath.
+
 Idle CPUs poll during the whole run (a PM QoS request of 0 µs, as Tandem's replicator holds
 while it serves): on a VM whose idle vCPUs halt, each wake-up of a sleeping daemon otherwise
 costs 50-700 µs, which would swamp what is measured here.
@@ -142,14 +147,19 @@ TREES = (
     "C, shipped to Tandem's secondary",
     "Tandem alone",
     "Tandem, received",
+    "C, no disk work",
+    "C, no disk work, shipped to a C peer",
 )
+# The trees of `fuse_floor --null`: only the small files run there (nothing is stored to read back).
+FILES_ONLY = 2
 
 
 def run(base: Path, sizes: Sizes, profile: bool) -> str:
     """Every workload in every tree (TREES), taking turns; a markdown table, with `profile` the requests."""
     local, native, shipped, alone = base / "local", base / "c", base / "c-shipped", base / "python"
-    to_tandem = base / "c-to-tandem"
-    for d in (local, native, shipped, to_tandem, alone, base / "c-mirror", base / "tandem-mirror"):
+    to_tandem, null, null_shipped = base / "c-to-tandem", base / "c-null", base / "c-null-shipped"
+    mirrors = (base / "c-mirror", base / "tandem-mirror", base / "c-null-mirror")
+    for d in (local, native, shipped, to_tandem, alone, null, null_shipped, *mirrors):
         d.mkdir()
     binary = build(base)
     primary = [sys.executable, "-m", "agent.replication.replicator", "--role", "primary", "--dir", str(alone)]
@@ -163,7 +173,11 @@ def run(base: Path, sizes: Sizes, profile: bool) -> str:
         stack.enter_context(serving([str(binary), str(to_tandem), "--tandem", str(port)], to_tandem, base / "c.log"))
         stack.enter_context(serving(primary, alone, base / "python.log"))
         replicated, _, _ = stack.enter_context(replicated_pair(base, "received"))
-        tops = (local, native, shipped, to_tandem, alone, replicated)
+        stack.enter_context(serving([str(binary), str(null), "--null"], null, base / "c.log"))
+        port = stack.enter_context(acker(binary, base / "c-null-mirror", base / "acker.log"))
+        cmd = [str(binary), str(null_shipped), "--null", "--peer", str(port)]
+        stack.enter_context(serving(cmd, null_shipped, base / "c.log"))
+        tops = (local, native, shipped, to_tandem, alone, replicated, null, null_shipped)
         recorders = [fuse_profile.Recorder(top, enabled=profile) for top in tops[1:]]
         try:
             rows = _workloads(tops, recorders, sizes)
@@ -174,10 +188,14 @@ def run(base: Path, sizes: Sizes, profile: bool) -> str:
             raise SystemExit(f"a mount's daemon died during the run ({exc}); its logs:\n{logs}") from None
     out = ["| benchmark | unit | " + " | ".join(TREES) + " |", "|---" * (len(TREES) + 2) + "|"]
     for name, unit, values in rows:
-        if unit == "µs":
-            cells = [f"{values[0]:,.0f}", *(f"{v - values[0]:+,.0f}" for v in values[1:])]
-        else:
-            cells = [f"{values[0]:,.0f}", *(f"{v:,.0f} ({v / values[0]:.2f}x)" for v in values[1:])]
+        cells = [f"{values[0]:,.0f}"]
+        for v in values[1:]:
+            if v is None:
+                cells.append("-")
+            elif unit == "µs":
+                cells.append(f"{v - values[0]:+,.0f}")
+            else:
+                cells.append(f"{v:,.0f} ({v / values[0]:.2f}x)")
         out.append(f"| {name} | {unit} | " + " | ".join(cells) + " |")
     if profile:
         for label, rec in zip(TREES[1:], recorders, strict=True):
@@ -193,26 +211,32 @@ def _tail(log: Path, lines: int = 20) -> str:
 
 def _workloads(
     tops: Sequence[Path], recorders: Sequence[fuse_profile.Recorder], sizes: Sizes
-) -> list[tuple[str, str, list[float]]]:
-    """write+fsync latency, small files and SQLite in each tree; rows of (name, unit, one value per tree)."""
-    rows: list[tuple[str, str, list[float]]] = []
+) -> list[tuple[str, str, list[float | None]]]:
+    """write+fsync latency, small files and SQLite in each tree (the last FILES_ONLY: small files
+    only); rows of (name, unit, one value per tree, None where it did not run)."""
+    rows: list[tuple[str, str, list[float | None]]] = []
+    stored = len(tops) - FILES_ONLY
+    skipped: list[float | None] = [None] * FILES_ONLY
     lat = [bench_fsync_latency(tops[0], sizes)]
-    for top, rec in zip(tops[1:], recorders, strict=True):
+    for top, rec in zip(tops[1:stored], recorders, strict=False):
         with rec.section("4 KiB write+fsync", sizes.fsync_writes):
             lat.append(bench_fsync_latency(top, sizes))
-    rows.append(("4 KiB write+fsync p50 (added over local)", "µs", [p50 for p50, _, _ in lat]))
-    rows.append(("4 KiB write+fsync", "IOPS", [iops for _, _, iops in lat]))
+    rows.append(("4 KiB write+fsync p50 (added over local)", "µs", [p50 for p50, _, _ in lat] + skipped))
+    rows.append(("4 KiB write+fsync", "IOPS", [iops for _, _, iops in lat] + skipped))
     with contextlib.ExitStack() as stack:
         for rec in recorders:
             stack.enter_context(rec.section("small files, per file (create, read, unlink)", sizes.small_files))
         files = bench_small_files(tops, sizes.small_files, read=True)
     for i, name in enumerate(("create+write 4 KiB+close", "open+read 4 KiB+close", "unlink")):
-        rows.append((f"{name}, {sizes.small_files} files", "files/s", [f[i] for f in files]))
-    tx = [bench_sqlite(tops[0], sizes)]
-    for top, rec in zip(tops[1:], recorders, strict=True):
+        values: list[float | None] = [f[i] for f in files]
+        if name.startswith("open+read"):
+            values[stored:] = skipped  # --null stores nothing: its reads are of empty files
+        rows.append((f"{name}, {sizes.small_files} files", "files/s", values))
+    tx: list[float | None] = [bench_sqlite(tops[0], sizes)]
+    for top, rec in zip(tops[1:stored], recorders, strict=False):
         with rec.section("SQLite WAL FULL, per transaction", sizes.sqlite_tx):
             tx.append(bench_sqlite(top, sizes))
-    rows.append(("SQLite WAL synchronous=FULL", "tx/s", tx))
+    rows.append(("SQLite WAL synchronous=FULL", "tx/s", tx + skipped))
     return rows
 
 

@@ -94,3 +94,38 @@ def test_the_c_floor_speaks_protocol_v3_to_a_tandem_secondary(tmp_path: Path) ->
     expected = b"a" * 100_000 + b"b" * 100 + b"a" * 49_900 + b"c" * 300 + b"a" * 49_700
     assert (mirror / "d" / "kept").read_bytes() == expected
     assert not (mirror / "gone").exists()
+
+
+def test_the_null_floor_answers_from_memory_and_never_touches_its_directory(tmp_path: Path) -> None:
+    binary = fuse_floor.build(tmp_path)
+    top, mirror = tmp_path / "top", tmp_path / "mirror"
+    top.mkdir()
+    mirror.mkdir()
+    (top / "before").write_bytes(b"under the mount")
+    with (
+        fuse_floor.acker(binary, mirror, tmp_path / "acker.log") as port,
+        fuse_floor.serving([str(binary), str(top), "--null", "--peer", str(port)], top, tmp_path / "floor.log"),
+    ):
+        assert not (top / "before").exists()  # the made-up tree starts empty
+        (top / "small").mkdir()
+        for name in ("a", "b"):
+            fd = os.open(top / "small" / name, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o640)
+            assert os.write(fd, b"x" * 4096) == 4096
+            os.close(fd)
+        assert os.stat(top / "small" / "a").st_mode & 0o7777 == 0o640
+        with pytest.raises(FileExistsError):
+            os.open(top / "small" / "a", os.O_WRONLY | os.O_CREAT | os.O_EXCL)
+        os.unlink(top / "small" / "a")
+        with pytest.raises(FileNotFoundError):
+            os.stat(top / "small" / "a")
+        # Shipped on receipt: the acker has applied them once a later fsync is answered.
+        fd = os.open(top / "small" / "b", os.O_WRONLY)
+        os.fsync(fd)
+        os.close(fd)
+        copies = list(mirror.iterdir())
+        assert [c.read_bytes() for c in copies] == [b"x" * 4096], copies  # b's copy; a's went with its unlink
+        os.unlink(top / "small" / "b")
+        (top / "small").rmdir()
+    assert not mounted(top)
+    assert [p.name for p in top.iterdir()] == ["before"]
+    assert (top / "before").read_bytes() == b"under the mount"
