@@ -38,4 +38,8 @@ class ReadOnlyFS(Passthrough):
         # The kernel mount is "ro" too; this refusal holds even if someone remounts it read-write.
         if flags & _WRITE_FLAGS:
             raise pyfuse3.FUSEError(errno.EROFS)
-        return pyfuse3.FileInfo(fh=self._handle(self._files, (self._open_fd(inode, flags), inode)))
+        # keep_cache off (pyfuse3's default is on): each open drops the file's cached pages. The
+        # applier gives a file the primary's mtime, so its change may keep the size and the mtime the
+        # kernel compares before it trusts cached pages.
+        fh = self._handle(self._files, (self._open_fd(inode, flags), inode))
+        return pyfuse3.FileInfo(fh=fh, keep_cache=False)

@@ -81,3 +81,19 @@ def test_secondary_mount_reads_replicated_data_and_refuses_changes(pair: Pair) -
     assert not (secondary / "new").exists() and not (secondary / "by-touch").exists()
     logs = pair.log("primary") + pair.log("secondary")
     assert "ERROR" not in logs and "Traceback" not in logs, logs
+
+
+def test_secondary_mount_reads_what_the_applier_wrote_even_with_the_same_size_and_mtime(pair: Pair) -> None:
+    """The applier gives each file the primary's mtime, so a change can keep both the size and the
+    mtime that the kernel compares before it keeps cached pages: every open drops them instead."""
+    pair.start("durable")
+    primary, secondary = pair.primary_dir / "same", pair.secondary_dir / "same"
+    primary.write_bytes(b"a" * 4096)
+    os.utime(primary, ns=(10**18, 10**18))
+    _eventually(lambda: os.stat(secondary).st_mtime_ns == 10**18)
+    assert secondary.read_bytes() == b"a" * 4096  # now in the secondary's page cache
+    with open(primary, "r+b", buffering=0) as f:
+        f.write(b"b" * 4096)
+        os.utime(f.fileno(), ns=(10**18, 10**18))
+    _eventually(lambda: secondary.read_bytes() == b"b" * 4096)
+    assert os.stat(secondary).st_mtime_ns == 10**18
