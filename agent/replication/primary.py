@@ -40,6 +40,10 @@ class ReplicatedFS(Passthrough):
     """
 
     handle_killpriv_v2 = True
+    # Every change to the tree goes through this mount, so the pages the kernel caches stay true: a
+    # write does not make it drop them (Tandem's pyfuse3 patch), and a read of a file just written
+    # is served from the page cache, without a READ request.
+    auto_inval_data = False
 
     def __init__(
         self,

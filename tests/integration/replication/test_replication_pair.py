@@ -273,3 +273,28 @@ def test_a_full_secondary_disk_is_a_reported_error_not_a_silent_divergence(
         assert pair.stop("secondary") == 0
     finally:
         subprocess.run(["umount", "-l", str(pair.secondary_dir)], check=False)
+
+
+def test_the_primary_keeps_the_pages_of_files_written_through_it(pair: Pair) -> None:
+    """A write through the mount changes the file's mtime, and the kernel keeps its cached pages all
+    the same (ReplicatedFS.auto_inval_data = False: the primary is its tree's only writer), so that a
+    read right after a write needs no READ request. It shows only when something changes the bytes
+    behind the mount's back, which nothing but this test does."""
+    beneath = os.open(pair.primary_dir, os.O_PATH | os.O_DIRECTORY)
+    try:
+        pair.start("received")
+        top = pair.primary_dir / "kept"
+        top.write_bytes(b"a" * 4096)
+        with open(top, "r+b", buffering=0) as f:
+            f.write(b"b" * 4096)  # the same size: only the mtime tells
+        fd = os.open("kept", os.O_WRONLY, dir_fd=beneath)
+        try:
+            os.pwrite(fd, b"c" * 4096, 0)
+            os.utime(fd, ns=(1, 10**18))
+        finally:
+            os.close(fd)
+        with open(top, "rb") as f:
+            assert f.read(8192) == b"b" * 4096  # past the end: the size is asked again, the pages stay
+        assert (pair.secondary_dir / "kept").read_bytes() == b"b" * 4096
+    finally:
+        os.close(beneath)
