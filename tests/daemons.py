@@ -59,6 +59,30 @@ def wait_for(what: str, probe: Callable[[], T | None], *, timeout: float = 20.0,
     )
 
 
+def process_state(pid: int, tid: int | None = None) -> str:
+    """The state letter of a process, or of one of its threads, in /proc ('T' stopped, 'Z' zombie); '' if gone."""
+    path = f"/proc/{pid}/stat" if tid is None else f"/proc/{pid}/task/{tid}/stat"
+    try:
+        return Path(path).read_text().rsplit(")", 1)[1].split()[0]
+    except (OSError, IndexError):
+        return ""
+
+
+def freeze(pid: int, within: float = 5.0) -> None:
+    """SIGSTOP a process; return once every one of its threads is stopped.
+
+    kill() only queues the stop: one thread starts the group stop when it next runs, and until each
+    thread has stopped it goes on (a replicator's C thread can still answer a frame that reaches it,
+    while its main thread waits for the disk or for a CPU).
+    """
+    os.kill(pid, signal.SIGSTOP)
+    deadline = time.monotonic() + within
+    while any(process_state(pid, int(t.name)) not in ("T", "Z", "") for t in Path(f"/proc/{pid}/task").glob("*")):
+        if time.monotonic() > deadline:
+            raise AssertionError(f"process {pid} did not stop within {within:.0f} s of SIGSTOP")
+        time.sleep(0.002)
+
+
 def tandem(*args: str, server: str | None = None, check: bool = True) -> subprocess.CompletedProcess[str]:
     """Run the real CLI as a user would."""
     env = {**os.environ, "PYTHONPATH": str(REPO)}

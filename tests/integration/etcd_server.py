@@ -12,6 +12,8 @@ import tempfile
 import time
 from pathlib import Path
 
+from tests.daemons import freeze
+
 ETCD = Path("/usr/bin/etcd")
 LOOPBACK = "127.0.0.1"
 
@@ -55,15 +57,9 @@ class EtcdServer:
     def pause(self) -> None:
         """Freeze the server (SIGSTOP): connections stay open but nothing answers.
 
-        Returns once every thread of the server is stopped: the signal only takes effect as each thread
-        next enters the kernel, and a request sent before that could still be answered.
+        Returns once every thread of the server is stopped (tests.daemons.freeze).
         """
-        os.kill(self.pid, signal.SIGSTOP)
-        deadline = time.monotonic() + 5.0
-        while not all(_thread_state(stat) in ("T", "") for stat in Path(f"/proc/{self.pid}/task").glob("*/stat")):
-            if time.monotonic() > deadline:
-                raise RuntimeError(f"etcd (pid {self.pid}) did not stop within 5 s of SIGSTOP")
-            time.sleep(0.005)
+        freeze(self.pid)
 
     def resume(self) -> None:
         os.kill(self.pid, signal.SIGCONT)
@@ -151,11 +147,3 @@ def _terminate(process: subprocess.Popen[bytes], within: float) -> None:
         except subprocess.TimeoutExpired:
             os.kill(process.pid, signal.SIGKILL)
             process.wait(timeout=within)
-
-
-def _thread_state(stat: Path) -> str:
-    """The state letter of /proc/<pid>/task/<tid>/stat ('T' = stopped); '' if the thread is gone."""
-    try:
-        return stat.read_text().rsplit(")", 1)[1].split()[0]
-    except (OSError, IndexError):
-        return ""

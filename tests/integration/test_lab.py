@@ -14,7 +14,7 @@ from pathlib import Path
 import pytest
 
 from agent.lab import NETNS_DIR, REGISTRY, Host, Lab, LabError, cleanup_stale, remove_lab
-from tests.daemons import wait_for
+from tests.daemons import process_state, wait_for
 
 pytestmark = pytest.mark.skipif(
     os.geteuid() != 0 or not all(shutil.which(t) for t in ("ip", "nsenter", "unshare", "findmnt")),
@@ -55,11 +55,7 @@ def _ns_or_none(path: str) -> tuple[int, int] | None:
 
 
 def alive(pid: int) -> bool:
-    try:
-        state = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0]
-    except FileNotFoundError:
-        return False
-    return state not in ("Z", "X")
+    return process_state(pid) not in ("Z", "X", "")
 
 
 def traces(name: str) -> list[str]:

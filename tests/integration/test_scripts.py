@@ -12,6 +12,7 @@ import pytest
 
 from agent.scripts import ScriptRunner
 from tests.conftest import ExpectedLogs
+from tests.daemons import process_state
 
 SHORT = 0.3  # a timeout the hanging scripts below always exceed
 
@@ -29,11 +30,7 @@ def app_log(runner: ScriptRunner) -> list[str]:
 
 def gone(pid: int) -> bool:
     """True when the process no longer exists or is a zombie waiting for init to reap it."""
-    try:
-        stat = Path(f"/proc/{pid}/stat").read_text()
-    except FileNotFoundError:
-        return True
-    return stat.rpartition(")")[2].split()[0] == "Z"
+    return process_state(pid) in ("Z", "X", "")
 
 
 async def wait_until_gone(pid: int, deadline: float = 5.0) -> bool:

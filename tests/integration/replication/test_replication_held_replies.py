@@ -18,6 +18,7 @@ from pathlib import Path
 import pytest
 
 from tests.conftest import ExpectedLogs
+from tests.daemons import freeze
 from tests.integration.replication.pairs import Pair
 from tests.integration.replication.test_replication_engine import _counts
 from tests.integration.replication.test_replication_partition import in_background
@@ -64,12 +65,12 @@ def test_a_call_python_serves_returns_only_once_the_secondary_has_it(pair: Pair,
     pair.start(ack, secondary_mount=False)
     _setup(pair.primary_dir)
     do, shows = _OPERATIONS[op]
-    os.kill(pair.pid("secondary"), signal.SIGSTOP)
+    freeze(pair.pid("secondary"))
     try:
         done, errors = in_background(lambda: do(pair.primary_dir))
         # The frame sits unread in the stopped secondary's socket: no ack, so no reply. A reply the
         # engine let through (or Python's, not held) would return in well under a millisecond.
-        assert not done.wait(0.5), f"{op} returned before the secondary acknowledged it"
+        assert not done.wait(0.5), f"{op} returned before the secondary acknowledged it: {errors}"
         assert not errors, errors
     finally:
         os.kill(pair.pid("secondary"), signal.SIGCONT)
@@ -88,9 +89,9 @@ def test_a_held_call_completes_locally_when_the_secondary_dies(pair: Pair, expec
     expected_logs.expect("Replication stream lost")
     pair.start("received", secondary_mount=False)
     seen = len(pair.events("primary"))
-    os.kill(pair.pid("secondary"), signal.SIGSTOP)
+    freeze(pair.pid("secondary"))
     done, errors = in_background(lambda: os.mkdir(pair.primary_dir / "during"))
-    assert not done.wait(0.5), "mkdir returned before the secondary acknowledged it"
+    assert not done.wait(0.5), f"mkdir returned before the secondary acknowledged it: {errors}"
     # Its kernel closes the stream for it: the engine releases the held reply.
     pair.kill("secondary")
     assert done.wait(30), "mkdir still waits for a secondary that is gone"

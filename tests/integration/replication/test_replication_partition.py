@@ -19,6 +19,7 @@ from pathlib import Path
 
 import pytest
 
+from tests.daemons import freeze
 from tests.integration.replication.pairs import Pair
 from tests.integration.replication.test_replication_resync import assert_same_trees
 from tests.netns import ip, namespace, tc
@@ -119,7 +120,7 @@ def test_a_secondary_whose_replicator_hangs_is_dropped_and_the_write_completes_l
     pair.start("received", secondary_mount=False)
     (pair.primary_dir / "before").write_bytes(b"b" * 8192)
     seen = len(pair.events("primary"))
-    os.kill(pair.pid("secondary"), signal.SIGSTOP)
+    freeze(pair.pid("secondary"))
     try:
         done, errors = write_in_background(pair.primary_dir / "during")
         lost = pair.wait_event("primary", lambda e: e.get("state") == "disconnected", 60, seen)
