@@ -168,9 +168,9 @@ async def adopt(conn: FrameConnection, traffic: Any = None, silence: float = 0.0
 async def adopt_receiver(
     conn: FrameConnection, root_fd: int, traffic: Any = None, silence: float = 0.0, *, durable: bool = False
 ) -> ReceiverConnection:
-    """Hand a secondary's `received` (or `durable`) stream whose handshake is done over to the
-    engine. What was already read past the handshake goes to the engine first. In `received` mode,
-    from the session's second frame on, the engine acknowledges on receipt what that mode
+    """Hand a secondary's stream whose handshake is done over to the engine. What was already read
+    past the handshake goes to the engine first. In `received` and `fsync` mode, from the session's
+    second frame on, the engine acknowledges on receipt what that mode
     acknowledges so (ON_RECEIPT); in `durable` mode nothing is acknowledged before it is on disk."""
     root = os.dup(root_fd)
     unread = conn.take_unread()

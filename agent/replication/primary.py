@@ -58,13 +58,16 @@ class ReplicatedFS(Passthrough):
         self.sender = sender
         self.enable_writeback_cache = writeback
         # The native data path (agent/replication/native, with Tandem's pyfuse3): its thread serves
-        # WRITE and FSYNC of the files registered with it (_register), except in `fsync` mode.
-        self.tandem_engine = engine and not writeback and hasattr(pyfuse3, "engine_file")
+        # WRITE, FSYNC and the SETATTR of times (the writeback cache's mtime, `fsync` mode) of the
+        # files registered with it (_register). Each replies once the secondary acknowledged its
+        # frame, in `fsync` mode too: a flush then waits only for what Python shipped (_settled).
+        self.tandem_engine = engine and hasattr(pyfuse3, "engine_file")
         self._unsynced: dict[int, int] = {}
         # Inodes known to carry no file capability: the kernel asks before every write().
         self._no_caps: set[int] = set()
         self._killpriv_logged = False
-        # writeback: the last operation shipped; acks come in order, so its ack covers all before it.
+        # writeback: the last operation Python shipped. The stream is in order, so once the secondary
+        # acknowledged it, it has every frame before it in memory too (F's replied after their acks).
         self._last: asyncio.Future[m.Message] | None = None
 
     def native_tables(self) -> dict[str, Any]:

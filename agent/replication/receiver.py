@@ -55,8 +55,8 @@ class Receiver:
         native: bool = False,
     ) -> None:
         self.applier = applier
-        # `received` and `durable` streams go to the native data path, which applies the Write and
-        # Fsync frames it can.
+        # Streams go to the native data path, which applies the Write, Fsync, Create, Unlink and
+        # times-only Setattr frames it can (tandem_receiver.c).
         self.native = native and engine.receiver_available()
         self._handed = False
         self.traffic = traffic
@@ -130,7 +130,7 @@ class Receiver:
         self._connected = True
         self.events.peer("connected")
         log.info("Replication stream open: peer=%s applied_seq=%d mode=%s", peer.node, peer.applied_seq, self.mode)
-        if self.native and self.mode in (AckMode.RECEIVED, AckMode.DURABLE):
+        if self.native:
             handed = await engine.adopt_receiver(
                 conn,
                 self.applier.beneath.root_fd,

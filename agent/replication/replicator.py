@@ -112,9 +112,10 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         "--native-writes",
         action=argparse.BooleanOptionalAction,
         default=True,
-        help="ack received or durable: the primary serves and replicates writes and fsyncs in the native data "
-        "path's own thread, without Python, and the secondary applies Write and Fsync frames there (default: yes, "
-        "with Tandem's pyfuse3; no: through Python, for comparisons)",
+        help="the primary serves and replicates writes, fsyncs and (ack fsync) the mtime the kernel writes back in "
+        "the native data path's own thread, without Python, and the secondary applies Write, Fsync, Create, Unlink "
+        "and times-only Setattr frames there (default: yes, with Tandem's pyfuse3; no: through Python, for "
+        "comparisons)",
     )
     p.add_argument(
         "--open-files-limit",

@@ -81,7 +81,7 @@ class Sender:
             raise
         if not peer.authenticated:
             log.warning("Replication peer node=%s is unauthenticated: no shared secret configured", peer.node)
-        if engine.available() and self.ack != "fsync":
+        if engine.available():
             try:
                 conn = await engine.adopt(conn, self.traffic, self.peer_timeout)
             except BaseException:

@@ -1,14 +1,15 @@
-/* Tandem's native data path on the primary (docs/dev/native-data-path.md): WRITE and FSYNC served
- * and replicated without Python.
+/* Tandem's native data path on the primary (docs/dev/native-data-path.md): WRITE, FSYNC and the
+ * SETATTR of a file's times served and replicated without Python.
  *
  * Built into Tandem's pyfuse3 (scripts/setup copies this file next to tandem_io.c, which includes
  * it), so that it shares the session's /dev/fuse and the patch's HANDLE_KILLPRIV_V2 state.
  *
  * Two threads of its own, which never touch Python objects:
  *
- * - F is the only reader of /dev/fuse. A WRITE or FSYNC of a file Python registered (te_file) is
- *   served here: pwrite or fsync, its frame on the replication stream, and the reply once the
- *   secondary's ack is in. Every other request, and every case F is not sure of, goes to pyfuse3
+ * - F is the only reader of /dev/fuse. A WRITE or FSYNC of a file Python registered (te_file), or a
+ *   SETATTR of its times only (the mtime a writeback cache writes back, `fsync` mode), is served
+ *   here: pwrite, fsync or futimens, its frame on the replication stream, and the reply once the
+ *   secondary's ack is in (in every ack mode). Every other request, and every case F is not sure of, goes to pyfuse3
  *   whole, through a SOCK_SEQPACKET pair that pyfuse3's session reads instead of /dev/fuse.
  * - R reads the replication stream once Python's handshake is done on it (te_attach). The ack of a
  *   frame F sent replies to its FUSE request; every other frame (the answers to Python's frames,
@@ -55,7 +56,7 @@
 /* Answers R holds for Python before it stops reading the stream. */
 #define TE_FORWARD_MAX (64u << 20)
 
-enum { TE_WRITE = 1, TE_FSYNC = 2, TE_HELD = 3 };
+enum { TE_WRITE = 1, TE_FSYNC = 2, TE_HELD = 3, TE_ATTR = 4 };
 /* A held reply kept without a malloc: a CREATE's (header, entry, open) is 160 bytes. */
 #define TE_HELD_REPLY 256
 
@@ -79,7 +80,7 @@ struct te_node {
 struct te_wait {
     struct te_wait *next;
     uint64_t seq, unique;
-    uint32_t size; /* WRITE: bytes written */
+    uint32_t size; /* WRITE: bytes written; TE_ATTR: the reply's size, in inline_reply */
     int kind;
     int local;     /* FSYNC: -1 running, else 0 or the errno of the local fsync */
     int answered;  /* the secondary acknowledged it, or the stream ended */
@@ -116,7 +117,7 @@ static struct {
     int answers;              /* F answers from the node table (te_answers) */
     double attr_timeout;      /* GETATTR's validity */
     double negative_timeout;  /* a missing name's; < 0: ENOENT, no negative entry */
-    uint64_t n_write, n_fsync, n_getattr, n_lookup, n_getxattr, n_held;
+    uint64_t n_write, n_fsync, n_getattr, n_lookup, n_getxattr, n_held, n_setattr;
     int qos;            /* this engine's own PM QoS request, or -1 */
     int64_t hold_ns;
     int64_t last_ns;
@@ -247,6 +248,9 @@ static int te_settle(struct te_wait *w)
             w->replied = 1;
         } else if (w->kind == TE_FSYNC && w->local == 0 && w->answered) {
             te_reply(w->unique, 0, NULL, 0);
+            w->replied = 1;
+        } else if (w->kind == TE_ATTR && w->answered) {
+            te_reply(w->unique, 0, w->inline_reply, w->size);
             w->replied = 1;
         }
     }
@@ -610,6 +614,76 @@ static int te_answer_node(const struct fuse_in_header *in, size_t n)
     return 1;
 }
 
+/* The SETATTR of a file's times only, through an open file (FATTR_FH): what the kernel sends with a
+ * writeback cache (`fsync` mode) when it writes a file's mtime back, and touch(1) with times given.
+ * Served as Python's setattr serves it: the times set, a Setattr frame with them and the file's
+ * times after (as Python's _fix), and the attributes replied once the secondary answered the frame.
+ * 1: answered here; 0: the request goes to Python (which sets the same times again). */
+static int te_setattr(const struct fuse_in_header *in, size_t n)
+{
+    const struct fuse_setattr_in *a = (const void *) (in + 1);
+    const uint32_t times_only = FATTR_ATIME | FATTR_MTIME | FATTR_CTIME | FATTR_FH | FATTR_LOCKOWNER;
+    struct te_target t;
+    struct stat st;
+
+    if (n < sizeof(*in) + sizeof(*a) || (a->valid & ~times_only) || !(a->valid & FATTR_FH) ||
+        !(a->valid & (FATTR_ATIME | FATTR_MTIME)) || !__atomic_load_n(&E.answers, __ATOMIC_ACQUIRE) ||
+        !te_may_serve() || !te_target(a->fh, &t, 0) || fstat(t.fd, &st) != 0)
+        return 0;
+    struct timespec times[2] = {st.st_atim, st.st_mtim};
+    if (a->valid & FATTR_ATIME)
+        times[0] = (struct timespec){.tv_sec = (time_t) a->atime, .tv_nsec = a->atimensec};
+    if (a->valid & FATTR_MTIME)
+        times[1] = (struct timespec){.tv_sec = (time_t) a->mtime, .tv_nsec = a->mtimensec};
+    if (futimens(t.fd, times) != 0 || fstat(t.fd, &st) != 0)
+        return 0; /* Python meets the same error and replies it */
+    struct te_wait *wt = calloc(1, sizeof(*wt));
+    if (wt == NULL)
+        return 0;
+    struct fuse_attr_out out;
+    memset(&out, 0, sizeof(out));
+    te_timeout(E.attr_timeout, &out.attr_valid, &out.attr_valid_nsec);
+    te_attr(&st, in->nodeid, &out.attr);
+    memcpy(wt->inline_reply, &out, sizeof(out));
+    wt->size = sizeof(out), wt->unique = in->unique, wt->kind = TE_ATTR;
+
+    /* [27, seq, path, mode, uid, gid, size, atime_ns, mtime_ns, [[path, atime_ns, mtime_ns]]] */
+    static struct tf_buf head; /* F's alone */
+    struct tf_buf *h = &head;
+    tf_begin(h, 10, 27);
+    size_t seq_at = tf_seq_placeholder(h);
+    tf_bin(h, t.path, t.plen);
+    for (int i = 0; i < 4; i++)
+        tf_byte(h, 0xC0); /* mode, uid, gid and size unchanged */
+    tf_int(h, (int64_t) times[0].tv_sec * 1000000000 + times[0].tv_nsec);
+    tf_int(h, (int64_t) times[1].tv_sec * 1000000000 + times[1].tv_nsec);
+    tf_byte(h, 0x91), tf_byte(h, 0x93), tf_bin(h, t.path, t.plen);
+    tf_int(h, (int64_t) st.st_atim.tv_sec * 1000000000 + st.st_atim.tv_nsec);
+    tf_int(h, (int64_t) st.st_mtim.tv_sec * 1000000000 + st.st_mtim.tv_nsec);
+    tf_end(h, 0);
+
+    pthread_mutex_lock(&E.send_mu);
+    if (!te_still(&t)) {
+        int gone = !te_may_serve() || E.sock < 0;
+        pthread_mutex_unlock(&E.send_mu);
+        int dead = gone && __atomic_load_n(&E.dead, __ATOMIC_ACQUIRE);
+        if (dead) /* the stream ended: the call completes locally (Python's link resyncs) */
+            te_reply(in->unique, 0, &out, sizeof(out));
+        free(wt);
+        return dead; /* else Python sets the times again and ships them by the path it knows now */
+    }
+    uint64_t seq;
+    pthread_mutex_lock(&E.tab_mu);
+    wt->seq = E.seq + 1;
+    *te_wait_slot(wt->seq) = wt;
+    pthread_mutex_unlock(&E.tab_mu);
+    /* A failed send ends the stream: R then answers every wait, this one included. */
+    te_send_numbered(h->b, h->n, NULL, 0, seq_at, &seq);
+    pthread_mutex_unlock(&E.send_mu);
+    __atomic_add_fetch(&E.n_setattr, 1, __ATOMIC_RELAXED);
+    return 1;
+}
+
 static void *te_fuse_thread(void *arg)
 {
     (void) arg;
@@ -643,7 +717,8 @@ static void *te_fuse_thread(void *arg)
             te_file_drop(((const struct fuse_release_in *) (in + 1))->fh);
             pthread_mutex_unlock(&E.tab_mu);
         } else if ((in->opcode == FUSE_WRITE && te_write(in, (size_t) n)) ||
-                   (in->opcode == FUSE_FSYNC && te_fsync(in, (size_t) n))) {
+                   (in->opcode == FUSE_FSYNC && te_fsync(in, (size_t) n)) ||
+                   (in->opcode == FUSE_SETATTR && te_setattr(in, (size_t) n))) {
             te_touch();
             continue;
         } else if ((in->opcode == FUSE_GETATTR || in->opcode == FUSE_LOOKUP || in->opcode == FUSE_GETXATTR) &&
@@ -666,36 +741,51 @@ out:
 
 /* --- R: the answers ------------------------------------------------------------------------------ */
 
+/* Bytes to send: n of them at b + at. What a send takes moves `at` on; the rest moves to the front
+ * only when room is needed, into a buffer at least twice what it holds then, so that a reader that
+ * takes a little at a time never makes every byte move once per send. */
 struct te_out {
     uint8_t *b;
-    size_t n, cap;
+    size_t at, n, cap;
 };
 
 static int te_out_add(struct te_out *o, const uint8_t *p, size_t n)
 {
-    if (o->n + n > o->cap) {
-        size_t cap = o->cap ? o->cap : 65536;
-        while (cap < o->n + n)
-            cap *= 2;
-        uint8_t *b = realloc(o->b, cap);
-        if (b == NULL)
-            return -1;
-        o->b = b, o->cap = cap;
+    if (o->at + o->n + n > o->cap) {
+        if (o->at) {
+            memmove(o->b, o->b + o->at, o->n);
+            o->at = 0;
+        }
+        if (2 * (o->n + n) > o->cap) {
+            size_t cap = o->cap ? o->cap : 65536;
+            while (cap < 2 * (o->n + n))
+                cap *= 2;
+            uint8_t *b = realloc(o->b, cap);
+            if (b == NULL)
+                return -1;
+            o->b = b, o->cap = cap;
+        }
     }
-    memcpy(o->b + o->n, p, n);
+    memcpy(o->b + o->at + o->n, p, n);
     o->n += n;
     return 0;
+}
+
+/* n bytes of it were sent. */
+static void te_out_sent(struct te_out *o, size_t n)
+{
+    o->n -= n;
+    o->at = o->n ? o->at + n : 0;
 }
 
 /* Pass on to `fd` what it takes now. */
 static void te_out_flush_to(struct te_out *o, int fd)
 {
     while (o->n > 0) {
-        ssize_t n = send(fd, o->b, o->n, MSG_NOSIGNAL | MSG_DONTWAIT);
+        ssize_t n = send(fd, o->b + o->at, o->n, MSG_NOSIGNAL | MSG_DONTWAIT);
         if (n <= 0)
             return;
-        memmove(o->b, o->b + n, o->n - (size_t) n);
-        o->n -= (size_t) n;
+        te_out_sent(o, (size_t) n);
     }
 }
 
@@ -728,14 +818,13 @@ static void te_pass_rest(struct te_out *o, int fd)
     if (flags >= 0)
         fcntl(fd, F_SETFL, flags & ~O_NONBLOCK);
     while (o->n > 0) {
-        ssize_t n = send(fd, o->b, o->n, MSG_NOSIGNAL);
+        ssize_t n = send(fd, o->b + o->at, o->n, MSG_NOSIGNAL);
         if (n <= 0)
             break;
-        memmove(o->b, o->b + n, o->n - (size_t) n);
-        o->n -= (size_t) n;
+        te_out_sent(o, (size_t) n);
     }
     free(o->b);
-    o->b = NULL, o->cap = 0;
+    o->b = NULL, o->at = o->n = o->cap = 0;
     shutdown(fd, SHUT_WR);
 }
 
@@ -857,7 +946,8 @@ static void *te_reader_thread(void *arg)
                 te_out_add(&out, in + used, need);
             used += need;
         }
-        memmove(in, in + used, have - used);
+        if (used) /* a frame still arriving stays where it is */
+            memmove(in, in + used, have - used);
         have -= used;
         te_out_flush_to(&out, E.ans_w);
     }
@@ -1228,8 +1318,9 @@ static const char *te_lost(int *err)
  * until their frame's ack (te_send). */
 static unsigned long long te_count(int which)
 {
-    uint64_t *counts[] = {&E.n_write, &E.n_fsync, &E.n_getattr, &E.n_lookup, &E.n_getxattr, &E.n_held};
-    return which >= 0 && which < 6 ? __atomic_load_n(counts[which], __ATOMIC_RELAXED) : 0;
+    uint64_t *counts[] = {&E.n_write, &E.n_fsync, &E.n_getattr, &E.n_lookup, &E.n_getxattr, &E.n_held,
+                          &E.n_setattr};
+    return which >= 0 && which < 7 ? __atomic_load_n(counts[which], __ATOMIC_RELAXED) : 0;
 }
 
 static unsigned long long te_seq(void)

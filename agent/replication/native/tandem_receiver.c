@@ -1,16 +1,19 @@
 /* Tandem's native data path on the secondary (docs/dev/native-data-path.md, stage 6): Write and
- * Fsync frames received, applied and acknowledged without Python, in `received` and `durable` mode,
- * and Create and Unlink frames too.
+ * Fsync frames received, applied and acknowledged without Python, in every ack mode, and Create,
+ * Unlink and times-only Setattr frames too.
  *
  * Built into Tandem's pyfuse3 beside tandem_engine.c (the primary's side). After Python's handshake
  * the Receiver hands the stream over (rx_attach). One thread (X) then reads it:
  *
- * - A Write frame (in `received` mode: of less than STREAM_WRITE_BYTES) that comes next in sequence while Python has
- *   nothing of the stream left to apply, whose header this file reads in full (a plain path, one
- *   time fix naming the same file), is
+ * - A Write frame that comes next in sequence while Python has nothing of the stream left to apply,
+ *   whose header this file reads in full (a plain path, one time fix naming the same file), is
  *   applied here: the file opened beneath the root with openat2(RESOLVE_BENEATH | RESOLVE_NO_SYMLINKS
  *   | RESOLVE_NO_MAGICLINKS | RESOLVE_NO_XDEV) and kept open, pwrite of all its bytes, its times set,
  *   then its Ack. That is more than `received` promises (the bytes are applied, not only in memory).
+ *   A Write of STREAM_WRITE_BYTES or more in a mode that acknowledges on receipt (`received`,
+ *   `fsync`) is acknowledged first, then written (and its writeback started), as Python does: the
+ *   primary's sequential writer never waits for this side's pwrite; if the pwrite fails, Python
+ *   applies the frame again and reports the error as a Fault.
  *   An Fsync of such a file is applied the same way (fsync or fdatasync, then its Ack), unless more
  *   than INLINE_SYNC_BYTES wait for it (Python syncs those in a thread). An fsync that meets a disk
  *   error answers it, and from then on Python answers everything, keeping that error for every
@@ -20,6 +23,9 @@
  *   (rx_create, rx_unlink); one that fails changes nothing and goes to Python, which applies it
  *   again and reports the error. In `durable` mode the flush then fsyncs the new file and the
  *   directory, as Python's Dirty does.
+ * - A Setattr frame that sets a regular file's times and nothing else, with fixes of the file only
+ *   (what the primary's engine sends for the mtime a writeback cache writes back): the times set
+ *   on the file opened as a Write's (rx_setattr); in `durable` mode the flush fsyncs it.
  * - Every other frame goes to Python whole, through a socket pair its FrameConnection reads as it
  *   read the stream: the handshake's successors, every other operation, Pings, anything malformed
  *   or hostile (Python's parser and checks refuse it and end the stream, as before), and a Write
@@ -102,6 +108,7 @@ static struct {
     int flush_dirs[RX_FLUSH_DIRS]; /* `durable`: other directories changed since then, to fsync */
     size_t n_flush_dirs;
     uint64_t n_named;       /* Creates and Unlinks applied here */
+    uint64_t n_times;       /* Setattrs of a file's times applied here */
 } RX = {.sock = -1, .root = -1, .ans_w = -1, .tx_mu = PTHREAD_MUTEX_INITIALIZER, .dir_fd = -1};
 
 /* Close the files and the directory kept open here: Python is about to apply a frame that may
@@ -192,8 +199,26 @@ static void rx_times(int64_t atime, int64_t mtime, struct timespec times[2])
             times[i].tv_sec -= 1, times[i].tv_nsec += 1000000000;
 }
 
-/* Apply a whole Write frame here if it is one this side reads and may apply now: 1, else 0. */
-static int rx_write(const uint8_t *frame, size_t len, uint64_t seq)
+static int rx_send_all(const void *p, size_t n);
+static void rx_ack(struct te_out *acks, uint64_t seq);
+
+/* Send the acks gathered so far now (the stream's writer is shared with Python): 0 or an errno. */
+static int rx_send_acks(struct te_out *acks)
+{
+    if (acks->n == 0)
+        return 0;
+    pthread_mutex_lock(&RX.tx_mu);
+    int failed = rx_send_all(acks->b + acks->at, acks->n);
+    pthread_mutex_unlock(&RX.tx_mu);
+    acks->n = acks->at = 0;
+    return failed;
+}
+
+/* Apply a whole Write frame here if it is one this side reads and may apply now: 1 (to be
+ * answered), 2 (answered already), else 0 (Python's), or 3 (Python's, acknowledged already). A
+ * large write in a mode that acknowledges on receipt is acknowledged before its pwrite, as Python
+ * does: a sequential writer on the primary then never waits for this side's disk. */
+static int rx_write(const uint8_t *frame, size_t len, uint64_t seq, struct te_out *acks)
 {
     struct tf_cursor c = {frame + 8, frame + 8 + tf_get_be(frame + 4, 4)};
     size_t items, fixes, parts;
@@ -213,26 +238,36 @@ static int rx_write(const uint8_t *frame, size_t len, uint64_t seq)
     size_t size = len - (size_t) (data - frame);
     if (offset + size < offset || offset + size > (uint64_t) INT64_MAX)
         return 0;
-    /* `received`: a large write goes to Python, which acknowledges it on receipt and applies it
-     * meanwhile: here the ack would wait for the pwrite, and a sequential writer for each ack.
-     * (`durable` acknowledges after the flush whoever applies it: here it saves the hop.) */
-    if (size >= TE_STREAM_WRITE_BYTES && !RX.durable)
-        return 0;
     struct rx_file *f = rx_file(path, plen);
     if (f == NULL)
         return 0;
-    int fd = f->fd;
+    int fd = f->fd, streaming = size >= TE_STREAM_WRITE_BYTES;
+    /* `durable` acknowledges after the flush, whoever applies the frame. */
+    int early = streaming && !RX.durable && (RX.on_receipt >> 16 & 1);
+    if (early) {
+        rx_ack(acks, seq);
+        __atomic_store_n(&RX.acked[seq % RX_RING], seq, __ATOMIC_RELEASE);
+        if (rx_send_acks(acks) != 0)
+            return 3; /* the stream ends: Python applies what was acknowledged */
+    }
     size_t done = 0;
     while (done < size) {
         ssize_t n = pwrite(fd, data + done, size - done, (off_t) (offset + done));
         if (n <= 0)
-            return 0; /* Python applies it again and reports what fails */
+            return early ? 3 : 0; /* Python applies it again and reports what fails */
         done += (size_t) n;
     }
+    if (streaming) /* its writeback starts now, as the Applier's does */
+        sync_file_range(fd, (off_t) offset, (off_t) size, SYNC_FILE_RANGE_WRITE);
     struct timespec times[2];
     rx_times(atime, mtime, times);
     if (futimens(fd, times) != 0)
-        return 0;
+        return early ? 3 : 0;
+    if (early) {
+        __atomic_add_fetch(&RX.unsynced, size, __ATOMIC_RELAXED);
+        RX.since_sync += size;
+        return 2;
+    }
     if (RX.durable) {
         f->dirty |= RX_DATA; /* rx_flush syncs it before the ack */
         return 1;
@@ -528,6 +563,19 @@ static int rx_header_only(const uint8_t *frame)
     return tf_get_be(frame, 4) == 4 + tf_get_be(frame + 4, 4);
 }
 
+/* An entry frame's header up to its path: `fields` items, op `opcode`, this seq, a plain path (c
+ * then at the field after it). 1 if so; 0 for a frame Python reads. */
+static int rx_entry_head(const uint8_t *frame, uint64_t seq, size_t fields, uint64_t opcode, struct tf_cursor *c,
+                         const uint8_t **path, size_t *plen)
+{
+    size_t items;
+    uint64_t op, s;
+    *c = (struct tf_cursor){frame + 8, frame + 8 + tf_get_be(frame + 4, 4)};
+    return rx_header_only(frame) && !tf_next_array(c, &items) && items == fields && !tf_next_uint(c, &op) &&
+           op == opcode && !tf_next_uint(c, &s) && s == seq && !tf_next_bin(c, path, plen) &&
+           tf_plain_path(*path, *plen);
+}
+
 /* A Create frame, applied here if it is one this side reads and may apply now: 1 (to be answered as
  * a Write applied here is), 2 (answered into `acks`: its times failed), else 0 (nothing changed:
  * Python applies it, and reports what fails). As the Applier does: always exclusive, owner then
@@ -535,15 +583,13 @@ static int rx_header_only(const uint8_t *frame)
  * the flush, which syncs it and its directory). */
 static int rx_create(const uint8_t *frame, uint64_t seq, struct te_out *acks)
 {
-    struct tf_cursor c = {frame + 8, frame + 8 + tf_get_be(frame + 4, 4)};
-    size_t items, plen, n_fix;
-    uint64_t op, s, mode, uid, gid, flags;
+    struct tf_cursor c;
+    size_t plen, n_fix;
+    uint64_t mode, uid, gid, flags;
     const uint8_t *path;
     struct rx_fix fix[RX_FIXES];
     /* [19, seq, path, mode, uid, gid, flags, [[path, atime_ns, mtime_ns], ...]] */
-    if (!rx_header_only(frame) || tf_next_array(&c, &items) || items != 8 || tf_next_uint(&c, &op) || op != 19 ||
-        tf_next_uint(&c, &s) || s != seq || tf_next_bin(&c, &path, &plen) || !tf_plain_path(path, plen) ||
-        tf_next_uint(&c, &mode) || mode > 07777 || tf_next_uint(&c, &uid) || uid > UINT32_MAX ||
+    if (!rx_entry_head(frame, seq, 8, 19, &c, &path, &plen) || tf_next_uint(&c, &mode) || mode > 07777 || tf_next_uint(&c, &uid) || uid > UINT32_MAX ||
         tf_next_uint(&c, &gid) || gid > UINT32_MAX || tf_next_uint(&c, &flags) || flags > UINT32_MAX)
         return 0;
     size_t dir_len = rx_dir_len(path, plen);
@@ -584,14 +630,12 @@ static int rx_create(const uint8_t *frame, uint64_t seq, struct te_out *acks)
  * rx_create answers (`durable`: the flush syncs its directory). */
 static int rx_unlink(const uint8_t *frame, uint64_t seq, struct te_out *acks)
 {
-    struct tf_cursor c = {frame + 8, frame + 8 + tf_get_be(frame + 4, 4)};
-    size_t items, plen, n_fix;
-    uint64_t op, s;
+    struct tf_cursor c;
+    size_t plen, n_fix;
     const uint8_t *path;
     struct rx_fix fix[RX_FIXES];
     /* [22, seq, path, [[dir path, atime_ns, mtime_ns], ...]] */
-    if (!rx_header_only(frame) || tf_next_array(&c, &items) || items != 4 || tf_next_uint(&c, &op) || op != 22 ||
-        tf_next_uint(&c, &s) || s != seq || tf_next_bin(&c, &path, &plen) || !tf_plain_path(path, plen))
+    if (!rx_entry_head(frame, seq, 4, 22, &c, &path, &plen))
         return 0;
     size_t dir_len = rx_dir_len(path, plen);
     if (rx_fixes(&c, path, plen, dir_len, 0, fix, &n_fix) || c.p != c.end)
@@ -613,6 +657,42 @@ static int rx_unlink(const uint8_t *frame, uint64_t seq, struct te_out *acks)
         rx_times_failed(acks, seq, "Unlink", path, plen, err);
         return 2;
     }
+    return 1;
+}
+
+/* A Setattr frame that sets a regular file's times and nothing else (what the primary's engine
+ * sends for a writeback cache's mtime, te_setattr), applied here if it is one this side reads: 1
+ * (answered as a Write applied here is), else 0 (Python applies it, setting the same times again,
+ * and reports what fails). As the Applier does: the times, then the fixes, on the file itself
+ * (`durable`: the flush syncs it). */
+static int rx_setattr(const uint8_t *frame, uint64_t seq)
+{
+    struct tf_cursor c;
+    size_t plen, n_fix;
+    int64_t atime, mtime;
+    const uint8_t *path;
+    struct rx_fix fix[RX_FIXES];
+    /* [27, seq, path, mode, uid, gid, size (each nil), atime_ns, mtime_ns, [[path, atime_ns, mtime_ns], ...]] */
+    if (!rx_entry_head(frame, seq, 10, 27, &c, &path, &plen))
+        return 0;
+    for (int i = 0; i < 4; i++)
+        if (c.p >= c.end || *c.p++ != 0xC0)
+            return 0;
+    if (tf_next_int(&c, &atime) || tf_next_int(&c, &mtime) ||
+        rx_fixes(&c, path, plen, rx_dir_len(path, plen), 1, fix, &n_fix) || c.p != c.end)
+        return 0;
+    for (size_t i = 0; i < n_fix; i++)
+        if (!fix[i].self)
+            return 0; /* a fix of its directory: Python's */
+    struct rx_file *f = rx_file(path, plen);
+    if (f == NULL)
+        return 0;
+    struct timespec times[2];
+    rx_times(atime, mtime, times);
+    if (futimens(f->fd, times) != 0 || rx_set_times(-1, f->fd, fix, n_fix) != 0)
+        return 0;
+    if (RX.durable)
+        f->dirty |= RX_META;
     return 1;
 }
 
@@ -672,7 +752,8 @@ static void *rx_thread(void *arg)
             int in_order = head && seq != 0 && RX.last_seq != 0 && seq == RX.last_seq + 1;
             int next = in_order && caught_up && out.n == 0 && !__atomic_load_n(&RX.disk_error, __ATOMIC_ACQUIRE);
             /* Applied here: 1 (to be answered as a frame applied here is, rx_answer_applied), 2
-             * (answered already: an Fsync, or an entry frame whose times failed), 0 (Python's). */
+             * (answered already: an Fsync, a large Write acknowledged before its pwrite, or an
+             * entry frame whose times failed), 0 (Python's), 3 (Python's, acknowledged already). */
             int here = 0;
             uint64_t *count = NULL;
             if (next && op == 30) {
@@ -682,9 +763,15 @@ static void *rx_thread(void *arg)
                 here = op == 19 ? rx_create(frame, seq, &acks) : rx_unlink(frame, seq, &acks);
                 count = &RX.n_named;
             } else if (next && op == 16) {
-                here = rx_write(frame, need, seq);
+                here = rx_write(frame, need, seq, &acks);
                 count = &RX.n_write;
+            } else if (next && op == 27) {
+                here = rx_setattr(frame, seq);
+                count = &RX.n_times;
             }
+            int acked = here == 3;
+            if (acked)
+                here = 0;
             if (here) {
                 if (here == 1 && rx_answer_applied(&acks, seq) != 0) {
                     err = ENOMEM;
@@ -702,7 +789,7 @@ static void *rx_thread(void *arg)
                 /* An operation acknowledged on receipt is acknowledged here, before Python
                  * applies it, as Python's _Stream would have, while fewer than RX_AHEAD frames
                  * wait for Python; past that Python acknowledges it as it reads it (rx_acked). */
-                if (in_order && op < 64 && (RX.on_receipt >> op & 1) &&
+                if (!acked && in_order && op < 64 && (RX.on_receipt >> op & 1) &&
                     RX.forwarded - __atomic_load_n(&RX.py_applied, __ATOMIC_ACQUIRE) < RX_AHEAD) {
                     rx_ack(&acks, seq);
                     __atomic_store_n(&RX.acked[seq % RX_RING], seq, __ATOMIC_RELEASE);
@@ -723,15 +810,16 @@ static void *rx_thread(void *arg)
             }
             used += need;
         }
-        memmove(in, in + used, have - used);
+        if (used) /* a frame still arriving stays where it is */
+            memmove(in, in + used, have - used);
         have -= used;
         rx_flush(&acks); /* `durable`: one flush for the chunk's Writes (group commit) */
         if (acks.n) {
             /* One send for the chunk's acks, as Python corks a chunk's answers. */
             pthread_mutex_lock(&RX.tx_mu);
-            int failed = rx_send_all(acks.b, acks.n);
+            int failed = rx_send_all(acks.b + acks.at, acks.n);
             pthread_mutex_unlock(&RX.tx_mu);
-            acks.n = 0;
+            acks.n = acks.at = 0;
             if (failed) {
                 err = failed;
                 break;
@@ -851,10 +939,11 @@ static const char *rx_lost(int *err)
     return RX.lost;
 }
 
-/* Frames applied here: Writes (0), Fsyncs (1), Creates and Unlinks (2). */
+/* Frames applied here: Writes (0), Fsyncs (1), Creates and Unlinks (2), Setattrs of times (3). */
 static unsigned long long rx_count(int which)
 {
-    return __atomic_load_n(which == 2 ? &RX.n_named : which ? &RX.n_fsync : &RX.n_write, __ATOMIC_RELAXED);
+    uint64_t *counts[] = {&RX.n_write, &RX.n_fsync, &RX.n_named, &RX.n_times};
+    return which >= 0 && which < 4 ? __atomic_load_n(counts[which], __ATOMIC_RELAXED) : 0;
 }
 
 /* The disk error an fsync here met on this stream (0: none), its frame and its answer's text. */
