@@ -589,7 +589,8 @@ static int rx_create(const uint8_t *frame, uint64_t seq, struct te_out *acks)
     const uint8_t *path;
     struct rx_fix fix[RX_FIXES];
     /* [19, seq, path, mode, uid, gid, flags, [[path, atime_ns, mtime_ns], ...]] */
-    if (!rx_entry_head(frame, seq, 8, 19, &c, &path, &plen) || tf_next_uint(&c, &mode) || mode > 07777 || tf_next_uint(&c, &uid) || uid > UINT32_MAX ||
+    if (!rx_entry_head(frame, seq, 8, 19, &c, &path, &plen) || tf_next_uint(&c, &mode) || mode > 07777 ||
+        tf_next_uint(&c, &uid) || uid > UINT32_MAX ||
         tf_next_uint(&c, &gid) || gid > UINT32_MAX || tf_next_uint(&c, &flags) || flags > UINT32_MAX)
         return 0;
     size_t dir_len = rx_dir_len(path, plen);

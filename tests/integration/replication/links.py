@@ -30,7 +30,7 @@ class Link:
 async def open_link(root: Path, mode: AckMode, *, native: bool = False) -> AsyncIterator[Link]:
     """Serve `root` in `mode` and yield the primary's end after the handshake; closed and awaited on exit.
 
-    `native`: the Receiver hands a `received` stream to the native data path (tandem_receiver.c).
+    `native`: the Receiver hands the stream to the native data path (tandem_receiver.c).
     """
     fd = os.open(root, os.O_PATH | os.O_DIRECTORY)
     receiver = Receiver(Applier(fd), node="node2", secret=SECRET, native=native)

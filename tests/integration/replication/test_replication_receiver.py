@@ -26,8 +26,9 @@ from tests.integration.replication.links import Link, open_link
         (AckMode.DURABLE, False),
         (AckMode.DURABLE, True),
         (AckMode.FSYNC, False),
+        (AckMode.FSYNC, True),
     ],
-    ids=["received", "received-native", "durable", "durable-native", "fsync"],
+    ids=["received", "received-native", "durable", "durable-native", "fsync", "fsync-native"],
 )
 async def link(request: pytest.FixtureRequest, tmp_path: Path) -> AsyncIterator[Link]:
     root = tmp_path / "repl"
