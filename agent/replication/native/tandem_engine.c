@@ -9,8 +9,9 @@
  * - F is the only reader of /dev/fuse. A WRITE or FSYNC of a file Python registered (te_file), or a
  *   SETATTR of its times only (the mtime a writeback cache writes back, `fsync` mode), is served
  *   here: pwrite, fsync or futimens, its frame on the replication stream, and the reply once the
- *   secondary's ack is in (in every ack mode). Every other request, and every case F is not sure of, goes to pyfuse3
- *   whole, through a SOCK_SEQPACKET pair that pyfuse3's session reads instead of /dev/fuse.
+ *   secondary's ack is in (in every ack mode). Every other request, and every case F is not sure
+ *   of, goes to pyfuse3 whole, through a SOCK_SEQPACKET pair that pyfuse3's session reads instead
+ *   of /dev/fuse.
  * - R reads the replication stream once Python's handshake is done on it (te_attach). The ack of a
  *   frame F sent replies to its FUSE request; every other frame (the answers to Python's frames,
  *   Faults, Pongs) is passed on to Python through a socket pair that its FrameConnection reads.
@@ -615,7 +616,8 @@ static int te_answer_node(const struct fuse_in_header *in, size_t n)
 }
 
 /* The SETATTR of a file's times only, through an open file (FATTR_FH): what the kernel sends with a
- * writeback cache (`fsync` mode) when it writes a file's mtime back, and touch(1) with times given.
+ * writeback cache (`fsync` mode) when it writes a file's mtime back (a utimensat(2) names no open
+ * file: Python serves it).
  * Served as Python's setattr serves it: the times set, a Setattr frame with them and the file's
  * times after (as Python's _fix), and the attributes replied once the secondary answered the frame.
  * 1: answered here; 0: the request goes to Python (which sets the same times again). */
