@@ -402,6 +402,38 @@ static int te_still(const struct te_target *t)
     return te_may_serve() && E.sock >= 0 && t->gen == __atomic_load_n(&E.gen, __ATOMIC_ACQUIRE);
 }
 
+static int64_t te_ns(struct timespec ts)
+{
+    return (int64_t) ts.tv_sec * 1000000000 + ts.tv_nsec;
+}
+
+/* Number F's frame in h (its sequence number's place at seq_at, `size` bytes of data after it) and
+ * send it, wt in waits[] under that number first, so that its answer finds it; `written` bytes are
+ * added to fh's unsynced count at the same time. 1: sent (a failed send ends the stream, and R then
+ * answers every wait, this one included); -1: the stream ended, the call completes locally
+ * (Python's link resyncs); 0: the frame may not be numbered now (a path changed, a resync runs):
+ * Python serves the request. */
+static int te_ship(const struct te_target *t, struct te_wait *wt, struct tf_buf *h, size_t seq_at, const void *data,
+                   size_t size, uint64_t fh, uint64_t written)
+{
+    pthread_mutex_lock(&E.send_mu);
+    if (!te_still(t)) {
+        pthread_mutex_unlock(&E.send_mu);
+        return __atomic_load_n(&E.dead, __ATOMIC_ACQUIRE) ? -1 : 0;
+    }
+    uint64_t seq;
+    pthread_mutex_lock(&E.tab_mu);
+    wt->seq = E.seq + 1;
+    *te_wait_slot(wt->seq) = wt;
+    struct te_file *f = written ? *te_file_slot(fh) : NULL;
+    if (f != NULL)
+        f->unsynced += written;
+    pthread_mutex_unlock(&E.tab_mu);
+    te_send_numbered(h->b, h->n, data, size, seq_at, &seq);
+    pthread_mutex_unlock(&E.send_mu);
+    return 1;
+}
+
 /* 1: answered here; 0: the request goes to Python. */
 static int te_write(const struct fuse_in_header *in, size_t n)
 {
@@ -432,39 +464,21 @@ static int te_write(const struct fuse_in_header *in, size_t n)
     size_t seq_at = tf_seq_placeholder(h);
     tf_bin(h, t.path, t.plen), tf_uint(h, w->offset);
     tf_byte(h, 0x91), tf_byte(h, 0x93), tf_bin(h, t.path, t.plen);
-    tf_int(h, (int64_t) st.st_atim.tv_sec * 1000000000 + st.st_atim.tv_nsec);
-    tf_int(h, (int64_t) st.st_mtim.tv_sec * 1000000000 + st.st_mtim.tv_nsec);
+    tf_int(h, te_ns(st.st_atim)), tf_int(h, te_ns(st.st_mtim));
     tf_end(h, (size_t) done);
 
-    pthread_mutex_lock(&E.send_mu);
-    if (!te_still(&t)) {
-        int gone = !te_may_serve() || E.sock < 0;
-        pthread_mutex_unlock(&E.send_mu);
-        if (gone && __atomic_load_n(&E.dead, __ATOMIC_ACQUIRE)) {
-            /* The stream ended: the write completes locally (Python's link resyncs). */
-            te_reply_write(in->unique, (uint32_t) done);
-            return 1;
-        }
-        return 0; /* Python writes the same bytes again and ships them by the path it knows now */
-    }
     struct te_wait *wt = calloc(1, sizeof(*wt));
-    if (wt == NULL) {
-        pthread_mutex_unlock(&E.send_mu);
+    if (wt == NULL)
         return 0;
-    }
     wt->unique = in->unique, wt->size = (uint32_t) done, wt->kind = TE_WRITE, wt->local = 0;
-    uint64_t seq;
-    pthread_mutex_lock(&E.tab_mu);
-    wt->seq = E.seq + 1;
-    struct te_wait **slot = te_wait_slot(wt->seq);
-    wt->next = NULL, *slot = wt;
-    struct te_file *f = *te_file_slot(w->fh);
-    if (f != NULL)
-        f->unsynced += (uint64_t) done;
-    pthread_mutex_unlock(&E.tab_mu);
-    /* A failed send ends the stream: R then answers every wait, this one included. */
-    te_send_numbered(h->b, h->n, data, (size_t) done, seq_at, &seq);
-    pthread_mutex_unlock(&E.send_mu);
+    int shipped = te_ship(&t, wt, h, seq_at, data, (size_t) done, w->fh, (uint64_t) done);
+    if (shipped <= 0) {
+        free(wt);
+        if (shipped == 0)
+            return 0; /* Python writes the same bytes again and ships them by the path it knows now */
+        te_reply_write(in->unique, (uint32_t) done);
+        return 1;
+    }
     __atomic_add_fetch(&E.n_write, 1, __ATOMIC_RELAXED);
     return 1;
 }
@@ -487,20 +501,19 @@ static int te_fsync(const struct fuse_in_header *in, size_t n)
     tf_bin(h, t.path, t.plen), tf_byte(h, datasync ? 0xC3 : 0xC2);
     tf_end(h, 0);
 
-    struct te_wait *wt = NULL;
-    pthread_mutex_lock(&E.send_mu);
-    if (te_still(&t) && (wt = calloc(1, sizeof(*wt))) != NULL) {
-        uint64_t seq;
+    struct te_wait *wt = calloc(1, sizeof(*wt));
+    if (wt != NULL) {
         wt->unique = in->unique, wt->kind = TE_FSYNC, wt->local = -1;
-        pthread_mutex_lock(&E.tab_mu);
-        wt->seq = E.seq + 1;
-        *te_wait_slot(wt->seq) = wt;
-        pthread_mutex_unlock(&E.tab_mu);
-        te_send_numbered(h->b, h->n, NULL, 0, seq_at, &seq);
-    }
-    pthread_mutex_unlock(&E.send_mu);
-    if (wt == NULL && !__atomic_load_n(&E.dead, __ATOMIC_ACQUIRE))
+        int shipped = te_ship(&t, wt, h, seq_at, NULL, 0, 0, 0);
+        if (shipped <= 0) {
+            free(wt);
+            wt = NULL;
+            if (shipped == 0)
+                return 0;
+        }
+    } else if (!__atomic_load_n(&E.dead, __ATOMIC_ACQUIRE)) {
         return 0;
+    }
     /* The local fsync runs while the secondary does the same. */
     int r = datasync ? fdatasync(t.fd) : fsync(t.fd);
     int err = r < 0 ? errno : 0;
@@ -657,31 +670,19 @@ static int te_setattr(const struct fuse_in_header *in, size_t n)
     tf_bin(h, t.path, t.plen);
     for (int i = 0; i < 4; i++)
         tf_byte(h, 0xC0); /* mode, uid, gid and size unchanged */
-    tf_int(h, (int64_t) times[0].tv_sec * 1000000000 + times[0].tv_nsec);
-    tf_int(h, (int64_t) times[1].tv_sec * 1000000000 + times[1].tv_nsec);
+    tf_int(h, te_ns(times[0])), tf_int(h, te_ns(times[1]));
     tf_byte(h, 0x91), tf_byte(h, 0x93), tf_bin(h, t.path, t.plen);
-    tf_int(h, (int64_t) st.st_atim.tv_sec * 1000000000 + st.st_atim.tv_nsec);
-    tf_int(h, (int64_t) st.st_mtim.tv_sec * 1000000000 + st.st_mtim.tv_nsec);
+    tf_int(h, te_ns(st.st_atim)), tf_int(h, te_ns(st.st_mtim));
     tf_end(h, 0);
 
-    pthread_mutex_lock(&E.send_mu);
-    if (!te_still(&t)) {
-        int gone = !te_may_serve() || E.sock < 0;
-        pthread_mutex_unlock(&E.send_mu);
-        int dead = gone && __atomic_load_n(&E.dead, __ATOMIC_ACQUIRE);
-        if (dead) /* the stream ended: the call completes locally (Python's link resyncs) */
-            te_reply(in->unique, 0, &out, sizeof(out));
+    int shipped = te_ship(&t, wt, h, seq_at, NULL, 0, 0, 0);
+    if (shipped <= 0) {
         free(wt);
-        return dead; /* else Python sets the times again and ships them by the path it knows now */
+        if (shipped == 0)
+            return 0; /* Python sets the times again and ships them by the path it knows now */
+        te_reply(in->unique, 0, &out, sizeof(out));
+        return 1;
     }
-    uint64_t seq;
-    pthread_mutex_lock(&E.tab_mu);
-    wt->seq = E.seq + 1;
-    *te_wait_slot(wt->seq) = wt;
-    pthread_mutex_unlock(&E.tab_mu);
-    /* A failed send ends the stream: R then answers every wait, this one included. */
-    te_send_numbered(h->b, h->n, NULL, 0, seq_at, &seq);
-    pthread_mutex_unlock(&E.send_mu);
     __atomic_add_fetch(&E.n_setattr, 1, __ATOMIC_RELAXED);
     return 1;
 }

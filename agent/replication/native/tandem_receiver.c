@@ -242,8 +242,8 @@ static int rx_write(const uint8_t *frame, size_t len, uint64_t seq, struct te_ou
     if (f == NULL)
         return 0;
     int fd = f->fd, streaming = size >= TE_STREAM_WRITE_BYTES;
-    /* `durable` acknowledges after the flush, whoever applies the frame. */
-    int early = streaming && !RX.durable && (RX.on_receipt >> 16 & 1);
+    /* `durable` acknowledges nothing on receipt (on_receipt 0): after the flush, whoever applies it. */
+    int early = streaming && (RX.on_receipt >> 16 & 1);
     if (early) {
         rx_ack(acks, seq);
         __atomic_store_n(&RX.acked[seq % RX_RING], seq, __ATOMIC_RELEASE);
@@ -263,18 +263,13 @@ static int rx_write(const uint8_t *frame, size_t len, uint64_t seq, struct te_ou
     rx_times(atime, mtime, times);
     if (futimens(fd, times) != 0)
         return early ? 3 : 0;
-    if (early) {
-        __atomic_add_fetch(&RX.unsynced, size, __ATOMIC_RELAXED);
-        RX.since_sync += size;
-        return 2;
-    }
     if (RX.durable) {
         f->dirty |= RX_DATA; /* rx_flush syncs it before the ack */
         return 1;
     }
     __atomic_add_fetch(&RX.unsynced, size, __ATOMIC_RELAXED);
     RX.since_sync += size;
-    return 1;
+    return early ? 2 : 1;
 }
 
 /* "Op b'path': strerror", the path escaped much as Python's repr of bytes does (printable ASCII:
@@ -815,16 +810,11 @@ static void *rx_thread(void *arg)
             memmove(in, in + used, have - used);
         have -= used;
         rx_flush(&acks); /* `durable`: one flush for the chunk's Writes (group commit) */
-        if (acks.n) {
-            /* One send for the chunk's acks, as Python corks a chunk's answers. */
-            pthread_mutex_lock(&RX.tx_mu);
-            int failed = rx_send_all(acks.b + acks.at, acks.n);
-            pthread_mutex_unlock(&RX.tx_mu);
-            acks.n = acks.at = 0;
-            if (failed) {
-                err = failed;
-                break;
-            }
+        /* One send for the chunk's acks, as Python corks a chunk's answers. */
+        int failed = rx_send_acks(&acks);
+        if (failed) {
+            err = failed;
+            break;
         }
         te_out_flush_to(&out, RX.ans_w);
     }
