@@ -30,7 +30,14 @@ class Inodes:
         self._nodes: dict[int, Node] = {ROOT: Node(root_fd, (st.st_dev, st.st_ino), lookups=1)}
         self._by_key: dict[tuple[int, int], int] = {(st.st_dev, st.st_ino): ROOT}
         self._next = ROOT + 1
+        self._number: Callable[[], int] | None = None
         self._mirror: Callable[[int, int], None] | None = None
+
+    def share_numbers(self, start: Callable[[int], Callable[[], int]]) -> None:
+        """Take inode numbers from another numberer from now on: `start` is given the next number this
+        table would use and returns the call that gives each next one (the native data path creates
+        inodes too: pyfuse3.engine_ino)."""
+        self._number = start(self._next)
 
     def mirror(self, to: Callable[[int, int], None]) -> None:
         """Tell `to` every inode's fd, now and as they come (ino, fd), and each inode's end before its
@@ -70,7 +77,10 @@ class Inodes:
         key = (st.st_dev, st.st_ino)
         ino = self._by_key.get(key)
         if ino is None:
-            ino, self._next = self._next, self._next + 1
+            if self._number is not None:
+                ino = self._number()
+            else:
+                ino, self._next = self._next, self._next + 1
             self._nodes[ino] = Node(fd, key)
             self._by_key[key] = ino
             if self._mirror is not None:
@@ -81,6 +91,16 @@ class Inodes:
         node.lookups += 1
         node.names.add((parent, name))
         return ino, st
+
+    def adopt(self, ino: int, fd: int, key: tuple[int, int], parent: int, name: bytes) -> None:
+        """An inode made elsewhere (the native data path's CREATE), with one kernel lookup through
+        parent/name: its number and O_PATH fd are this table's from now on (the mirror has it)."""
+        self._nodes[ino] = Node(fd, key, lookups=1, names={(parent, name)})
+        self._by_key[key] = ino
+
+    def unnamed(self, parent: int, name: bytes, key: tuple[int, int]) -> None:
+        """An entry of the inode `key` was removed elsewhere (the native data path's UNLINK)."""
+        self.unname(parent, name, self._by_key.get(key))
 
     def forget(self, ino: int, count: int) -> None:
         """Drop `count` kernel lookups; the fd closes when none remain."""

@@ -97,6 +97,9 @@ class Passthrough(pyfuse3.Operations):
         """
         return {"nodes": self.inodes.nodes, "files": self._files, "attr_timeout": self.timeout, "release": True}
 
+    def engine_mounted(self) -> None:
+        """The native data path reads this mount's requests and mirrors its node table (mount())."""
+
     def _handle(self, table: dict[int, Any], value: Any) -> int:
         fh, self._next_fh = self._next_fh, self._next_fh + 1
         table[fh] = value
@@ -332,3 +335,4 @@ def mount(
     if native and hasattr(pyfuse3, "engine_node") and pyfuse3.engine_on():
         # The native data path's thread reads /dev/fuse: it answers the same before they reach pyfuse3.
         fs.inodes.mirror(pyfuse3.engine_node)
+        fs.engine_mounted()

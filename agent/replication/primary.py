@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import dataclasses
 import errno
 import logging
@@ -15,6 +16,7 @@ import pyfuse3
 
 from agent.replication import messages as m
 from agent.replication import syscalls
+from agent.replication.inodes import ROOT
 from agent.replication.passthrough import Passthrough, passes_errors
 from agent.replication.sender import Sender
 
@@ -53,6 +55,7 @@ class ReplicatedFS(Passthrough):
         timeout: float = CACHE_SECONDS,
         writeback: bool = False,
         engine: bool = True,
+        creates: bool = True,
     ) -> None:
         super().__init__(root_fd, timeout=timeout)
         self.sender = sender
@@ -62,6 +65,10 @@ class ReplicatedFS(Passthrough):
         # files registered with it (_register). Each replies once the secondary acknowledged its
         # frame, in `fsync` mode too: a flush then waits only for what Python shipped (_settled).
         self.tandem_engine = engine and hasattr(pyfuse3, "engine_file")
+        # ... and CREATE and UNLINK in the directories registered with it (_serve_entries_in), once
+        # the mount runs it (engine_mounted).
+        self._creates = creates and self.tandem_engine and hasattr(pyfuse3, "engine_creates")
+        self.native_creates = False
         self._unsynced: dict[int, int] = {}
         # Inodes known to carry no file capability: the kernel asks before every write().
         self._no_caps: set[int] = set()
@@ -74,6 +81,48 @@ class ReplicatedFS(Passthrough):
         # A missing name is a cached negative entry (lookup), and GETXATTR(security.capability) of an
         # inode in _no_caps is ENODATA (getxattr).
         return {**super().native_tables(), "negative_timeout": self.timeout, "no_caps": self._no_caps}
+
+    def engine_mounted(self) -> None:
+        if not self._creates:
+            return
+
+        def start(next_ino: int) -> Callable[[], int]:
+            pyfuse3.engine_creates(True, next_ino, self.enable_writeback_cache, self._engine_events)
+            return pyfuse3.engine_ino
+
+        self.inodes.share_numbers(start)
+        self.native_creates = True
+        self._serve_entries_in(ROOT)
+        # Between requests Python gets (which take the events first), the engine says when a batch
+        # waits; the fd lives as long as the process.
+        with contextlib.suppress(RuntimeError):
+            asyncio.get_running_loop().add_reader(pyfuse3.engine_events_fd(), self._engine_events)
+
+    def _engine_events(self) -> None:
+        """What the native data path's CREATE and UNLINK did, into this file system's tables (pyfuse3
+        calls this before it handles the next request)."""
+        for event in pyfuse3.engine_events():
+            if event[0] == "release":
+                # Its fd is closed already: out of the table (no request on it can come).
+                self._files.pop(event[1], None)
+            elif event[0] == "create":
+                _, parent, name, key, ino, opath, fh, fd = event
+                self.inodes.adopt(ino, opath, key, parent, name)
+                self._files[fh] = (fd, ino)
+                # Made with O_EXCL: no capability (create).
+                self._no_caps.add(ino)
+            else:
+                _, parent, name, key = event
+                self.inodes.unnamed(parent, name, key)
+
+    def _serve_entries_in(self, *dirs: int) -> None:
+        """Let the native data path create and unlink in these directories, by the paths they have now
+        (until Python's next Rename, Unlink or Rmdir frame)."""
+        if self.native_creates:
+            for ino in dirs:
+                path = self.inodes.path(ino)
+                if path is not None:
+                    pyfuse3.engine_dir(ino, path)
 
     def _fix(self, *inos: int | None) -> m.Times:
         fixes = []
@@ -169,6 +218,7 @@ class ReplicatedFS(Passthrough):
         if path is not None:
             msg = build(path, st)
             await self._ship(_with_times(msg, self._fix(ino, parent)), ctx)
+        self._serve_entries_in(parent, *((ino,) if stat.S_ISDIR(st.st_mode) else ()))
         return self._attr(ino, st)
 
     @passes_errors
@@ -255,6 +305,7 @@ class ReplicatedFS(Passthrough):
         if path is not None:
             msg: m.Message = m.Rmdir(path) if rmdir else m.Unlink(path)
             await self._ship(_with_times(msg, self._fix(parent)), ctx)
+        self._serve_entries_in(parent)
 
     @passes_errors
     async def rename(
@@ -284,6 +335,7 @@ class ReplicatedFS(Passthrough):
         if old_path is not None and new_path is not None:
             times = self._fix(parent_inode_old, parent_inode_new, src, dst)
             await self._ship(m.Rename(old_path, new_path, flags, times), ctx)
+        self._serve_entries_in(parent_inode_old, parent_inode_new)
 
     # --- attributes ----------------------------------------------------------------------------
 

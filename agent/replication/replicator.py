@@ -118,6 +118,13 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         "comparisons)",
     )
     p.add_argument(
+        "--native-creates",
+        action=argparse.BooleanOptionalAction,
+        default=True,
+        help="with --native-writes, the primary's native data path creates and unlinks files too (default: yes; "
+        "no: through Python, for comparisons)",
+    )
+    p.add_argument(
         "--open-files-limit",
         type=int,
         default=syscalls.OPEN_FILES,
@@ -155,7 +162,9 @@ async def run_primary(args: argparse.Namespace, events: Events) -> None:
         peer_timeout=args.peer_timeout,
         connect_timeout=args.connect_timeout,
     )
-    fs = ReplicatedFS(root_fd, sender, writeback=args.ack == "fsync", engine=args.native_writes)
+    fs = ReplicatedFS(
+        root_fd, sender, writeback=args.ack == "fsync", engine=args.native_writes, creates=args.native_creates
+    )
     loop = asyncio.get_running_loop()
     # Before the mount (the supervisor signals only a mounted primary): the agent's membership
     # declared the peer lost, so the writes waiting for it complete locally now.
@@ -163,7 +172,11 @@ async def run_primary(args: argparse.Namespace, events: Events) -> None:
     mount(fs, str(args.dir), debug=args.debug_fuse, on_request=awake.touch, native=args.native_answers)
     awake.open()
     if engine.available():
-        log.info("The native data path serves writes and fsyncs (ack=%s)", args.ack)
+        log.info(
+            "The native data path serves writes and fsyncs%s (ack=%s)",
+            ", creates and unlinks" if fs.native_creates else "",
+            args.ack,
+        )
         if awake.requested:
             pyfuse3.engine_awake(awake.hold)
     for sig in (signal.SIGTERM, signal.SIGINT):

@@ -57,31 +57,52 @@
 /* Answers R holds for Python before it stops reading the stream. */
 #define TE_FORWARD_MAX (64u << 20)
 
-enum { TE_WRITE = 1, TE_FSYNC = 2, TE_HELD = 3, TE_ATTR = 4 };
+enum { TE_WRITE = 1, TE_FSYNC = 2, TE_HELD = 3, TE_REPLY = 4 };
 /* A held reply kept without a malloc: a CREATE's (header, entry, open) is 160 bytes. */
 #define TE_HELD_REPLY 256
+/* F's file handles, far above any Python gives (passthrough.py counts from 1). */
+#define TE_FH_BASE (1ull << 62)
 
 struct te_file {
     struct te_file *next;
     uint64_t fh;
     int fd;
+    dev_t dev;         /* the file's inode (te_unlink) */
+    ino_t st_ino;
     uint64_t gen;      /* the generation its path was registered in */
     uint64_t unsynced; /* bytes F wrote since its last fsync */
     size_t plen;
     char path[];       /* root-relative; plen 0 is "no name": Python serves it */
 };
 
-/* An inode Python's table holds (agent/replication/inodes.py): its O_PATH fd, Python's own. */
+/* An inode Python's table holds (agent/replication/inodes.py): its O_PATH fd, Python's own, and for
+ * a directory the root-relative path Python registered for it (te_dir) in generation `gen`. */
 struct te_node {
     struct te_node *next;
     uint64_t ino;
     int fd;
+    uint64_t gen;
+    size_t plen;
+    char *path; /* NULL: none registered; "" (plen 0) is the root */
+};
+
+/* What F did to the tree that Python's tables must learn (te_take_event), in order. */
+enum { TE_EV_CREATE = 1, TE_EV_UNLINK = 2, TE_EV_RELEASE = 3 };
+struct te_event {
+    struct te_event *next;
+    int kind;
+    uint64_t parent;
+    size_t nlen;
+    char name[256];
+    uint64_t dev, st_ino;   /* the entry's inode */
+    uint64_t ino, fh;       /* TE_EV_CREATE: the inode number and file handle F gave; TE_EV_RELEASE: fh */
+    int opath, fd;          /* TE_EV_CREATE: its O_PATH fd and the open file's fd, Python's now */
 };
 
 struct te_wait {
     struct te_wait *next;
     uint64_t seq, unique;
-    uint32_t size; /* WRITE: bytes written; TE_ATTR: the reply's size, in inline_reply */
+    uint32_t size; /* WRITE: bytes written; TE_REPLY: the reply's size, in inline_reply */
     int kind;
     int local;     /* FSYNC: -1 running, else 0 or the errno of the local fsync */
     int answered;  /* the secondary acknowledged it, or the stream ended */
@@ -115,16 +136,23 @@ static struct {
     struct te_wait *held[TE_BUCKETS]; /* TE_HELD waits by unique, until their reply is written */
     int n_open_held;                  /* how many are in held[] */
     struct te_node *nodes[TE_BUCKETS];
+    struct te_event *events, **events_end; /* tab_mu */
+    int n_events;
+    int events_fd;            /* an eventfd: Python takes the events when it is readable */
+    int creates;              /* F serves CREATE and UNLINK (te_creates) */
+    int writeback;
+    uint64_t next_ino;        /* the next inode number, Python's and F's (te_ino) */
+    uint64_t next_fh;         /* F's file handles: TE_FH_BASE + n, apart from Python's */
     int answers;              /* F answers from the node table (te_answers) */
     double attr_timeout;      /* GETATTR's validity */
     double negative_timeout;  /* a missing name's; < 0: ENOENT, no negative entry */
-    uint64_t n_write, n_fsync, n_getattr, n_lookup, n_getxattr, n_held, n_setattr;
+    uint64_t n_write, n_fsync, n_getattr, n_lookup, n_getxattr, n_held, n_setattr, n_create, n_unlink, n_release;
     int qos;            /* this engine's own PM QoS request, or -1 */
     int64_t hold_ns;
     int64_t last_ns;
     int qos_on;
 } E = {.dev = -1, .fwd_r = -1, .fwd_w = -1, .stop = -1, .sock = -1, .ans_w = -1, .qos = -1,
-       .send_mu = PTHREAD_MUTEX_INITIALIZER, .tab_mu = PTHREAD_MUTEX_INITIALIZER};
+       .events_end = &E.events, .events_fd = -1, .send_mu = PTHREAD_MUTEX_INITIALIZER, .tab_mu = PTHREAD_MUTEX_INITIALIZER};
 
 static int64_t te_now(void)
 {
@@ -179,8 +207,75 @@ static void te_nodes_clear(void)
         while (E.nodes[i] != NULL) {
             struct te_node *node = E.nodes[i];
             E.nodes[i] = node->next;
+            free(node->path);
             free(node);
         }
+}
+
+/* A new node, or NULL without memory. tab_mu held. */
+static struct te_node *te_node_add(uint64_t ino, int fd)
+{
+    struct te_node *node = calloc(1, sizeof(*node));
+    if (node != NULL) {
+        node->ino = ino, node->fd = fd;
+        node->next = E.nodes[te_bucket(ino)];
+        E.nodes[te_bucket(ino)] = node;
+    }
+    return node;
+}
+
+/* Into the table (in place of an entry of the same fh). tab_mu held. */
+static void te_file_put(struct te_file *f)
+{
+    struct te_file **slot = te_file_slot(f->fh), *old = *slot;
+    if (old != NULL) {
+        f->unsynced = old->unsynced;
+        *slot = old->next;
+        free(old);
+    }
+    f->next = E.files[te_bucket(f->fh)];
+    E.files[te_bucket(f->fh)] = f;
+}
+
+/* Whether an open file of this inode is in the table; `forget`: its path is forgotten too (Python
+ * serves it from now on). tab_mu held. */
+static int te_files_of(dev_t dev, ino_t st_ino, int forget)
+{
+    int found = 0;
+    for (size_t i = 0; i < TE_BUCKETS; i++)
+        for (struct te_file *f = E.files[i]; f != NULL; f = f->next)
+            if (f->st_ino == st_ino && f->dev == dev) {
+                found = 1;
+                if (forget)
+                    f->plen = 0;
+            }
+    return found;
+}
+
+static int te_events_waiting(void)
+{
+    return __atomic_load_n(&E.n_events, __ATOMIC_ACQUIRE) > 0;
+}
+
+/* Python takes the events now (its loop watches events_fd). */
+static void te_events_due(void)
+{
+    uint64_t one = 1;
+    if (E.events_fd >= 0)
+        (void) !write(E.events_fd, &one, sizeof(one));
+}
+
+/* Events Python is woken for at once; fewer wait for its next request or for F to go idle. */
+#define TE_EVENTS_BATCH 64
+
+/* For Python's tables, after what F did. tab_mu held. */
+static void te_event_put(struct te_event *ev)
+{
+    ev->next = NULL;
+    *E.events_end = ev;
+    E.events_end = &ev->next;
+    if (__atomic_add_fetch(&E.n_events, 1, __ATOMIC_RELEASE) == TE_EVENTS_BATCH)
+        te_events_due();
 }
 
 static void te_file_drop(uint64_t fh)
@@ -250,7 +345,7 @@ static int te_settle(struct te_wait *w)
         } else if (w->kind == TE_FSYNC && w->local == 0 && w->answered) {
             te_reply(w->unique, 0, NULL, 0);
             w->replied = 1;
-        } else if (w->kind == TE_ATTR && w->answered) {
+        } else if (w->kind == TE_REPLY && w->answered) {
             te_reply(w->unique, 0, w->inline_reply, w->size);
             w->replied = 1;
         }
@@ -413,6 +508,9 @@ static int64_t te_ns(struct timespec ts)
  * answers every wait, this one included); -1: the stream ended, the call completes locally
  * (Python's link resyncs); 0: the frame may not be numbered now (a path changed, a resync runs):
  * Python serves the request. */
+static void te_ship_now(struct te_wait *wt, struct tf_buf *h, size_t seq_at, const void *data, size_t size,
+                        uint64_t fh, uint64_t written);
+
 static int te_ship(const struct te_target *t, struct te_wait *wt, struct tf_buf *h, size_t seq_at, const void *data,
                    size_t size, uint64_t fh, uint64_t written)
 {
@@ -421,6 +519,15 @@ static int te_ship(const struct te_target *t, struct te_wait *wt, struct tf_buf 
         pthread_mutex_unlock(&E.send_mu);
         return __atomic_load_n(&E.dead, __ATOMIC_ACQUIRE) ? -1 : 0;
     }
+    te_ship_now(wt, h, seq_at, data, size, fh, written);
+    pthread_mutex_unlock(&E.send_mu);
+    return 1;
+}
+
+/* te_ship's part once the frame may be numbered. send_mu held. */
+static void te_ship_now(struct te_wait *wt, struct tf_buf *h, size_t seq_at, const void *data, size_t size,
+                        uint64_t fh, uint64_t written)
+{
     uint64_t seq;
     pthread_mutex_lock(&E.tab_mu);
     wt->seq = E.seq + 1;
@@ -430,8 +537,6 @@ static int te_ship(const struct te_target *t, struct te_wait *wt, struct tf_buf 
         f->unsynced += written;
     pthread_mutex_unlock(&E.tab_mu);
     te_send_numbered(h->b, h->n, data, size, seq_at, &seq);
-    pthread_mutex_unlock(&E.send_mu);
-    return 1;
 }
 
 /* 1: answered here; 0: the request goes to Python. */
@@ -660,7 +765,7 @@ static int te_setattr(const struct fuse_in_header *in, size_t n)
     te_timeout(E.attr_timeout, &out.attr_valid, &out.attr_valid_nsec);
     te_attr(&st, in->nodeid, &out.attr);
     memcpy(wt->inline_reply, &out, sizeof(out));
-    wt->size = sizeof(out), wt->unique = in->unique, wt->kind = TE_ATTR;
+    wt->size = sizeof(out), wt->unique = in->unique, wt->kind = TE_REPLY;
 
     /* [27, seq, path, mode, uid, gid, size, atime_ns, mtime_ns, [[path, atime_ns, mtime_ns]]] */
     static struct tf_buf head; /* F's alone */
@@ -687,6 +792,337 @@ static int te_setattr(const struct fuse_in_header *in, size_t n)
     return 1;
 }
 
+/* --- F: CREATE and UNLINK -------------------------------------------------------------------------
+ *
+ * In a directory whose path Python registered in the current generation (te_dir), served as
+ * Python's create and unlink serve them (primary.py) and answered once the secondary answered the
+ * frame. What F did reaches Python's tables through events (te_take_event), which pyfuse3 takes
+ * before it handles the next request it reads: the kernel learns of a new inode only from F's
+ * reply, so every request that names it comes after its event. Both are served under send_mu from
+ * the generation's check to the frame's number: no Rename can change the directory's path between
+ * the local call and the frame.
+ *
+ * An unlink is served only if no open file of the inode is registered (te_file; Python registers
+ * every file it opens, named or not). Python's tables learn of F's unlink only at its next request,
+ * and the frames Python ships for a file's inode come either from a request that holds the inode's
+ * lock, which the kernel's unlink takes too, or through an open file of it (a writeback's WRITE,
+ * an mmap's): with none open, no frame of Python's can name the old path after F's Unlink. A file
+ * registered while F unlinks it is caught by te_files_of after the unlink, or by te_file's own
+ * check of the path. An unlink changes no other path, so it starts no new generation. */
+
+/* A directory's registered path, if F may use it now (the current generation), with a dup of its
+ * fd (t->fd, closed by the caller): 1, else 0. send_mu held: the generation moves only under it. */
+static int te_parent(uint64_t ino, struct te_target *t)
+{
+    int ok = 0;
+    pthread_mutex_lock(&E.tab_mu);
+    struct te_node *node = *te_node_slot(ino);
+    if (node != NULL && node->path != NULL && node->plen <= sizeof(t->path) &&
+        node->gen == __atomic_load_n(&E.gen, __ATOMIC_ACQUIRE) &&
+        (t->fd = fcntl(node->fd, F_DUPFD_CLOEXEC, 0)) >= 0) {
+        t->gen = node->gen, t->plen = node->plen;
+        memcpy(t->path, node->path, node->plen);
+        ok = 1;
+    }
+    pthread_mutex_unlock(&E.tab_mu);
+    return ok;
+}
+
+/* The entry's root-relative path (d's path, then name) into out: its length, or 0 if it does not
+ * fit in `room`. */
+static size_t te_join(const struct te_target *d, const char *name, size_t nlen, char *out, size_t room)
+{
+    size_t at = d->plen ? d->plen + 1 : 0;
+    if (at + nlen > room)
+        return 0;
+    memcpy(out, d->path, d->plen);
+    if (d->plen)
+        out[d->plen] = '/';
+    memcpy(out + at, name, nlen);
+    return at + nlen;
+}
+
+/* The name a CREATE or UNLINK request carries after its fixed part, or NULL (then Python serves). */
+static const char *te_entry_name(const struct fuse_in_header *in, size_t n, size_t fixed, size_t *nlen)
+{
+    if (n < sizeof(*in) + fixed)
+        return NULL;
+    const char *name = te_name((const char *) (in + 1) + fixed, (const char *) in + n);
+    *nlen = name != NULL ? strlen(name) : 0;
+    return *nlen > 0 && *nlen <= 255 ? name : NULL;
+}
+
+struct te_entry_reply {
+    struct fuse_entry_out entry;
+    struct fuse_open_out open;
+};
+_Static_assert(sizeof(struct te_entry_reply) <= TE_HELD_REPLY, "a CREATE's reply is kept inline");
+
+/* 1: answered here; 0: the request goes to Python (nothing was done). */
+static int te_create(const struct fuse_in_header *in, size_t n)
+{
+    const struct fuse_create_in *c = (const void *) (in + 1);
+    size_t nlen;
+    const char *name = te_entry_name(in, n, sizeof(*c), &nlen);
+    if (name == NULL || !__atomic_load_n(&E.creates, __ATOMIC_ACQUIRE) || !te_may_serve())
+        return 0;
+    static struct te_target d; /* F's alone */
+    static char path[TF_PATH_MAX];
+    static struct tf_buf head;
+    struct tf_buf *h = &head;
+    struct te_wait *wt = calloc(1, sizeof(*wt));
+    struct te_event *ev = calloc(1, sizeof(*ev));
+    struct te_node *node = calloc(1, sizeof(*node));
+    struct te_file *f = NULL;
+    int served = 0, err = 0, fd = -1, opath = -1;
+    size_t plen = 0;
+    struct stat dst, st;
+
+    d.fd = -1;
+    pthread_mutex_lock(&E.send_mu);
+    if (wt == NULL || ev == NULL || node == NULL || !te_may_serve() || E.sock < 0 || !te_parent(in->nodeid, &d) ||
+        (plen = te_join(&d, name, nlen, path, sizeof(path))) == 0 || 2 * plen + d.plen + 128 > sizeof(h->b) ||
+        (f = malloc(sizeof(*f) + plen)) == NULL)
+        goto out;
+    served = 1;
+    uint32_t flags = c->flags;
+    if (E.writeback && (flags & O_ACCMODE) == O_WRONLY)
+        flags = (flags & ~(uint32_t) O_ACCMODE) | O_RDWR; /* the writeback cache reads to fill pages */
+    if (fstat(d.fd, &dst) != 0) {
+        err = errno;
+        goto out;
+    }
+    gid_t gid = (dst.st_mode & S_ISGID) ? dst.st_gid : in->gid;
+    fd = openat(d.fd, name, (int) (flags & ~(uint32_t) O_APPEND) | O_CREAT | O_EXCL | O_NOFOLLOW | O_CLOEXEC, 0600);
+    if (fd < 0) {
+        err = errno;
+        goto out;
+    }
+    if (fchown(fd, in->uid, gid) != 0 || fchmod(fd, c->mode & 07777) != 0 ||
+        (opath = openat(d.fd, name, O_PATH | O_NOFOLLOW | O_CLOEXEC)) < 0 || fstat(opath, &st) != 0 ||
+        fstat(d.fd, &dst) != 0) {
+        err = errno;
+        close(fd);
+        if (opath >= 0)
+            close(opath);
+        unlinkat(d.fd, name, 0); /* undone: nothing of it was shipped */
+        goto out;
+    }
+    uint64_t ino = __atomic_fetch_add(&E.next_ino, 1, __ATOMIC_RELAXED);
+    uint64_t fh = TE_FH_BASE + __atomic_add_fetch(&E.next_fh, 1, __ATOMIC_RELAXED);
+    struct te_entry_reply out;
+    memset(&out, 0, sizeof(out));
+    out.entry.nodeid = ino;
+    te_timeout(E.attr_timeout, &out.entry.entry_valid, &out.entry.entry_valid_nsec);
+    te_timeout(E.attr_timeout, &out.entry.attr_valid, &out.entry.attr_valid_nsec);
+    te_attr(&st, ino, &out.entry.attr);
+    out.open.fh = fh, out.open.open_flags = FOPEN_KEEP_CACHE; /* pyfuse3.FileInfo's default */
+    memcpy(wt->inline_reply, &out, sizeof(out));
+    wt->size = sizeof(out), wt->unique = in->unique, wt->kind = TE_REPLY;
+
+    /* [19, seq, path, mode, uid, gid, flags, [[path, atime_ns, mtime_ns], [dir, atime_ns, mtime_ns]]] */
+    tf_begin(h, 8, 19);
+    size_t seq_at = tf_seq_placeholder(h);
+    tf_bin(h, path, plen), tf_uint(h, st.st_mode & 07777), tf_uint(h, st.st_uid), tf_uint(h, st.st_gid);
+    tf_uint(h, c->flags), tf_byte(h, 0x92);
+    tf_byte(h, 0x93), tf_bin(h, path, plen), tf_int(h, te_ns(st.st_atim)), tf_int(h, te_ns(st.st_mtim));
+    tf_byte(h, 0x93), tf_bin(h, d.path, d.plen), tf_int(h, te_ns(dst.st_atim)), tf_int(h, te_ns(dst.st_mtim));
+    tf_end(h, 0);
+
+    f->fh = fh, f->fd = fd, f->dev = st.st_dev, f->st_ino = st.st_ino, f->gen = d.gen, f->unsynced = 0;
+    f->plen = plen;
+    memcpy(f->path, path, plen);
+    ev->kind = TE_EV_CREATE, ev->parent = in->nodeid, ev->nlen = nlen;
+    memcpy(ev->name, name, nlen);
+    ev->dev = st.st_dev, ev->st_ino = st.st_ino, ev->ino = ino, ev->fh = fh, ev->opath = opath, ev->fd = fd;
+    node->ino = ino, node->fd = opath;
+    pthread_mutex_lock(&E.tab_mu);
+    node->next = E.nodes[te_bucket(ino)];
+    E.nodes[te_bucket(ino)] = node;
+    te_file_put(f);
+    te_event_put(ev);
+    pthread_mutex_unlock(&E.tab_mu);
+    node = NULL, f = NULL, ev = NULL;
+    te_ship_now(wt, h, seq_at, NULL, 0, 0, 0);
+    wt = NULL;
+    __atomic_add_fetch(&E.n_create, 1, __ATOMIC_RELAXED);
+out:
+    pthread_mutex_unlock(&E.send_mu);
+    if (d.fd >= 0)
+        close(d.fd);
+    free(wt), free(ev), free(node), free(f);
+    if (err)
+        te_reply(in->unique, err, NULL, 0);
+    return served;
+}
+
+/* 1: answered here; 0: the request goes to Python (nothing was done). */
+static int te_unlink(const struct fuse_in_header *in, size_t n)
+{
+    size_t nlen;
+    const char *name = te_entry_name(in, n, 0, &nlen);
+    if (name == NULL || !__atomic_load_n(&E.creates, __ATOMIC_ACQUIRE) || !te_may_serve())
+        return 0;
+    static struct te_target d; /* F's alone */
+    static char path[TF_PATH_MAX];
+    static struct tf_buf head;
+    struct tf_buf *h = &head;
+    struct te_wait *wt = calloc(1, sizeof(*wt));
+    struct te_event *ev = calloc(1, sizeof(*ev));
+    int served = 0, err = 0;
+    size_t plen = 0;
+    struct stat st, dst;
+
+    d.fd = -1;
+    pthread_mutex_lock(&E.send_mu);
+    if (wt == NULL || ev == NULL || !te_may_serve() || E.sock < 0 || !te_parent(in->nodeid, &d) ||
+        (plen = te_join(&d, name, nlen, path, sizeof(path))) == 0 || plen + d.plen + 96 > sizeof(h->b))
+        goto out;
+    if (fstatat(d.fd, name, &st, AT_SYMLINK_NOFOLLOW) != 0) {
+        served = 1, err = errno;
+        goto out;
+    }
+    pthread_mutex_lock(&E.tab_mu);
+    int open = te_files_of(st.st_dev, st.st_ino, 0);
+    pthread_mutex_unlock(&E.tab_mu);
+    if (open)
+        goto out;
+    served = 1;
+    if (unlinkat(d.fd, name, 0) != 0) {
+        err = errno;
+        goto out;
+    }
+    int dir_times = fstat(d.fd, &dst) == 0;
+    ev->kind = TE_EV_UNLINK, ev->parent = in->nodeid, ev->nlen = nlen;
+    memcpy(ev->name, name, nlen);
+    ev->dev = st.st_dev, ev->st_ino = st.st_ino, ev->opath = ev->fd = -1;
+    pthread_mutex_lock(&E.tab_mu);
+    te_files_of(st.st_dev, st.st_ino, 1); /* registered since the check: its path is gone */
+    te_event_put(ev);
+    pthread_mutex_unlock(&E.tab_mu);
+    ev = NULL;
+    wt->unique = in->unique, wt->kind = TE_REPLY, wt->size = 0;
+
+    /* [22, seq, path, [[dir, atime_ns, mtime_ns]]] */
+    tf_begin(h, 4, 22);
+    size_t seq_at = tf_seq_placeholder(h);
+    tf_bin(h, path, plen);
+    if (dir_times) {
+        tf_byte(h, 0x91), tf_byte(h, 0x93), tf_bin(h, d.path, d.plen);
+        tf_int(h, te_ns(dst.st_atim)), tf_int(h, te_ns(dst.st_mtim));
+    } else {
+        tf_byte(h, 0x90);
+    }
+    tf_end(h, 0);
+    te_ship_now(wt, h, seq_at, NULL, 0, 0, 0);
+    wt = NULL;
+    __atomic_add_fetch(&E.n_unlink, 1, __ATOMIC_RELAXED);
+out:
+    pthread_mutex_unlock(&E.send_mu);
+    if (d.fd >= 0)
+        close(d.fd);
+    free(wt), free(ev);
+    if (err)
+        te_reply(in->unique, err, NULL, 0);
+    return served;
+}
+
+/* --- F: what Python learns later --------------------------------------------------------------
+ *
+ * While F serves creates (te_creates), a created, written and closed file needs no request of
+ * Python's: F also answers the RELEASE of a registered file (its fd closed here; an event pops it
+ * from Python's table), and the kernel's FORGETs reach Python gathered into one BATCH_FORGET,
+ * before the next request F passes on to Python, when TE_FORGETS are gathered, or when F has had
+ * nothing to read for TE_IDLE_MS. Python takes its events before it handles a request (pyfuse3's
+ * session loop), and when events_fd says TE_EVENTS_BATCH are waiting or F went idle. A lookup
+ * count is a sum, so a FORGET that reaches Python late leaves its table right. */
+#define TE_FORGETS 256
+#define TE_IDLE_MS 2
+
+static struct {
+    struct fuse_in_header in;
+    struct fuse_batch_forget_in batch;
+    struct fuse_forget_one one[TE_FORGETS];
+} te_forgets; /* F's alone */
+
+/* A request (or F's own BATCH_FORGET, unique 0) to pyfuse3. */
+static void te_forward(const void *buf, size_t n, uint64_t unique)
+{
+    ssize_t sent;
+    while ((sent = send(E.fwd_w, buf, n, MSG_NOSIGNAL)) < 0 && errno == EINTR)
+        ;
+    if (sent < 0 && unique != 0) /* never left waiting: pyfuse3 is gone, or the request does not fit */
+        te_reply(unique, EIO, NULL, 0);
+}
+
+static void te_forgets_flush(void)
+{
+    uint32_t count = te_forgets.batch.count;
+    if (count == 0)
+        return;
+    size_t n = sizeof(te_forgets.in) + sizeof(te_forgets.batch) + count * sizeof(te_forgets.one[0]);
+    te_forgets.in = (struct fuse_in_header){.len = (uint32_t) n, .opcode = FUSE_BATCH_FORGET};
+    te_forward(&te_forgets, n, 0);
+    te_forgets.batch.count = 0;
+}
+
+static void te_forget_one(uint64_t nodeid, uint64_t nlookup)
+{
+    if (te_forgets.batch.count == TE_FORGETS)
+        te_forgets_flush();
+    te_forgets.one[te_forgets.batch.count++] = (struct fuse_forget_one){.nodeid = nodeid, .nlookup = nlookup};
+}
+
+/* FORGET or BATCH_FORGET (no reply): gathered for Python. 1 if taken. */
+static int te_forget(const struct fuse_in_header *in, size_t n)
+{
+    if (!__atomic_load_n(&E.creates, __ATOMIC_ACQUIRE))
+        return 0;
+    if (in->opcode == FUSE_FORGET) {
+        if (n < sizeof(*in) + sizeof(struct fuse_forget_in))
+            return 0;
+        te_forget_one(in->nodeid, ((const struct fuse_forget_in *) (in + 1))->nlookup);
+        return 1;
+    }
+    const struct fuse_batch_forget_in *b = (const void *) (in + 1);
+    if (n < sizeof(*in) + sizeof(*b) || b->count > (n - sizeof(*in) - sizeof(*b)) / sizeof(struct fuse_forget_one))
+        return 0;
+    const struct fuse_forget_one *one = (const void *) (b + 1);
+    for (uint32_t i = 0; i < b->count; i++)
+        te_forget_one(one[i].nodeid, one[i].nlookup);
+    return 1;
+}
+
+/* RELEASE: the file leaves F's table before its fd closes. While F serves creates it closes the fd
+ * itself and answers (1); otherwise Python does (0). */
+static int te_release(const struct fuse_in_header *in, size_t n)
+{
+    if (n < sizeof(*in) + sizeof(struct fuse_release_in))
+        return 0;
+    uint64_t fh = ((const struct fuse_release_in *) (in + 1))->fh;
+    struct te_event *ev = __atomic_load_n(&E.creates, __ATOMIC_ACQUIRE) ? calloc(1, sizeof(*ev)) : NULL;
+    pthread_mutex_lock(&E.tab_mu);
+    struct te_file **slot = te_file_slot(fh), *f = *slot;
+    if (f != NULL)
+        *slot = f->next;
+    if (f != NULL && ev != NULL) {
+        ev->kind = TE_EV_RELEASE, ev->fh = fh, ev->opath = ev->fd = -1;
+        te_event_put(ev);
+    }
+    pthread_mutex_unlock(&E.tab_mu);
+    int mine = f != NULL && ev != NULL;
+    if (mine)
+        close(f->fd);
+    else
+        free(ev);
+    free(f);
+    if (mine) {
+        te_reply(in->unique, 0, NULL, 0);
+        __atomic_add_fetch(&E.n_release, 1, __ATOMIC_RELAXED);
+    }
+    return mine;
+}
+
 static void *te_fuse_thread(void *arg)
 {
     (void) arg;
@@ -695,7 +1131,16 @@ static void *te_fuse_thread(void *arg)
         goto out;
     for (;;) {
         struct pollfd p[2] = {{.fd = E.dev, .events = POLLIN}, {.fd = E.stop, .events = POLLIN}};
-        int ready = poll(p, 2, te_qos_timeout());
+        int timeout = te_qos_timeout();
+        int later = te_forgets.batch.count > 0 || te_events_waiting();
+        if (later && (timeout < 0 || timeout > TE_IDLE_MS))
+            timeout = TE_IDLE_MS;
+        int ready = poll(p, 2, timeout);
+        if (ready == 0 && later) { /* idle: what waits for Python goes now */
+            te_forgets_flush();
+            if (te_events_waiting())
+                te_events_due();
+        }
         if (ready == 0 || (ready < 0 && errno == EINTR))
             continue;
         if (p[1].revents)
@@ -714,14 +1159,14 @@ static void *te_fuse_thread(void *arg)
             te_reply(in->unique, ENOSYS, NULL, 0);
             continue;
         }
-        if (in->opcode == FUSE_RELEASE && (size_t) n >= sizeof(*in) + sizeof(struct fuse_release_in)) {
-            /* Out of the table before Python closes the fd. */
-            pthread_mutex_lock(&E.tab_mu);
-            te_file_drop(((const struct fuse_release_in *) (in + 1))->fh);
-            pthread_mutex_unlock(&E.tab_mu);
-        } else if ((in->opcode == FUSE_WRITE && te_write(in, (size_t) n)) ||
+        if ((in->opcode == FUSE_FORGET || in->opcode == FUSE_BATCH_FORGET) && te_forget(in, (size_t) n))
+            continue;
+        if ((in->opcode == FUSE_RELEASE && te_release(in, (size_t) n)) ||
+            (in->opcode == FUSE_WRITE && te_write(in, (size_t) n)) ||
                    (in->opcode == FUSE_FSYNC && te_fsync(in, (size_t) n)) ||
-                   (in->opcode == FUSE_SETATTR && te_setattr(in, (size_t) n))) {
+                   (in->opcode == FUSE_SETATTR && te_setattr(in, (size_t) n)) ||
+                   (in->opcode == FUSE_CREATE && te_create(in, (size_t) n)) ||
+                   (in->opcode == FUSE_UNLINK && te_unlink(in, (size_t) n))) {
             te_touch();
             continue;
         } else if ((in->opcode == FUSE_GETATTR || in->opcode == FUSE_LOOKUP || in->opcode == FUSE_GETXATTR) &&
@@ -729,11 +1174,8 @@ static void *te_fuse_thread(void *arg)
             te_touch();
             continue;
         }
-        ssize_t sent;
-        while ((sent = send(E.fwd_w, buf, (size_t) n, MSG_NOSIGNAL)) < 0 && errno == EINTR)
-            ;
-        if (sent < 0) /* never left waiting: pyfuse3 is gone, or the request does not fit */
-            te_reply(in->unique, EIO, NULL, 0);
+        te_forgets_flush(); /* Python's table is as the kernel's before it handles this request */
+        te_forward(buf, (size_t) n, in->unique);
     }
 out:
     free(buf);
@@ -1052,6 +1494,17 @@ static void te_stop(void)
         while (E.files[i] != NULL)
             te_file_drop(E.files[i]->fh);
     te_nodes_clear();
+    while (E.events != NULL) { /* the session ended before Python took them: their fds close here */
+        struct te_event *ev = E.events;
+        E.events = ev->next;
+        if (ev->fd >= 0)
+            close(ev->fd);
+        if (ev->opath >= 0)
+            close(ev->opath);
+        free(ev);
+    }
+    E.events_end = &E.events, E.n_events = 0;
+    __atomic_store_n(&E.creates, 0, __ATOMIC_RELEASE);
     for (size_t i = 0; i < TE_BUCKETS; i++)
         while (E.held[i] != NULL) { /* answered (R ended): nobody writes these replies any more */
             te_held_drop(E.held[i]);
@@ -1210,28 +1663,110 @@ static int te_hold_reply(const struct iovec *iov, int count)
     return taken;
 }
 
-/* Python registers (or, path NULL, forgets the path of) an open file F may serve. */
+/* Python registers an open file: its fd and the path F's frames may name it by (NULL: none, Python
+ * serves it), until the next generation. Every open file is registered, named or not, so that F
+ * knows which inodes are open (te_unlink). While F serves unlinks, Python's tables may not have
+ * learnt F's last one yet: the path is kept only if it still names the file. */
 static int te_file(uint64_t fh, int fd, const char *path, size_t plen)
 {
-    struct te_file *f = NULL;
-    if (path != NULL && (f = malloc(sizeof(*f) + plen)) == NULL)
+    struct stat st, named;
+    if (fstat(fd, &st) != 0)
+        return -errno;
+    struct te_file *f = malloc(sizeof(*f) + (path != NULL ? plen : 0));
+    if (f == NULL)
         return -ENOMEM;
+    f->fh = fh, f->fd = fd, f->dev = st.st_dev, f->st_ino = st.st_ino, f->plen = 0, f->unsynced = 0;
     pthread_mutex_lock(&E.tab_mu);
-    struct te_file **slot = te_file_slot(fh), *old = *slot;
-    uint64_t unsynced = old != NULL ? old->unsynced : 0;
-    if (old != NULL) {
-        *slot = old->next;
-        free(old);
+    f->gen = __atomic_load_n(&E.gen, __ATOMIC_ACQUIRE);
+    if (path != NULL) {
+        struct te_node *root = __atomic_load_n(&E.creates, __ATOMIC_ACQUIRE) ? *te_node_slot(1) : NULL;
+        char rel[TF_PATH_MAX + 1];
+        int kept = root == NULL;
+        if (!kept && plen < sizeof(rel)) {
+            memcpy(rel, path, plen), rel[plen] = 0;
+            kept = fstatat(root->fd, rel, &named, AT_SYMLINK_NOFOLLOW) == 0 && named.st_ino == st.st_ino &&
+                   named.st_dev == st.st_dev;
+        }
+        if (kept) {
+            memcpy(f->path, path, plen);
+            f->plen = plen;
+        }
     }
-    if (f != NULL) {
-        f->fh = fh, f->fd = fd, f->plen = plen, f->unsynced = unsynced;
-        f->gen = __atomic_load_n(&E.gen, __ATOMIC_ACQUIRE);
-        memcpy(f->path, path, plen);
-        f->next = E.files[te_bucket(fh)];
-        E.files[te_bucket(fh)] = f;
-    }
+    te_file_put(f);
     pthread_mutex_unlock(&E.tab_mu);
     return 0;
+}
+
+/* Python registers the root-relative path of a directory it knows (or, path NULL, forgets it):
+ * F serves CREATE and UNLINK in it until the next generation. 0 or -ENOMEM. */
+static int te_dir(uint64_t ino, const char *path, size_t plen)
+{
+    char *copy = NULL;
+    if (path != NULL && (copy = malloc(plen + 1)) == NULL)
+        return -ENOMEM;
+    if (copy != NULL)
+        memcpy(copy, path, plen);
+    pthread_mutex_lock(&E.tab_mu);
+    struct te_node *node = *te_node_slot(ino);
+    if (node != NULL) {
+        free(node->path);
+        node->path = copy, node->plen = copy != NULL ? plen : 0;
+        node->gen = __atomic_load_n(&E.gen, __ATOMIC_ACQUIRE);
+        copy = NULL;
+    }
+    pthread_mutex_unlock(&E.tab_mu);
+    free(copy);
+    return 0;
+}
+
+/* Let F serve CREATE and UNLINK (on): inode numbers from `next_ino` on, Python's too (te_ino);
+ * `writeback`: the mount has a writeback cache (ack mode `fsync`). */
+static void te_creates(int on, uint64_t next_ino, int writeback)
+{
+    if (on && E.events_fd < 0) /* kept for the process's life: Python's loop may still watch it */
+        E.events_fd = eventfd(0, EFD_CLOEXEC | EFD_NONBLOCK);
+    pthread_mutex_lock(&E.send_mu);
+    E.next_ino = next_ino, E.writeback = writeback;
+    __atomic_store_n(&E.creates, on, __ATOMIC_RELEASE);
+    pthread_mutex_unlock(&E.send_mu);
+}
+
+/* The next inode number: Python's table takes its numbers here while F serves creates. */
+static uint64_t te_ino(void)
+{
+    return __atomic_fetch_add(&E.next_ino, 1, __ATOMIC_RELAXED);
+}
+
+/* The fd Python's loop watches to take events (te_events_due), or -1; `clear`: it is being
+ * answered (Python takes the events next). */
+static int te_events_fd(int clear)
+{
+    uint64_t n;
+    if (clear && E.events_fd >= 0)
+        (void) !read(E.events_fd, &n, sizeof(n));
+    return E.events_fd;
+}
+
+/* The oldest of F's changes that Python's tables have not learnt: 1 and *out (its fds are
+ * Python's from now on), or 0. */
+static int te_take_event(struct te_event *out)
+{
+    if (!te_events_waiting())
+        return 0;
+    pthread_mutex_lock(&E.tab_mu);
+    struct te_event *ev = E.events;
+    if (ev != NULL) {
+        E.events = ev->next;
+        if (E.events == NULL)
+            E.events_end = &E.events;
+        __atomic_sub_fetch(&E.n_events, 1, __ATOMIC_RELEASE);
+    }
+    pthread_mutex_unlock(&E.tab_mu);
+    if (ev == NULL)
+        return 0;
+    *out = *ev;
+    free(ev);
+    return 1;
 }
 
 /* Python's inode table: ino has the O_PATH fd `fd` now, or none (fd < 0, before Python closes it).
@@ -1243,14 +1778,11 @@ static int te_node(uint64_t ino, int fd)
     struct te_node **p = te_node_slot(ino), *node = *p;
     if (node != NULL && fd < 0) {
         *p = node->next;
+        free(node->path);
         free(node);
     } else if (node != NULL) {
         node->fd = fd;
-    } else if (fd >= 0 && (node = malloc(sizeof(*node))) != NULL) {
-        node->ino = ino, node->fd = fd;
-        node->next = E.nodes[te_bucket(ino)];
-        E.nodes[te_bucket(ino)] = node;
-    } else if (fd >= 0) {
+    } else if (fd >= 0 && te_node_add(ino, fd) == NULL) {
         err = -ENOMEM;
     }
     pthread_mutex_unlock(&E.tab_mu);
@@ -1318,12 +1850,12 @@ static const char *te_lost(int *err)
 }
 
 /* Requests F answered: 0 WRITE, 1 FSYNC, 2 GETATTR, 3 LOOKUP, 4 GETXATTR; 5: Python's replies held
- * until their frame's ack (te_send). */
+ * until their frame's ack (te_send); 6 SETATTR, 7 CREATE, 8 UNLINK, 9 RELEASE. */
 static unsigned long long te_count(int which)
 {
     uint64_t *counts[] = {&E.n_write, &E.n_fsync, &E.n_getattr, &E.n_lookup, &E.n_getxattr, &E.n_held,
-                          &E.n_setattr};
-    return which >= 0 && which < 7 ? __atomic_load_n(counts[which], __ATOMIC_RELAXED) : 0;
+                          &E.n_setattr, &E.n_create, &E.n_unlink, &E.n_release};
+    return which >= 0 && which < 10 ? __atomic_load_n(counts[which], __ATOMIC_RELAXED) : 0;
 }
 
 static unsigned long long te_seq(void)

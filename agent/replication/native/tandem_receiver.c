@@ -99,6 +99,7 @@ static struct {
     uint64_t on_receipt;    /* bit N: operation code N is acknowledged on receipt (rx_attach) */
     uint64_t acked[RX_RING]; /* seq of the frames passed to Python that were acknowledged here */
     int durable;            /* `durable` mode: a Write is acknowledged once flushed (rx_flush) */
+    int acked_first;        /* the frame being applied was acknowledged before (rx_times_failed) */
     uint64_t *unflushed;    /* `durable`: the Writes applied here and not flushed yet */
     size_t n_unflushed, cap_unflushed;
     int dir_fd;             /* the directory the last Create or Unlink here was in (read-only) ... */
@@ -203,6 +204,13 @@ static int rx_send_all(const void *p, size_t n);
 static void rx_ack(struct te_out *acks, uint64_t seq);
 
 /* Send the acks gathered so far now (the stream's writer is shared with Python): 0 or an errno. */
+/* Whether another whole frame follows the one that ends at `at`. */
+static int rx_frame_follows(const uint8_t *in, size_t have, size_t at)
+{
+    size_t next = at < have ? tf_frame_size(in + at, have - at) : 0;
+    return next != 0 && next != (size_t) -1 && next <= have - at;
+}
+
 static int rx_send_acks(struct te_out *acks)
 {
     if (acks->n == 0)
@@ -218,7 +226,7 @@ static int rx_send_acks(struct te_out *acks)
  * answered), 2 (answered already), else 0 (Python's), or 3 (Python's, acknowledged already). A
  * large write in a mode that acknowledges on receipt is acknowledged before its pwrite, as Python
  * does: a sequential writer on the primary then never waits for this side's disk. */
-static int rx_write(const uint8_t *frame, size_t len, uint64_t seq, struct te_out *acks)
+static int rx_write(const uint8_t *frame, size_t len, uint64_t seq, struct te_out *acks, int acked)
 {
     struct tf_cursor c = {frame + 8, frame + 8 + tf_get_be(frame + 4, 4)};
     size_t items, fixes, parts;
@@ -243,8 +251,8 @@ static int rx_write(const uint8_t *frame, size_t len, uint64_t seq, struct te_ou
         return 0;
     int fd = f->fd, streaming = size >= TE_STREAM_WRITE_BYTES;
     /* `durable` acknowledges nothing on receipt (on_receipt 0): after the flush, whoever applies it. */
-    int early = streaming && (RX.on_receipt >> 16 & 1);
-    if (early) {
+    int early = acked || (streaming && (RX.on_receipt >> 16 & 1));
+    if (early && !acked) {
         rx_ack(acks, seq);
         __atomic_store_n(&RX.acked[seq % RX_RING], seq, __ATOMIC_RELEASE);
         if (rx_send_acks(acks) != 0)
@@ -535,7 +543,8 @@ static void rx_times_failed(struct te_out *acks, uint64_t seq, const char *op, c
         rx_answer(acks, seq, err, text);
         return;
     }
-    rx_ack(acks, seq);
+    if (!RX.acked_first)
+        rx_ack(acks, seq);
     struct tf_buf fault;
     tf_begin(&fault, 4, 5), tf_uint(&fault, seq), tf_uint(&fault, (uint64_t) err), tf_str(&fault, text);
     tf_end(&fault, 0);
@@ -752,19 +761,37 @@ static void *rx_thread(void *arg)
              * entry frame whose times failed), 0 (Python's), 3 (Python's, acknowledged already). */
             int here = 0;
             uint64_t *count = NULL;
-            if (next && op == 30) {
+            /* `received` promises receipt: the last frame here, which the primary may be waiting
+             * for, is acknowledged (with those before it) before it is applied; one that then goes
+             * to Python goes acknowledged (3). Frames before it are answered once applied, in one
+             * send at the chunk's end. */
+            int first_ack = next && (op == 16 || op == 19 || op == 22 || op == 27) && (RX.on_receipt >> op & 1) &&
+                            !rx_frame_follows(in, have, used + need);
+            if (first_ack) {
+                rx_ack(&acks, seq);
+                __atomic_store_n(&RX.acked[seq % RX_RING], seq, __ATOMIC_RELEASE);
+                if (rx_send_acks(&acks) != 0)
+                    next = 0; /* the stream ends: Python applies what was acknowledged */
+            }
+            RX.acked_first = first_ack;
+            if (!next) {
+                /* Python's */
+            } else if (op == 30) {
                 rx_flush(&acks); /* `durable`: the Writes before it are answered first */
                 here = rx_fsync(frame, seq, &acks) ? 2 : 0;
-            } else if (next && (op == 19 || op == 22)) {
+            } else if (op == 19 || op == 22) {
                 here = op == 19 ? rx_create(frame, seq, &acks) : rx_unlink(frame, seq, &acks);
                 count = &RX.n_named;
-            } else if (next && op == 16) {
-                here = rx_write(frame, need, seq, &acks);
+            } else if (op == 16) {
+                here = rx_write(frame, need, seq, &acks, first_ack);
                 count = &RX.n_write;
-            } else if (next && op == 27) {
+            } else if (op == 27) {
                 here = rx_setattr(frame, seq);
                 count = &RX.n_times;
             }
+            RX.acked_first = 0;
+            if (first_ack)
+                here = here == 0 ? 3 : here == 1 ? 2 : here; /* answered already */
             int acked = here == 3;
             if (acked)
                 here = 0;
