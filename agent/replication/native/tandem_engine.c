@@ -81,9 +81,10 @@ struct te_node {
     struct te_node *next;
     uint64_t ino;
     int fd;
+    int dir;
     uint64_t gen;
     size_t plen;
-    char *path; /* NULL: none registered; "" (plen 0) is the root */
+    char *path; /* NULL: none; "" (plen 0) is the root */
 };
 
 /* What F did to the tree that Python's tables must learn (te_take_event), in order. */
@@ -739,31 +740,73 @@ static int te_answer_node(const struct fuse_in_header *in, size_t n)
  * Served as Python's setattr serves it: the times set, a Setattr frame with them and the file's
  * times after (as Python's _fix), and the attributes replied once the secondary answered the frame.
  * 1: answered here; 0: the request goes to Python (which sets the same times again). */
+/* A regular file of the node table that has no name left (unlinked, still referenced by the
+ * kernel), with a dup of its O_PATH fd in t->fd: 1, else 0. Python ships nothing for such a file. */
+static int te_nameless(uint64_t ino, struct te_target *t)
+{
+    int found = 0;
+    struct stat st;
+    pthread_mutex_lock(&E.tab_mu);
+    struct te_node *node = *te_node_slot(ino);
+    if (node != NULL && fstat(node->fd, &st) == 0 && S_ISREG(st.st_mode) && st.st_nlink == 0 &&
+        (t->fd = fcntl(node->fd, F_DUPFD_CLOEXEC, 0)) >= 0)
+        found = 1, t->plen = 0;
+    pthread_mutex_unlock(&E.tab_mu);
+    return found;
+}
+
+static int te_set_times(const struct fuse_in_header *in, const struct fuse_setattr_in *a, struct te_target *t,
+                        int by_fh);
+
 static int te_setattr(const struct fuse_in_header *in, size_t n)
 {
     const struct fuse_setattr_in *a = (const void *) (in + 1);
     const uint32_t times_only = FATTR_ATIME | FATTR_MTIME | FATTR_CTIME | FATTR_FH | FATTR_LOCKOWNER;
     struct te_target t;
-    struct stat st;
 
-    if (n < sizeof(*in) + sizeof(*a) || (a->valid & ~times_only) || !(a->valid & FATTR_FH) ||
-        !(a->valid & (FATTR_ATIME | FATTR_MTIME)) || !__atomic_load_n(&E.answers, __ATOMIC_ACQUIRE) ||
-        !te_may_serve() || !te_target(a->fh, &t, 0) || fstat(t.fd, &st) != 0)
+    if (n < sizeof(*in) + sizeof(*a) || (a->valid & ~times_only) || !(a->valid & (FATTR_ATIME | FATTR_MTIME)) ||
+        !__atomic_load_n(&E.answers, __ATOMIC_ACQUIRE) || !te_may_serve())
+        return 0;
+    if (a->valid & FATTR_FH)
+        return te_target(a->fh, &t, 0) && te_set_times(in, a, &t, 1);
+    /* No open file: the times a writeback cache writes back as the kernel evicts an unlinked file
+     * (`fsync` mode), set here only. */
+    if (!te_nameless(in->nodeid, &t))
+        return 0;
+    int served = te_set_times(in, a, &t, 0);
+    close(t.fd);
+    return served;
+}
+
+/* te_setattr's work on t: an open file (by_fh), or the O_PATH fd of a file without a name, whose
+ * times only change here (nothing is shipped). */
+static int te_set_times(const struct fuse_in_header *in, const struct fuse_setattr_in *a, struct te_target *t,
+                        int by_fh)
+{
+    struct stat st;
+    char proc[32];
+    snprintf(proc, sizeof(proc), "/proc/self/fd/%d", t->fd);
+    if (fstat(t->fd, &st) != 0)
         return 0;
     struct timespec times[2] = {st.st_atim, st.st_mtim};
     if (a->valid & FATTR_ATIME)
         times[0] = (struct timespec){.tv_sec = (time_t) a->atime, .tv_nsec = a->atimensec};
     if (a->valid & FATTR_MTIME)
         times[1] = (struct timespec){.tv_sec = (time_t) a->mtime, .tv_nsec = a->mtimensec};
-    if (futimens(t.fd, times) != 0 || fstat(t.fd, &st) != 0)
+    if ((by_fh ? futimens(t->fd, times) : utimensat(AT_FDCWD, proc, times, 0)) != 0 || fstat(t->fd, &st) != 0)
         return 0; /* Python meets the same error and replies it */
-    struct te_wait *wt = calloc(1, sizeof(*wt));
-    if (wt == NULL)
-        return 0;
     struct fuse_attr_out out;
     memset(&out, 0, sizeof(out));
     te_timeout(E.attr_timeout, &out.attr_valid, &out.attr_valid_nsec);
     te_attr(&st, in->nodeid, &out.attr);
+    if (!by_fh) {
+        te_reply(in->unique, 0, &out, sizeof(out));
+        __atomic_add_fetch(&E.n_setattr, 1, __ATOMIC_RELAXED);
+        return 1;
+    }
+    struct te_wait *wt = calloc(1, sizeof(*wt));
+    if (wt == NULL)
+        return 0;
     memcpy(wt->inline_reply, &out, sizeof(out));
     wt->size = sizeof(out), wt->unique = in->unique, wt->kind = TE_REPLY;
 
@@ -772,15 +815,15 @@ static int te_setattr(const struct fuse_in_header *in, size_t n)
     struct tf_buf *h = &head;
     tf_begin(h, 10, 27);
     size_t seq_at = tf_seq_placeholder(h);
-    tf_bin(h, t.path, t.plen);
+    tf_bin(h, t->path, t->plen);
     for (int i = 0; i < 4; i++)
         tf_byte(h, 0xC0); /* mode, uid, gid and size unchanged */
     tf_int(h, te_ns(times[0])), tf_int(h, te_ns(times[1]));
-    tf_byte(h, 0x91), tf_byte(h, 0x93), tf_bin(h, t.path, t.plen);
+    tf_byte(h, 0x91), tf_byte(h, 0x93), tf_bin(h, t->path, t->plen);
     tf_int(h, te_ns(st.st_atim)), tf_int(h, te_ns(st.st_mtim));
     tf_end(h, 0);
 
-    int shipped = te_ship(&t, wt, h, seq_at, NULL, 0, 0, 0);
+    int shipped = te_ship(t, wt, h, seq_at, NULL, 0, 0, 0);
     if (shipped <= 0) {
         free(wt);
         if (shipped == 0)
@@ -817,7 +860,7 @@ static int te_parent(uint64_t ino, struct te_target *t)
     int ok = 0;
     pthread_mutex_lock(&E.tab_mu);
     struct te_node *node = *te_node_slot(ino);
-    if (node != NULL && node->path != NULL && node->plen <= sizeof(t->path) &&
+    if (node != NULL && node->dir && node->path != NULL && node->plen <= sizeof(t->path) &&
         node->gen == __atomic_load_n(&E.gen, __ATOMIC_ACQUIRE) &&
         (t->fd = fcntl(node->fd, F_DUPFD_CLOEXEC, 0)) >= 0) {
         t->gen = node->gen, t->plen = node->plen;
@@ -1710,7 +1753,7 @@ static int te_dir(uint64_t ino, const char *path, size_t plen)
     struct te_node *node = *te_node_slot(ino);
     if (node != NULL) {
         free(node->path);
-        node->path = copy, node->plen = copy != NULL ? plen : 0;
+        node->path = copy, node->plen = copy != NULL ? plen : 0, node->dir = 1;
         node->gen = __atomic_load_n(&E.gen, __ATOMIC_ACQUIRE);
         copy = NULL;
     }
