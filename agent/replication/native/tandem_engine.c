@@ -1,5 +1,5 @@
-/* Tandem's native data path on the primary (docs/dev/native-data-path.md): WRITE, FSYNC and the
- * SETATTR of a file's times served and replicated without Python.
+/* Tandem's native data path on the primary (docs/dev/native-data-path.md): WRITE, FSYNC, the
+ * SETATTR of a file's times, CREATE and UNLINK served and replicated without Python.
  *
  * Built into Tandem's pyfuse3 (scripts/setup copies this file next to tandem_io.c, which includes
  * it), so that it shares the session's /dev/fuse and the patch's HANDLE_KILLPRIV_V2 state.
@@ -9,9 +9,10 @@
  * - F is the only reader of /dev/fuse. A WRITE or FSYNC of a file Python registered (te_file), or a
  *   SETATTR of its times only (the mtime a writeback cache writes back, `fsync` mode), is served
  *   here: pwrite, fsync or futimens, its frame on the replication stream, and the reply once the
- *   secondary's ack is in (in every ack mode). Every other request, and every case F is not sure
- *   of, goes to pyfuse3 whole, through a SOCK_SEQPACKET pair that pyfuse3's session reads instead
- *   of /dev/fuse.
+ *   secondary's ack is in (in every ack mode). So are CREATE and UNLINK in a directory Python
+ *   registered (te_dir; "CREATE and UNLINK" below), and, while F serves those, RELEASE. Every
+ *   other request, and every case F is not sure of, goes to pyfuse3 whole, through a
+ *   SOCK_SEQPACKET pair that pyfuse3's session reads instead of /dev/fuse.
  * - R reads the replication stream once Python's handshake is done on it (te_attach). The ack of a
  *   frame F sent replies to its FUSE request; every other frame (the answers to Python's frames,
  *   Faults, Pongs) is passed on to Python through a socket pair that its FrameConnection reads.
