@@ -1,10 +1,11 @@
 """The native data path (agent/replication/native).
 
-On the primary, writes and fsyncs that its own thread serves and ships keep the secondary equal to
-the primary while Python renames their directories, renames the files themselves, truncates them
-and unlinks others around them, all at once. On the secondary, the Write frames it applies itself
-take their place among the frames Python applies, and whatever it is not sure of (a hostile path, a
-FIFO, a full disk) goes to Python, which refuses or reports it as before."""
+On the primary, the writes, fsyncs, creates and unlinks that its own thread serves and ships keep
+the secondary equal to the primary while Python renames their directories, renames the files
+themselves, truncates them and unlinks others around them, all at once. On the secondary, the Write
+frames it applies itself take their place among the frames Python applies, and whatever it is not
+sure of (a hostile path, a FIFO, a full disk) goes to Python, which refuses or reports it as
+before."""
 
 from __future__ import annotations
 
@@ -95,8 +96,28 @@ def _workload(top: Path) -> None:
             if i % 2:
                 path.unlink()
 
+    def dir_churn() -> None:
+        # Files created, linked and unlinked by path in the directories the renamer moves: the
+        # native path's creates and unlinks race Python's renames (a name missing for a moment,
+        # while its directory is away, is skipped).
+        for i in range(ROUNDS):
+            d = top / f"d{i % DIRS}"
+            path, link = d / f"c{i % 5}", d / f"c{i % 5}.link"
+            with contextlib.suppress(FileNotFoundError, FileExistsError):
+                fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+                try:
+                    os.write(fd, b"c%d" % i * (i % 50 + 1))
+                finally:
+                    os.close(fd)
+                if i % 7 == 0:
+                    os.link(path, link)
+                if i % 3:
+                    path.unlink()
+                if i % 11 == 0:
+                    link.unlink()
+
     threads = [threading.Thread(target=guarded(lambda s=s: writer(s))) for s in range(4)]
-    threads += [threading.Thread(target=guarded(fn)) for fn in (renamer, truncater, churn)]
+    threads += [threading.Thread(target=guarded(fn)) for fn in (renamer, truncater, churn, dir_churn)]
     for t in threads:
         t.start()
     for t in threads:
@@ -117,6 +138,7 @@ def test_native_writes_among_renames_truncates_and_unlinks_leave_equal_trees(pai
     # Most writes and fsyncs went the native way; those a rename caught went through Python. (With
     # the writeback cache of `fsync` mode the kernel merges writes of a page before they come.)
     assert counts["write"] > (ROUNDS if ack != "fsync" else 0) and counts["fsync"] > 0, counts
+    assert counts["create"] > 0 and counts["unlink"] > 0, counts
     assert "The native data path serves writes and fsyncs" in pair.log("primary")
     secondary = _counts(pair.log("secondary"))
     assert secondary["applied"] > 0, secondary
