@@ -16,11 +16,12 @@ import shutil
 import signal
 import sys
 import time
+from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
 from bench import disk
-from bench.replication import calibration, machine, replicated_pair
+from bench.replication import add_replicator_arguments, calibration, machine, replicated_pair, replicator_arguments
 from controller.demo import pid_alive
 from tests.postgres import Postgres
 from tests.postgres import pg_bin as find_pg_bin
@@ -139,9 +140,11 @@ def bench_local(base: Path, ack: str, pg_bin: Path, load: Load) -> Run:
     return run
 
 
-def bench_replicated(base: Path, ack: str, pg_bin: Path, load: Load) -> tuple[Run, str]:
-    """pgbench with the data directory inside the primary's mount; the run and the committed sum of balances."""
-    with replicated_pair(base, ack) as (mnt, primary, _):
+def bench_replicated(base: Path, ack: str, pg_bin: Path, load: Load, extra: Sequence[str] = ()) -> tuple[Run, str]:
+    """pgbench with the data directory inside the primary's mount; the run and the committed sum of balances.
+
+    `extra`: more arguments for both replicators."""
+    with replicated_pair(base, ack, extra) as (mnt, primary, _):
         pg = Server(pg_bin, _postgres_dir(mnt / "pg"), _postgres_dir(base / f"run-replicated-{ack}"))
         try:
             run = bench(pg, load)
@@ -177,10 +180,10 @@ def _log(base: Path, ack: str) -> Path:
     return base / f"replicators-{ack}.log"
 
 
-def run_mode(base: Path, ack: str, pg_bin: Path, load: Load) -> Row:
+def run_mode(base: Path, ack: str, pg_bin: Path, load: Load, extra: Sequence[str] = ()) -> Row:
     """Local then replicated pgbench in `ack` mode, then the check of the secondary's copy."""
     local = bench_local(base, ack, pg_bin, load)
-    replicated, balance = bench_replicated(base, ack, pg_bin, load)
+    replicated, balance = bench_replicated(base, ack, pg_bin, load, extra)
     check_copy(base, ack, pg_bin, load, balance)
     return Row(ack, local, replicated)
 
@@ -220,6 +223,7 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--clients", type=int, help=f"pgbench clients (default {FULL.clients})")
     p.add_argument("--seconds", type=int, help=f"length of each timed run (default {FULL.seconds})")
     p.add_argument("--scale", type=int, help=f"pgbench scale factor (default {FULL.scale})")
+    add_replicator_arguments(p)
     disk.add_arguments(p, fresh_gib=0)
     args = p.parse_args(argv)
     base_load = QUICK if args.quick else FULL
@@ -237,7 +241,7 @@ def main(argv: list[str] | None = None) -> None:
     with disk.work_dir(args.dir, "tandem-pgbench-", args.fresh_fs) as base:
         base.chmod(0o755)  # the postgres user must traverse it
         try:
-            rows = [run_mode(base, ack, pg_bin, load) for ack in args.modes.split(",")]
+            rows = [run_mode(base, ack, pg_bin, load, replicator_arguments(args)) for ack in args.modes.split(",")]
         except BaseException:
             _show_logs(base)
             raise

@@ -323,11 +323,8 @@ def render(ack: str, rows: list[Row], rss: float, cpu: tuple[float, ...]) -> str
     return "\n".join(out)
 
 
-def main(argv: list[str] | None = None) -> None:
-    """Run the benchmarks and print markdown tables."""
-    p = argparse.ArgumentParser(prog="python -m bench.replication", description=__doc__)
-    p.add_argument("--quick", action="store_true", help="smaller sizes (256 MiB dd, 2,000 files), ~1 minute")
-    p.add_argument("--modes", default="received,durable,fsync", help="comma-separated ack modes")
+def add_replicator_arguments(p: argparse.ArgumentParser) -> None:
+    """The options a benchmark passes on to both replicators (replicator_arguments)."""
     p.add_argument(
         "--keep-cpus-awake",
         metavar="SECONDS",
@@ -345,6 +342,28 @@ def main(argv: list[str] | None = None) -> None:
         help="passed to both replicators: writes and fsyncs served through Python, not the native data path",
     )
     p.add_argument(
+        "--no-native-creates",
+        action="store_true",
+        help="passed to both replicators: creates and unlinks served through Python, writes still natively",
+    )
+
+
+def replicator_arguments(args: argparse.Namespace) -> list[str]:
+    """The replicators' own arguments for what add_replicator_arguments parsed."""
+    extra = [] if args.keep_cpus_awake is None else ["--keep-cpus-awake", args.keep_cpus_awake]
+    extra += [] if args.event_loop is None else ["--event-loop", args.event_loop]
+    for flag in ("no_native_answers", "no_native_writes", "no_native_creates"):
+        extra += [f"--{flag.replace('_', '-')}"] if getattr(args, flag) else []
+    return extra
+
+
+def main(argv: list[str] | None = None) -> None:
+    """Run the benchmarks and print markdown tables."""
+    p = argparse.ArgumentParser(prog="python -m bench.replication", description=__doc__)
+    p.add_argument("--quick", action="store_true", help="smaller sizes (256 MiB dd, 2,000 files), ~1 minute")
+    p.add_argument("--modes", default="received,durable,fsync", help="comma-separated ack modes")
+    add_replicator_arguments(p)
+    p.add_argument(
         "--fuse-profile",
         action="store_true",
         help="also count and time the FUSE requests of each replicated run (perf, the kernel's fuse tracepoints)",
@@ -353,10 +372,7 @@ def main(argv: list[str] | None = None) -> None:
     args = p.parse_args(argv)
     if args.fuse_profile:
         fuse_profile.require(p)
-    extra = [] if args.keep_cpus_awake is None else ["--keep-cpus-awake", args.keep_cpus_awake]
-    extra += [] if args.event_loop is None else ["--event-loop", args.event_loop]
-    extra += ["--no-native-answers"] if args.no_native_answers else []
-    extra += ["--no-native-writes"] if args.no_native_writes else []
+    extra = replicator_arguments(args)
     sizes = QUICK if args.quick else FULL
     header("bench.replication", argv, args)
     with disk.work_dir(args.dir, "tandem-bench-", args.fresh_fs) as tmp:
