@@ -275,6 +275,28 @@ def test_a_full_secondary_disk_is_a_reported_error_not_a_silent_divergence(
         subprocess.run(["umount", "-l", str(pair.secondary_dir)], check=False)
 
 
+@pytest.mark.slow
+@pytest.mark.parametrize("ack", ["received", "durable"])
+def test_a_secondary_out_of_inodes_is_a_reported_error(pair: Pair, ack: str) -> None:
+    """Creates the primary's native path serves and the secondary cannot make: reported, as a full
+    disk is, and the primary keeps every file."""
+    opts = "size=16m,nr_inodes=40"
+    subprocess.run(["mount", "-t", "tmpfs", "-o", opts, "tmpfs", str(pair.secondary_dir)], check=True)
+    try:
+        pair.start(ack, None)
+        for i in range(100):
+            (pair.primary_dir / f"f{i}").write_bytes(b"%d" % i)
+        assert sorted(os.listdir(pair.primary_dir)) == sorted(f"f{i}" for i in range(100))
+        error = pair.wait_event("primary", lambda e: e["event"] == "error")
+        assert "No space left on device" in error["message"], error
+        assert pair.stop("primary") == 0
+        assert pair.stop("secondary") == 0
+        served = re.findall(r"\bcreate=(\d+)", pair.log("primary"))
+        assert served and int(served[-1]) > 0, "the native path served no create"
+    finally:
+        subprocess.run(["umount", "-l", str(pair.secondary_dir)], check=False)
+
+
 def test_the_primary_keeps_the_pages_of_files_written_through_it(pair: Pair) -> None:
     """A write through the mount changes the file's mtime, and the kernel keeps its cached pages all
     the same (ReplicatedFS.auto_inval_data = False: the primary is its tree's only writer), so that a
