@@ -22,11 +22,12 @@
  *
  * Order. The kernel holds an inode's lock for the whole of a WRITE (and a truncate), so F and Python
  * never change one file at the same time. A Write frame names its file by path, and a rename or an
- * unlink changes what a path names: F only uses a path Python registered in the current generation,
- * and the generation moves on under send_mu as Python's Rename, Unlink or Rmdir frame is numbered.
- * A Write numbered before that frame is applied before it on the secondary, where the old path
- * still names the file; after it, F sends the request to Python, which ships it by the new path and
- * registers that. While a resync runs Python serves everything (te_serve(0)).
+ * rmdir changes what a path names: F only uses a path Python registered in the current generation,
+ * and the generation moves on under send_mu as Python's Rename or Rmdir frame is numbered. A Write
+ * numbered before that frame is applied before it on the secondary, where the old path still names
+ * the file; after it, F sends the request to Python, which ships it by the new path and registers
+ * that. An unlink changes only the path it removes: a file registered by that path keeps none
+ * (te_unnamed), the rest are unchanged. While a resync runs Python serves everything (te_serve(0)).
  *
  * Lock order: send_mu, then tab_mu. R never holds send_mu while it waits on anything.
  */
@@ -446,6 +447,7 @@ static int te_send_numbered(uint8_t *prefix_and_head, size_t head_len, const voi
 
 struct te_target {
     int fd;
+    uint64_t fh; /* the registered file (te_target), 0 for a directory's */
     uint64_t gen;
     uint64_t unsynced;
     size_t plen;
@@ -460,7 +462,7 @@ static int te_target(uint64_t fh, struct te_target *t, int take_unsynced)
     struct te_file *f = *te_file_slot(fh);
     if (f != NULL && f->plen > 0 && f->plen <= sizeof(t->path) &&
         f->gen == __atomic_load_n(&E.gen, __ATOMIC_ACQUIRE)) {
-        t->fd = f->fd, t->gen = f->gen, t->plen = f->plen, t->unsynced = f->unsynced;
+        t->fd = f->fd, t->fh = fh, t->gen = f->gen, t->plen = f->plen, t->unsynced = f->unsynced;
         memcpy(t->path, f->path, f->plen);
         if (take_unsynced && f->unsynced < TE_INLINE_SYNC_BYTES)
             f->unsynced = 0;
@@ -493,10 +495,17 @@ static int te_plain(int fd, uint32_t write_flags)
     return 1;
 }
 
-/* Under send_mu: may a frame built for t still be numbered? (serving, the stream, t's path) */
+/* Under send_mu: may a frame built for t still be numbered? (serving, the stream, t's path: of its
+ * generation, and still the file's, which Python's Unlink of it takes away, te_unnamed) */
 static int te_still(const struct te_target *t)
 {
-    return te_may_serve() && E.sock >= 0 && t->gen == __atomic_load_n(&E.gen, __ATOMIC_ACQUIRE);
+    if (!te_may_serve() || E.sock < 0 || t->gen != __atomic_load_n(&E.gen, __ATOMIC_ACQUIRE))
+        return 0;
+    pthread_mutex_lock(&E.tab_mu);
+    struct te_file *f = *te_file_slot(t->fh);
+    int named = f != NULL && f->plen == t->plen && memcmp(f->path, t->path, t->plen) == 0;
+    pthread_mutex_unlock(&E.tab_mu);
+    return named;
 }
 
 static int64_t te_ns(struct timespec ts)
@@ -751,7 +760,7 @@ static int te_nameless(uint64_t ino, struct te_target *t)
     struct te_node *node = *te_node_slot(ino);
     if (node != NULL && fstat(node->fd, &st) == 0 && S_ISREG(st.st_mode) && st.st_nlink == 0 &&
         (t->fd = fcntl(node->fd, F_DUPFD_CLOEXEC, 0)) >= 0)
-        found = 1, t->plen = 0;
+        found = 1, t->fh = 0, t->plen = 0;
     pthread_mutex_unlock(&E.tab_mu);
     return found;
 }
@@ -864,7 +873,7 @@ static int te_parent(uint64_t ino, struct te_target *t)
     if (node != NULL && node->dir && node->path != NULL && node->plen <= sizeof(t->path) &&
         node->gen == __atomic_load_n(&E.gen, __ATOMIC_ACQUIRE) &&
         (t->fd = fcntl(node->fd, F_DUPFD_CLOEXEC, 0)) >= 0) {
-        t->gen = node->gen, t->plen = node->plen;
+        t->fh = 0, t->gen = node->gen, t->plen = node->plen;
         memcpy(t->path, node->path, node->plen);
         ok = 1;
     }
@@ -1617,8 +1626,30 @@ static void te_detach(int abort)
     pthread_mutex_unlock(&E.send_mu);
 }
 
+/* Python's Unlink of the path its header has at p (after the sequence number): no registered file
+ * keeps that path, so F's frames for it go to Python, which knows it has none. An unlink removes one
+ * name of a file that is no directory, so every other registered path still names what it did. 0,
+ * or -1 if the header does not start with a path (then a new generation does the same). send_mu
+ * held. */
+static int te_unnamed(const uint8_t *p, const uint8_t *end)
+{
+    struct tf_cursor c = {p, end};
+    const uint8_t *path;
+    size_t plen;
+    if (tf_next_bin(&c, &path, &plen) != 0 || plen == 0)
+        return -1;
+    pthread_mutex_lock(&E.tab_mu);
+    for (size_t i = 0; i < TE_BUCKETS; i++)
+        for (struct te_file *f = E.files[i]; f != NULL; f = f->next)
+            if (f->plen == plen && memcmp(f->path, path, plen) == 0)
+                f->plen = 0;
+    pthread_mutex_unlock(&E.tab_mu);
+    return 0;
+}
+
 /* Python's frame, with tf_seq_placeholder() in its header when `numbered`. Returns the number it
- * got (0 for an unnumbered frame) or -errno. A Rename, Unlink or Rmdir starts a new generation.
+ * got (0 for an unnumbered frame) or -errno. A Rename or Rmdir starts a new generation; an Unlink
+ * takes its path from the files registered by it (te_unnamed).
  *
  * `unique` (numbered frames only; 0: none): the FUSE request this frame ends. Its reply, which
  * Python writes next (te_hold_reply), reaches the kernel only once the secondary answered the frame
@@ -1640,7 +1671,7 @@ static int64_t te_send(uint8_t *head, size_t head_len, const void *data, size_t 
         free(held);
         return -ENOTCONN;
     }
-    if (op == 22 || op == 23 || op == 24)
+    if (op == 23 || op == 24 || (op == 22 && te_unnamed(head + seq_at + 8, head + head_len) != 0))
         __atomic_add_fetch(&E.gen, 1, __ATOMIC_RELEASE);
     if (held != NULL) {
         held->unique = unique, held->kind = TE_HELD;

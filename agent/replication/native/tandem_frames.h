@@ -268,7 +268,7 @@ static inline int tf_next_bin(struct tf_cursor *c, const uint8_t **p, size_t *le
     if ((size_t) (c->end - c->p - 1 - bytes) < *len)
         return -1;
     *p = c->p + 1 + bytes;
-    c->p += 1 + bytes + *len;
+    c->p += (size_t) (1 + bytes) + *len;
     return 0;
 }
 

@@ -242,6 +242,36 @@ def test_the_native_path_creates_and_unlinks_and_python_learns_what_it_did(pair:
 
 
 @pytest.mark.slow
+def test_python_unlinking_an_open_files_name_leaves_the_other_paths_to_the_native_path(pair: Pair) -> None:
+    """Python serves the unlink of an open file's name (F does not), and that takes only that path
+    from the native path: the other open files' writes and the next creates stay F's."""
+    pair.start("received")
+    top = pair.primary_dir
+    (top / "d").mkdir()
+    fds = [os.open(top / "d" / f"f{i}", os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o644) for i in range(8)]
+    held = os.open(top / "d" / "held", os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o644)
+    try:
+        for fd in fds:
+            os.write(fd, b"before ")
+        (top / "d" / "held").unlink()  # open: Python's
+        os.write(held, b"reaches no file on the secondary")
+        for fd in fds:
+            os.write(fd, b"after")
+        for i in range(8):
+            (top / "d" / f"new{i}").write_bytes(b"new")
+            (top / f"root{i}").write_bytes(b"root")
+    finally:
+        for fd in [*fds, held]:
+            os.close(fd)
+    stop_both(pair)
+    assert_same_trees(pair)
+    assert not (pair.secondary_dir / "d" / "held").exists()
+    counts = _counts(pair.log("primary"))
+    # Writes: 8 before and 8 after the unlink, and the 16 new files'; creates: 9 + 16.
+    assert counts["write"] >= 32 and counts["create"] >= 25, counts
+
+
+@pytest.mark.slow
 def test_without_native_creates_python_serves_them(pair: Pair) -> None:
     pair.extra = ["--no-native-creates"]
     pair.start("received")
