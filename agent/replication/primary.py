@@ -117,7 +117,7 @@ class ReplicatedFS(Passthrough):
 
     def _serve_entries_in(self, *dirs: int) -> None:
         """Let the native data path create and unlink in these directories, by the paths they have now
-        (until Python's next Rename or Rmdir frame)."""
+        (until Python's next Rename frame)."""
         if self.native_creates:
             for ino in dirs:
                 path = self.inodes.path(ino)

@@ -21,13 +21,13 @@
  * assigns the number and writes the frame at once, so frames leave in the order of their numbers.
  *
  * Order. The kernel holds an inode's lock for the whole of a WRITE (and a truncate), so F and Python
- * never change one file at the same time. A Write frame names its file by path, and a rename or an
- * rmdir changes what a path names: F only uses a path Python registered in the current generation,
- * and the generation moves on under send_mu as Python's Rename or Rmdir frame is numbered. A Write
- * numbered before that frame is applied before it on the secondary, where the old path still names
- * the file; after it, F sends the request to Python, which ships it by the new path and registers
- * that. An unlink changes only the path it removes: a file registered by that path keeps none
- * (te_unnamed), the rest are unchanged. While a resync runs Python serves everything (te_serve(0)).
+ * never change one file at the same time. A Write frame names its file by path, and a rename
+ * changes what paths name: F only uses a path Python registered in the current generation, and the
+ * generation moves on under send_mu as Python's Rename frame is numbered. A Write numbered before
+ * that frame is applied before it on the secondary, where the old path still names the file; after
+ * it, F sends the request to Python, which ships it by the new path and registers that. An unlink
+ * or an rmdir changes only the path it removes: what was registered by that path keeps none
+ * (te_unnamed), the rest is unchanged. While a resync runs Python serves everything (te_serve(0)).
  *
  * Lock order: send_mu, then tab_mu. R never holds send_mu while it waits on anything.
  */
@@ -496,7 +496,7 @@ static int te_plain(int fd, uint32_t write_flags)
 }
 
 /* Under send_mu: may a frame built for t still be numbered? (serving, the stream, t's path: of its
- * generation, and still the file's, which Python's Unlink of it takes away, te_unnamed) */
+ * generation, and still the file's, which Python's Unlink or Rmdir of it takes away, te_unnamed) */
 static int te_still(const struct te_target *t)
 {
     if (!te_may_serve() || E.sock < 0 || t->gen != __atomic_load_n(&E.gen, __ATOMIC_ACQUIRE))
@@ -1626,11 +1626,18 @@ static void te_detach(int abort)
     pthread_mutex_unlock(&E.send_mu);
 }
 
-/* Python's Unlink of the path its header has at p (after the sequence number): no registered file
- * keeps that path, so F's frames for it go to Python, which knows it has none. An unlink removes one
- * name of a file that is no directory, so every other registered path still names what it did. 0,
- * or -1 if the header does not start with a path (then a new generation does the same). send_mu
- * held. */
+/* Is `have` the path `gone`, or beneath it? */
+static int te_within(const char *have, size_t hlen, const uint8_t *gone, size_t glen)
+{
+    return hlen >= glen && memcmp(have, gone, glen) == 0 && (hlen == glen || have[glen] == '/');
+}
+
+/* Python's Unlink or Rmdir of the path its header has at p (after the sequence number): no
+ * registered file or directory keeps that path, or one beneath it, so F's frames for them go to
+ * Python, which knows they have none. An unlink removes one name of a file that is no directory, an
+ * rmdir an empty directory: every other registered path still names what it did, so no generation
+ * starts. 0, or -1 if the header does not start with a path (then a new generation does the same).
+ * send_mu held. */
 static int te_unnamed(const uint8_t *p, const uint8_t *end)
 {
     struct tf_cursor c = {p, end};
@@ -1639,17 +1646,23 @@ static int te_unnamed(const uint8_t *p, const uint8_t *end)
     if (tf_next_bin(&c, &path, &plen) != 0 || plen == 0)
         return -1;
     pthread_mutex_lock(&E.tab_mu);
-    for (size_t i = 0; i < TE_BUCKETS; i++)
+    for (size_t i = 0; i < TE_BUCKETS; i++) {
         for (struct te_file *f = E.files[i]; f != NULL; f = f->next)
-            if (f->plen == plen && memcmp(f->path, path, plen) == 0)
+            if (te_within(f->path, f->plen, path, plen))
                 f->plen = 0;
+        for (struct te_node *node = E.nodes[i]; node != NULL; node = node->next)
+            if (node->path != NULL && te_within(node->path, node->plen, path, plen)) {
+                free(node->path);
+                node->path = NULL, node->plen = 0;
+            }
+    }
     pthread_mutex_unlock(&E.tab_mu);
     return 0;
 }
 
 /* Python's frame, with tf_seq_placeholder() in its header when `numbered`. Returns the number it
- * got (0 for an unnumbered frame) or -errno. A Rename or Rmdir starts a new generation; an Unlink
- * takes its path from the files registered by it (te_unnamed).
+ * got (0 for an unnumbered frame) or -errno. A Rename starts a new generation; an Unlink or Rmdir
+ * takes its path away from what was registered by it (te_unnamed).
  *
  * `unique` (numbered frames only; 0: none): the FUSE request this frame ends. Its reply, which
  * Python writes next (te_hold_reply), reaches the kernel only once the secondary answered the frame
@@ -1671,7 +1684,8 @@ static int64_t te_send(uint8_t *head, size_t head_len, const void *data, size_t 
         free(held);
         return -ENOTCONN;
     }
-    if (op == 23 || op == 24 || (op == 22 && te_unnamed(head + seq_at + 8, head + head_len) != 0))
+    /* 22 Unlink, 23 Rmdir, 24 Rename */
+    if (op == 24 || ((op == 22 || op == 23) && te_unnamed(head + seq_at + 8, head + head_len) != 0))
         __atomic_add_fetch(&E.gen, 1, __ATOMIC_RELEASE);
     if (held != NULL) {
         held->unique = unique, held->kind = TE_HELD;

@@ -242,12 +242,16 @@ def test_the_native_path_creates_and_unlinks_and_python_learns_what_it_did(pair:
 
 
 @pytest.mark.slow
-def test_python_unlinking_an_open_files_name_leaves_the_other_paths_to_the_native_path(pair: Pair) -> None:
-    """Python serves the unlink of an open file's name (F does not), and that takes only that path
-    from the native path: the other open files' writes and the next creates stay F's."""
+def test_python_unlinking_an_open_files_name_or_an_rmdir_leaves_the_other_paths_to_the_native_path(
+    pair: Pair,
+) -> None:
+    """Python serves the unlink of an open file's name (F does not) and rmdir, and each takes only its
+    own path from the native path: the other open files' writes and the next creates stay F's."""
     pair.start("received")
     top = pair.primary_dir
     (top / "d").mkdir()
+    (top / "gone" / "deeper").mkdir(parents=True)
+    (top / "gone" / "deeper" / "f").write_bytes(b"f")
     fds = [os.open(top / "d" / f"f{i}", os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o644) for i in range(8)]
     held = os.open(top / "d" / "held", os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o644)
     try:
@@ -255,6 +259,11 @@ def test_python_unlinking_an_open_files_name_leaves_the_other_paths_to_the_nativ
             os.write(fd, b"before ")
         (top / "d" / "held").unlink()  # open: Python's
         os.write(held, b"reaches no file on the secondary")
+        (top / "gone" / "deeper" / "f").unlink()
+        (top / "gone" / "deeper").rmdir()
+        (top / "gone").rmdir()
+        (top / "gone").mkdir()  # the same path again, a new directory: F creates in it
+        (top / "gone" / "again").write_bytes(b"again")
         for fd in fds:
             os.write(fd, b"after")
         for i in range(8):
@@ -267,8 +276,8 @@ def test_python_unlinking_an_open_files_name_leaves_the_other_paths_to_the_nativ
     assert_same_trees(pair)
     assert not (pair.secondary_dir / "d" / "held").exists()
     counts = _counts(pair.log("primary"))
-    # Writes: 8 before and 8 after the unlink, and the 16 new files'; creates: 9 + 16.
-    assert counts["write"] >= 32 and counts["create"] >= 25, counts
+    # Writes: 8 before and 8 after the unlink, and the 18 new files'; creates: 10 + 17.
+    assert counts["write"] >= 34 and counts["create"] >= 27, counts
 
 
 @pytest.mark.slow
