@@ -129,6 +129,7 @@ class Resync:
                 roots, self.recheck = self._roots(), set()
             else:
                 raise ResyncError(f"the tree kept changing for {ROUNDS} rounds")
+            self.sender.resynced()
         finally:
             self.sender.observer = self.sender.on_error = None
         self.stats.wire_bytes = self.sender.sent_bytes - start_bytes

@@ -56,6 +56,8 @@ class Sender:
         self.closed = asyncio.Event()
         self.on_error: ErrorHandler | None = None
         self._observer: Callable[[m.Message], None] | None = None
+        # The resync of the current stream ended with both trees equal (resynced).
+        self._resynced = False
         self.sent_bytes = 0
         self._conn: FrameConnection | None = None
         self._pending: dict[int, asyncio.Future[m.Message]] = {}
@@ -89,6 +91,7 @@ class Sender:
                 raise
         self.stream, self.closed = stream, asyncio.Event()
         self.peer, self._conn, self.connected = peer, conn, True
+        self._resynced = False
         self._serve()
         self._heard = asyncio.get_running_loop().time()
         conn.deliver(self._answer, self._ended)
@@ -112,10 +115,18 @@ class Sender:
         self._observer = observer
         self._serve()
 
+    def resynced(self) -> None:
+        """The resync of this stream made both trees equal: the native data path may serve."""
+        self._resynced = True
+        self._serve()
+
     def _serve(self) -> None:
-        """Let the native data path serve writes and fsyncs while a stream is up and nothing watches."""
+        """Let the native data path serve writes and fsyncs while a stream is up, its resync is done
+        and nothing watches. Not before the resync: its thread does not wait for the event loop, and
+        a write it shipped between the stream's start and the resync's first frame would reach a
+        secondary that does not know yet that its tree is being repaired."""
         if isinstance(self._conn, engine.EngineConnection):
-            pyfuse3.engine_serve(self.connected and self._observer is None)
+            pyfuse3.engine_serve(self.connected and self._observer is None and self._resynced)
 
     def submit(self, msg: m.Message, reply: int = 0) -> asyncio.Future[m.Message] | None:
         """Send one live operation now, in call order; None when no peer is connected (running alone).
