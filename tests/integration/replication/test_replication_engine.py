@@ -422,9 +422,9 @@ async def test_the_secondary_sets_a_files_times_itself_and_leaves_the_rest_to_py
         for seq, op in enumerate(ops, 1):
             link.conn.send_nowait(Frame(seq, op))
             _merge(got, await _answers(link.conn, lambda answers, seq=seq: seq in answers))
-            if seq == 4:
-                st = os.stat(root / "d" / "f")
-                assert (st.st_atime_ns, st.st_mtime_ns) == (T1, T2)
+            if seq == 4:  # `received`: acknowledged on receipt, perhaps before it is applied
+                f = root / "d" / "f"
+                await _applied(lambda f=f: (os.stat(f).st_atime_ns, os.stat(f).st_mtime_ns) == (T1, T2))
         last = len(ops)
         if mode is not AckMode.DURABLE:  # Ack on receipt, then a Fault
             _merge(got, await _answers(link.conn, lambda answers: isinstance(answers.get(last, [None])[-1], m.Fault)))
