@@ -219,7 +219,11 @@ class Module(Resource):
 class ReplicatedDirSpec(Model):
     module: DnsLabel
     path: AbsolutePath
-    exclude: list[str] = Field(default_factory=list, description="glob patterns, relative to path")
+    exclude: list[str] = Field(
+        default_factory=list,
+        description="reserved: glob patterns, relative to path, not to replicate; not implemented yet, so a "
+        "non-empty list is refused",
+    )
     ack: Literal["received", "durable", "fsync"] = "received"
     split_brain: Literal["keepPreferred", "keepRecent", "manual"] = "keepRecent"
     keep_cpus_awake: bool = Field(
@@ -235,6 +239,14 @@ class ReplicatedDirSpec(Model):
         for glob in globs:
             if not glob or glob.startswith("/") or ".." in glob.split("/"):
                 raise ValueError(f"exclude pattern {glob!r} must be relative to the directory, without '..'")
+        if globs:
+            # Ignoring the patterns would replicate the files they name over the secondary's own copies
+            # (and remove the secondary's files the primary lacks): refused until the replicator honours them.
+            raise ValueError(
+                f"exclude {globs!r} is not supported yet: the replicator replicates every file under path, and "
+                "would overwrite the secondary's own copies of these files; remove exclude "
+                "(docs/dev/replication.md, 'Excluded paths')"
+            )
         return globs
 
 

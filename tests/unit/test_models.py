@@ -132,3 +132,17 @@ def test_replicated_dirs_keep_cpus_awake_unless_told_not_to() -> None:
     assert rdir(keepCpusAwake=False).spec.keep_cpus_awake is False
     with pytest.raises(ValidationError, match="keepCpusAwake"):
         rdir(keepCpusAwake="sometimes")
+
+
+def test_exclude_is_refused_until_the_replicator_honours_it() -> None:
+    def rdir(**spec: Any) -> ReplicatedDir:
+        return ReplicatedDir.model_validate(
+            {"kind": "ReplicatedDir", "metadata": {"name": "d"}, "spec": {"module": "m", "path": "/srv/d", **spec}}
+        )
+
+    assert rdir(exclude=[]).spec.exclude == []
+    with pytest.raises(ValidationError, match=r"exclude \['\*\.tmp'\] is not supported yet.*overwrite the secondary"):
+        rdir(exclude=["*.tmp"])
+    # A hostile pattern is still named as such first.
+    with pytest.raises(ValidationError, match="must be relative to the directory"):
+        rdir(exclude=["../etc/*"])
