@@ -344,7 +344,7 @@ def add_replicator_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument(
         "--no-native-creates",
         action="store_true",
-        help="passed to both replicators: creates and unlinks served through Python, writes still natively",
+        help="passed to both replicators: creates, unlinks and opens served through Python, writes still natively",
     )
 
 

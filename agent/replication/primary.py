@@ -105,6 +105,11 @@ class ReplicatedFS(Passthrough):
             if event[0] == "release":
                 # Its fd is closed already: out of the table (no request on it can come).
                 self._files.pop(event[1], None)
+            elif event[0] == "open":
+                # Opened for reading: pyfuse3 answers its READs from this table; the fd stays the
+                # engine's, which closes it at RELEASE (and says so with a "release" event).
+                _, fh, fd, ino = event
+                self._files[fh] = (fd, ino)
             elif event[0] == "create":
                 _, parent, name, key, ino, opath, fh, fd = event
                 self.inodes.adopt(ino, opath, key, parent, name)

@@ -121,8 +121,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         "--native-creates",
         action=argparse.BooleanOptionalAction,
         default=True,
-        help="with --native-writes, the primary's native data path creates and unlinks files too (default: yes; "
-        "no: through Python, for comparisons)",
+        help="with --native-writes, the primary's native data path creates, unlinks and opens for reading files "
+        "too (default: yes; no: through Python, for comparisons)",
     )
     p.add_argument(
         "--open-files-limit",
@@ -174,7 +174,7 @@ async def run_primary(args: argparse.Namespace, events: Events) -> None:
     if engine.available():
         log.info(
             "The native data path serves writes and fsyncs%s (ack=%s)",
-            ", creates and unlinks" if fs.native_creates else "",
+            ", creates and unlinks, opens for reading" if fs.native_creates else "",
             args.ack,
         )
         if awake.requested:

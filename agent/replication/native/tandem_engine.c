@@ -90,7 +90,7 @@ struct te_node {
 };
 
 /* What F did to the tree that Python's tables must learn (te_take_event), in order. */
-enum { TE_EV_CREATE = 1, TE_EV_UNLINK = 2, TE_EV_RELEASE = 3 };
+enum { TE_EV_CREATE = 1, TE_EV_UNLINK = 2, TE_EV_RELEASE = 3, TE_EV_OPEN = 4 };
 struct te_event {
     struct te_event *next;
     int kind;
@@ -98,8 +98,10 @@ struct te_event {
     size_t nlen;
     char name[256];
     uint64_t dev, st_ino;   /* the entry's inode */
-    uint64_t ino, fh;       /* TE_EV_CREATE: the inode number and file handle F gave; TE_EV_RELEASE: fh */
-    int opath, fd;          /* TE_EV_CREATE: its O_PATH fd and the open file's fd, Python's now */
+    uint64_t ino, fh;       /* TE_EV_CREATE, TE_EV_OPEN: the inode number and file handle F gave;
+                               TE_EV_RELEASE: fh */
+    int opath, fd;          /* TE_EV_CREATE: its O_PATH fd and the open file's fd, Python's now;
+                               TE_EV_OPEN: the open file's fd (F's: F closes it at RELEASE) */
 };
 
 struct te_wait {
@@ -149,7 +151,7 @@ static struct {
     int answers;              /* F answers from the node table (te_answers) */
     double attr_timeout;      /* GETATTR's validity */
     double negative_timeout;  /* a missing name's; < 0: ENOENT, no negative entry */
-    uint64_t n_write, n_fsync, n_getattr, n_lookup, n_getxattr, n_held, n_setattr, n_create, n_unlink, n_release;
+    uint64_t n_write, n_fsync, n_getattr, n_lookup, n_getxattr, n_held, n_setattr, n_create, n_unlink, n_release, n_open;
     int qos;            /* this engine's own PM QoS request, or -1 */
     int64_t hold_ns;
     int64_t last_ns;
@@ -1176,6 +1178,60 @@ static int te_release(const struct fuse_in_header *in, size_t n)
     return mine;
 }
 
+/* OPEN for reading (O_RDONLY, no O_TRUNC) of an inode of the node table, while F serves creates:
+ * the file opened through its O_PATH fd as Python's open does (passthrough.py, _open_fd), under a
+ * handle of F's, registered without a name (a FSYNC of it goes to Python) so that RELEASE is
+ * answered here and te_unlink sees it open. Python's tables learn the handle from a TE_EV_OPEN
+ * event before pyfuse3 handles the READs of it. Nothing in the tree changes: nothing is shipped.
+ * 1: answered here; 0: the request goes to Python (nothing was done). */
+static int te_open(const struct fuse_in_header *in, size_t n)
+{
+    if (n < sizeof(*in) + sizeof(struct fuse_open_in) || !__atomic_load_n(&E.creates, __ATOMIC_ACQUIRE))
+        return 0;
+    uint32_t flags = ((const struct fuse_open_in *) (in + 1))->flags;
+    if ((flags & O_ACCMODE) != O_RDONLY || (flags & O_TRUNC))
+        return 0;
+    struct te_file *f = malloc(sizeof(*f));
+    struct te_event *ev = calloc(1, sizeof(*ev));
+    int served = 0, err = 0, fd = -1;
+    struct stat st;
+    if (f == NULL || ev == NULL)
+        goto out;
+    pthread_mutex_lock(&E.tab_mu);
+    struct te_node *node = *te_node_slot(in->nodeid);
+    if (node != NULL) { /* opened under the lock: Python closes an O_PATH fd only after dropping it here */
+        char proc[32];
+        snprintf(proc, sizeof(proc), "/proc/self/fd/%d", node->fd);
+        served = 1;
+        /* O_APPEND, O_NOFOLLOW and the creation flags dropped, as Python's _open_fd drops them */
+        fd = open(proc, (int) (flags & ~(uint32_t) (O_CREAT | O_EXCL | O_APPEND | O_NOCTTY | O_NOFOLLOW)) | O_CLOEXEC);
+        if (fd < 0 || fstat(fd, &st) != 0)
+            err = errno;
+    }
+    if (served && !err) {
+        uint64_t fh = TE_FH_BASE + __atomic_add_fetch(&E.next_fh, 1, __ATOMIC_RELAXED);
+        f->fh = fh, f->fd = fd, f->dev = st.st_dev, f->st_ino = st.st_ino, f->gen = 0, f->unsynced = 0;
+        f->plen = 0;
+        ev->kind = TE_EV_OPEN, ev->ino = in->nodeid, ev->fh = fh, ev->fd = fd, ev->opath = -1;
+        te_file_put(f);
+        te_event_put(ev);
+        f = NULL, ev = NULL;
+        struct fuse_open_out out = {.fh = fh, .open_flags = FOPEN_KEEP_CACHE}; /* pyfuse3.FileInfo's default */
+        pthread_mutex_unlock(&E.tab_mu);
+        te_reply(in->unique, 0, &out, sizeof(out));
+        __atomic_add_fetch(&E.n_open, 1, __ATOMIC_RELAXED);
+        goto out;
+    }
+    pthread_mutex_unlock(&E.tab_mu);
+    if (fd >= 0)
+        close(fd);
+    if (err)
+        te_reply(in->unique, err, NULL, 0);
+out:
+    free(f), free(ev);
+    return served;
+}
+
 static void *te_fuse_thread(void *arg)
 {
     (void) arg;
@@ -1216,6 +1272,7 @@ static void *te_fuse_thread(void *arg)
             continue;
         if ((in->opcode == FUSE_RELEASE && te_release(in, (size_t) n)) ||
             (in->opcode == FUSE_WRITE && te_write(in, (size_t) n)) ||
+                   (in->opcode == FUSE_OPEN && te_open(in, (size_t) n)) ||
                    (in->opcode == FUSE_FSYNC && te_fsync(in, (size_t) n)) ||
                    (in->opcode == FUSE_SETATTR && te_setattr(in, (size_t) n)) ||
                    (in->opcode == FUSE_CREATE && te_create(in, (size_t) n)) ||
@@ -1943,8 +2000,8 @@ static const char *te_lost(int *err)
 static unsigned long long te_count(int which)
 {
     uint64_t *counts[] = {&E.n_write, &E.n_fsync, &E.n_getattr, &E.n_lookup, &E.n_getxattr, &E.n_held,
-                          &E.n_setattr, &E.n_create, &E.n_unlink, &E.n_release};
-    return which >= 0 && which < 10 ? __atomic_load_n(counts[which], __ATOMIC_RELAXED) : 0;
+                          &E.n_setattr, &E.n_create, &E.n_unlink, &E.n_release, &E.n_open};
+    return which >= 0 && which < 11 ? __atomic_load_n(counts[which], __ATOMIC_RELAXED) : 0;
 }
 
 static unsigned long long te_seq(void)

@@ -242,6 +242,60 @@ def test_the_native_path_creates_and_unlinks_and_python_learns_what_it_did(pair:
 
 
 @pytest.mark.slow
+@pytest.mark.parametrize("ack", ["received", "fsync"])
+def test_the_native_path_opens_files_for_reading_and_python_reads_and_syncs_them(pair: Pair, ack: str) -> None:
+    """F opens for reading (O_RDONLY, no O_TRUNC); pyfuse3 reads through the handles it learns, Python
+    serves an fsync of one, the unlink and the rename of an open file's name; an O_TRUNC open and
+    every writable open stay Python's; no fd is left behind."""
+    pair.start(ack)
+    top = pair.primary_dir
+    (top / "d").mkdir()
+    baseline = _open_fds(pair.pid("primary"))
+    for i in range(40):
+        (top / "d" / f"f{i}").write_bytes(b"%02d" % i * 3000)  # 6,000 bytes, F's creates
+    os.rename(top / "d" / "f0", top / "d" / "moved")  # an inode Python renamed
+    for i in range(1, 40):
+        fd = os.open(top / "d" / f"f{i}", os.O_RDONLY)
+        try:
+            assert os.pread(fd, 10, 5996) == b"%02d" % i * 2 and os.read(fd, 6) == b"%02d" % i * 3
+        finally:
+            os.close(fd)
+    assert (top / "d" / "moved").read_bytes() == b"00" * 3000
+    # A reader sees what a writer writes meanwhile, through the same page cache.
+    reader = os.open(top / "d" / "f1", os.O_RDONLY)
+    writer = os.open(top / "d" / "f1", os.O_WRONLY)
+    try:
+        os.pwrite(writer, b"fresh", 100)
+        assert os.pread(reader, 5, 100) == b"fresh"
+        os.fsync(reader)  # a read-only handle of F's: Python syncs it
+        # The name of a file open for reading: Python unlinks it (F knows it is open); it still reads.
+        (top / "d" / "f2").write_bytes(b"replaced")
+        held = os.open(top / "d" / "f3", os.O_RDONLY)
+        (top / "d" / "f3").unlink()
+        assert os.pread(held, 4, 0) == b"0303"
+        os.close(held)
+        held = os.open(top / "d" / "f4", os.O_RDONLY)
+        os.rename(top / "d" / "f4", top / "d" / "f4-renamed")
+        assert os.pread(held, 4, 0) == b"0404"
+        os.close(held)
+        os.close(os.open(top / "d" / "f5", os.O_RDONLY | os.O_TRUNC))  # Python's: a truncate shipped
+    finally:
+        os.close(reader)
+        os.close(writer)
+    subprocess.run(["sh", "-c", "echo 2 > /proc/sys/vm/drop_caches"], check=True)
+    deadline = time.monotonic() + 10
+    while _open_fds(pair.pid("primary")) > baseline + 5 and time.monotonic() < deadline:
+        time.sleep(0.1)
+    assert _open_fds(pair.pid("primary")) <= baseline + 5, (baseline, os.listdir(f"/proc/{pair.pid('primary')}/fd"))
+    stop_both(pair)
+    assert_same_trees(pair)
+    assert (pair.secondary_dir / "d" / "f5").read_bytes() == b""
+    assert not (pair.secondary_dir / "d" / "f3").exists()
+    counts = _counts(pair.log("primary"))
+    assert counts["engine_open"] >= 42, counts
+
+
+@pytest.mark.slow
 def test_python_unlinking_an_open_files_name_or_an_rmdir_leaves_the_other_paths_to_the_native_path(
     pair: Pair,
 ) -> None:
