@@ -122,27 +122,23 @@ def test_a_cluster_node_needs_an_address_on_every_network() -> None:
         )
 
 
-def test_replicated_dirs_keep_cpus_awake_unless_told_not_to() -> None:
-    def rdir(**spec: Any) -> ReplicatedDir:
-        return ReplicatedDir.model_validate(
-            {"kind": "ReplicatedDir", "metadata": {"name": "d"}, "spec": {"module": "m", "path": "/srv/d", **spec}}
-        )
+def _rdir(**spec: Any) -> ReplicatedDir:
+    return ReplicatedDir.model_validate(
+        {"kind": "ReplicatedDir", "metadata": {"name": "d"}, "spec": {"module": "m", "path": "/srv/d", **spec}}
+    )
 
-    assert rdir().spec.keep_cpus_awake is True
-    assert rdir(keepCpusAwake=False).spec.keep_cpus_awake is False
+
+def test_replicated_dirs_keep_cpus_awake_unless_told_not_to() -> None:
+    assert _rdir().spec.keep_cpus_awake is True
+    assert _rdir(keepCpusAwake=False).spec.keep_cpus_awake is False
     with pytest.raises(ValidationError, match="keepCpusAwake"):
-        rdir(keepCpusAwake="sometimes")
+        _rdir(keepCpusAwake="sometimes")
 
 
 def test_exclude_is_refused_until_the_replicator_honours_it() -> None:
-    def rdir(**spec: Any) -> ReplicatedDir:
-        return ReplicatedDir.model_validate(
-            {"kind": "ReplicatedDir", "metadata": {"name": "d"}, "spec": {"module": "m", "path": "/srv/d", **spec}}
-        )
-
-    assert rdir(exclude=[]).spec.exclude == []
+    assert _rdir(exclude=[]).spec.exclude == []
     with pytest.raises(ValidationError, match=r"exclude \['\*\.tmp'\] is not supported yet.*overwrite the secondary"):
-        rdir(exclude=["*.tmp"])
+        _rdir(exclude=["*.tmp"])
     # A hostile pattern is still named as such first.
     with pytest.raises(ValidationError, match="must be relative to the directory"):
-        rdir(exclude=["../etc/*"])
+        _rdir(exclude=["../etc/*"])
