@@ -28,16 +28,23 @@ _R = TypeVar("_R")
 
 
 def passes_errors(fn: Callable[_P, Awaitable[_R]]) -> Callable[_P, Awaitable[_R]]:
-    """Turn every OSError into the same errno for the caller, never a generic EIO."""
+    """Turn every OSError into the same errno for the caller, never a generic EIO; any other error
+    (a bug here) into EIO, logged with its traceback: pyfuse3 would leave the request unanswered,
+    and the caller would wait for ever."""
 
     @functools.wraps(fn)
     async def wrapper(*args: _P.args, **kwargs: _P.kwargs) -> _R:
         try:
             return await fn(*args, **kwargs)
+        except pyfuse3.FUSEError:
+            raise
         except OSError as exc:
             if exc.errno in (errno.EMFILE, errno.ENFILE):
                 _out_of_fds(exc)
             raise pyfuse3.FUSEError(exc.errno or errno.EIO) from exc
+        except Exception as exc:
+            log.exception("FUSE %s failed (a bug in Tandem); the caller gets EIO", fn.__name__)
+            raise pyfuse3.FUSEError(errno.EIO) from exc
 
     return wrapper
 
