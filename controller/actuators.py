@@ -117,6 +117,7 @@ class Actuators:
                     peer=(ctx.peer_address, port) if role == "prim" else None,
                     listen=(ctx.address, port) if role != "prim" else None,
                     ack=rdir.spec.ack,
+                    exclude=tuple(rdir.spec.exclude),
                     keep_cpus_awake=rdir.spec.keep_cpus_awake,
                     secret_file=secret if secret.exists() else None,
                     log_path=self.state_dir / "logs" / f"{rdir.name}.replicator.log",

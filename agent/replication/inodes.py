@@ -141,6 +141,14 @@ class Inodes:
             seen += 1
         return b"/".join(reversed(parts))
 
+    def paths(self, ino: int) -> list[bytes]:
+        """Every root-relative path of the inode's names the kernel knows (hard links), sorted."""
+        node = self._nodes.get(ino)
+        if node is None:
+            return []
+        found = (self.entry_path(parent, name) for parent, name in node.names)
+        return sorted(p for p in found if p is not None)
+
     def entry_path(self, parent: int, name: bytes) -> bytes | None:
         """The root-relative path of an entry name in a known directory."""
         base = self.path(parent)

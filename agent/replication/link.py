@@ -7,6 +7,7 @@ import logging
 
 from agent.replication.beneath import PathEscape
 from agent.replication.events import Events
+from agent.replication.exclude import NOTHING, Exclude
 from agent.replication.resync import Resync, ResyncError
 from agent.replication.sender import Sender
 from agent.replication.wire import ProtocolError
@@ -19,8 +20,11 @@ RETRY_AFTER_FAILURE = 2.0
 class PeerLink:
     """(Re)connects the Sender to the secondary, runs a resync each time, and emits `peer` events."""
 
-    def __init__(self, sender: Sender, root_fd: int, events: Events, peer: tuple[str, int]) -> None:
+    def __init__(
+        self, sender: Sender, root_fd: int, events: Events, peer: tuple[str, int], exclude: Exclude = NOTHING
+    ) -> None:
         self.sender = sender
+        self.exclude = exclude
         self.root_fd = root_fd
         self.events = events
         self.host, self.port = peer
@@ -59,7 +63,7 @@ class PeerLink:
         """Resync, report in-sync, then wait for the stream to end; return why it ended."""
         self.sender.on_error = None
         try:
-            stats = await Resync(self.root_fd, self.sender, self.events).run()
+            stats = await Resync(self.root_fd, self.sender, self.events, self.exclude).run()
         except (ResyncError, ProtocolError, PathEscape, OSError) as exc:
             if isinstance(exc, ConnectionError) and not self.sender.connected:
                 return self.sender.lost_reason or str(exc), False

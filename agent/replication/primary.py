@@ -14,8 +14,10 @@ from typing import Any
 
 import pyfuse3
 
+from agent.replication import fresh, listing, syscalls
 from agent.replication import messages as m
-from agent.replication import syscalls
+from agent.replication.beneath import Beneath, PathEscape
+from agent.replication.exclude import NOTHING, Exclude
 from agent.replication.inodes import ROOT
 from agent.replication.passthrough import Passthrough, passes_errors
 from agent.replication.sender import Sender
@@ -39,6 +41,10 @@ class ReplicatedFS(Passthrough):
     It asks the kernel for HANDLE_KILLPRIV_V2 (with Tandem's pyfuse3 patch): the kernel then sends no
     GETXATTR(security.capability) before each write, one request less per write(), and leaves it to
     this file system to drop the file capability and the set-ID bits (`_kill_privs`).
+
+    With `exclude` (ReplicatedDir.exclude) an operation on excluded paths only is applied here and
+    not shipped, but for the times of the replicated directories it changed; an entry that crosses
+    the boundary by rename or link is removed from the secondary or shipped there whole (_arrived).
     """
 
     handle_killpriv_v2 = True
@@ -56,9 +62,11 @@ class ReplicatedFS(Passthrough):
         writeback: bool = False,
         engine: bool = True,
         creates: bool = True,
+        exclude: Exclude = NOTHING,
     ) -> None:
         super().__init__(root_fd, timeout=timeout)
         self.sender = sender
+        self.exclude = exclude
         self.enable_writeback_cache = writeback
         # The native data path (agent/replication/native, with Tandem's pyfuse3): its thread serves
         # WRITE, FSYNC and the SETATTR of times (the writeback cache's mtime, `fsync` mode) of the
@@ -67,7 +75,8 @@ class ReplicatedFS(Passthrough):
         self.tandem_engine = engine and hasattr(pyfuse3, "engine_file")
         # ... and CREATE and UNLINK in the directories registered with it (_serve_entries_in), once
         # the mount runs it (engine_mounted).
-        self._creates = creates and self.tandem_engine and hasattr(pyfuse3, "engine_creates")
+        # Not with excluded paths: F has no matcher, and would ship the creates of excluded names.
+        self._creates = creates and self.tandem_engine and hasattr(pyfuse3, "engine_creates") and not exclude
         self.native_creates = False
         self._unsynced: dict[int, int] = {}
         # Inodes known to carry no file capability: the kernel asks before every write().
@@ -132,16 +141,35 @@ class ReplicatedFS(Passthrough):
     def _fix(self, *inos: int | None) -> m.Times:
         fixes = []
         for ino in dict.fromkeys(i for i in inos if i is not None):
-            path = self.inodes.path(ino)
+            path = self._path(ino)
             if path is not None:
                 st = os.fstat(self.inodes.fd(ino))
                 fixes.append(m.TimeFix(path, st.st_atime_ns, st.st_mtime_ns))
         return tuple(fixes)
 
+    def _path(self, ino: int) -> bytes | None:
+        """The path the inode's frames name: one of its replicated names, None if it has none (unlinked,
+        or every name the kernel knows is excluded)."""
+        path = self.inodes.path(ino)
+        if not self.exclude or path is None or not self.exclude.excluded(path):
+            return path
+        return next((p for p in self.inodes.paths(ino) if not self.exclude.excluded(p)), None)
+
+    def _times_only(self, times: m.Times) -> m.Setattr | None:
+        """The replicated inodes' times of an operation that is not shipped (on excluded paths)."""
+        kept = [t for t in times if not self.exclude.excluded(t.path)]
+        if not kept:
+            return None
+        first = kept[0]
+        return m.Setattr(first.path, atime_ns=first.atime_ns, mtime_ns=first.mtime_ns, times=tuple(kept[1:]))
+
     async def _ship(self, msg: m.Message | None, ctx: pyfuse3.RequestContext | None = None) -> None:
         """Ship one operation and wait for its ack. `ctx`: the request this operation ends (its
         handler ships nothing after it); with the native data path the engine then holds the
-        request's reply until the ack, and the handler goes on at once."""
+        request's reply until the ack, and the handler goes on at once. An operation whose path is
+        excluded ships only the times of the replicated inodes it changed."""
+        if msg is not None and self.exclude and self.exclude.excluded(_destination(msg)):
+            msg = self._times_only(getattr(msg, "times", ()))
         if msg is None:
             return
         if not self.enable_writeback_cache:
@@ -288,10 +316,20 @@ class ReplicatedFS(Passthrough):
     async def link(
         self, inode: int, new_parent_inode: int, new_name: bytes, ctx: pyfuse3.RequestContext
     ) -> pyfuse3.EntryAttributes:
-        target = self.inodes.path(inode)
+        named, target = self.inodes.path(inode) is not None, self._path(inode)
         os.link(syscalls.proc(self.inodes.fd(inode)), new_name, dst_dir_fd=self.inodes.fd(new_parent_inode))
-        if target is None:
+        if not named:
             return await self.lookup(new_parent_inode, new_name, ctx)
+        if target is None:
+            # Every name it had is excluded: a replicated new name gets a copy of its own there.
+            ino, st = self.inodes.learn(new_parent_inode, new_name)
+            path = self.inodes.entry_path(new_parent_inode, new_name)
+            times = self._fix(ino, new_parent_inode)
+            if path is not None and not self.exclude.excluded(path):
+                await self._arrived(path, times)
+            else:
+                await self._ship(self._times_only(times), ctx)
+            return self._attr(ino, st)
         return await self._entered(new_parent_inode, new_name, lambda p, st: m.Link(target, p), ctx)
 
     @passes_errors
@@ -307,7 +345,11 @@ class ReplicatedFS(Passthrough):
         path = self.inodes.entry_path(parent, name)
         (os.rmdir if rmdir else os.unlink)(name, dir_fd=self.inodes.fd(parent))
         self.inodes.unname(parent, name, ino)
-        if path is not None:
+        if path is not None and rmdir and self.exclude:
+            # The secondary's copy may hold excluded entries of its own: they go with it.
+            await self._ship(m.SyncRemove(path))
+            await self._ship(self._times_only(self._fix(parent)), ctx)
+        elif path is not None:
             msg: m.Message = m.Rmdir(path) if rmdir else m.Unlink(path)
             await self._ship(_with_times(msg, self._fix(parent)), ctx)
         self._serve_entries_in(parent)
@@ -339,8 +381,101 @@ class ReplicatedFS(Passthrough):
             self.inodes.rename(src, old, new)
         if old_path is not None and new_path is not None:
             times = self._fix(parent_inode_old, parent_inode_new, src, dst)
-            await self._ship(m.Rename(old_path, new_path, flags, times), ctx)
+            if self.exclude.excluded(old_path) == self.exclude.excluded(new_path):
+                await self._ship(m.Rename(old_path, new_path, flags, times), ctx)
+            elif flags & syscalls.RENAME_EXCHANGE or self.exclude.excluded(old_path):
+                # The replicated one of the two paths now holds what was excluded.
+                await self._arrived(old_path if self.exclude.excluded(new_path) else new_path, times)
+            else:
+                await self._departed(old_path, times)
         self._serve_entries_in(parent_inode_old, parent_inode_new)
+
+    # --- crossing the exclude boundary ---------------------------------------------------------
+
+    async def _departed(self, path: bytes, times: m.Times) -> None:
+        """A replicated entry moved to an excluded path: it goes from the secondary (with its subtree)."""
+        with self.sender.held():
+            self._reregister()
+            last = self._submit(m.SyncRemove(path))
+            last = self._submit(self._times_only(times)) or last
+        await self._arrive(last)
+
+    async def _arrived(self, path: bytes, times: m.Times) -> None:
+        """An excluded entry moved (or was linked) to a replicated path, which the secondary never had:
+        its copy there is replaced by the entry whole, before the call returns. The native data path
+        serves nothing meanwhile, so every live write to it comes here and ships after the part of
+        the copy it changed. A live change beneath a directory being copied that reaches the
+        secondary before its parent fails there, and the link resyncs (never a silent divergence)."""
+        with self.sender.held():
+            self._reregister()
+            last = self._submit(m.SyncRemove(path))
+            try:
+                with Beneath(self.inodes.root_fd).inode(path) as (fd, _):
+                    last = await self._copy(fd, path) or last
+            except (FileNotFoundError, NotADirectoryError, PathEscape):
+                pass  # moved on meanwhile: its live Rename or Unlink follows
+            except OSError as exc:
+                # Done here already: the call succeeds, and the secondary is repaired by a resync.
+                reason = f"copying {os.fsdecode(path)!r} to the secondary failed: {exc}"
+                log.error("Replication error: %s; resyncing", reason)
+                self.sender.drop(reason)
+                return
+            last = self._submit(self._times_only(times)) or last
+        await self._arrive(last)
+
+    def _reregister(self) -> None:
+        """Every open file by the path it has now: a frame of the native data path never names a path
+        whose content crossed the boundary."""
+        for fh in list(self._files):
+            self._register(fh)
+
+    def _submit(self, msg: m.Message | None) -> asyncio.Future[m.Message] | None:
+        return self.sender.submit(msg) if msg is not None else None
+
+    async def _arrive(self, last: asyncio.Future[m.Message] | None) -> None:
+        """Wait until the secondary has every frame up to `last` (writeback: until flush or fsync)."""
+        if self.enable_writeback_cache:
+            if last is not None:
+                self._last = last
+            await self.sender.drain()
+        else:
+            await self.sender.wait(last)
+
+    async def _copy(self, fd: int, path: bytes) -> asyncio.Future[m.Message] | None:
+        """Ship the entry at O_PATH `fd` to `path` on the secondary, which lacks it; the last future."""
+        local = listing.describe(fd, b"-")
+        frames = fresh.whole(fd, path, local) if local.kind == stat.S_IFREG else None
+        if frames is not None:
+            last = None
+            for frame in frames:
+                last = self._submit(frame) or last
+            return last
+        last = self._submit(fresh.create(path, local))
+        if local.kind == stat.S_IFREG:
+            rfd = fresh.open_read(fd)
+            try:
+                # Each frame read and queued without yielding: a live write is either in it or after it.
+                for frame in fresh.content(rfd, path):
+                    last = self._submit(frame) or last
+                    await self.sender.drain()
+            finally:
+                os.close(rfd)
+        elif local.kind == stat.S_IFDIR:
+            for name in listing.names_in(fd):
+                child = fresh.join(path, name)
+                if self.exclude.excluded(child):
+                    continue
+                try:
+                    cfd = os.open(name, os.O_PATH | os.O_NOFOLLOW | os.O_CLOEXEC, dir_fd=fd)
+                except FileNotFoundError:
+                    continue  # removed meanwhile: its live Unlink went out
+                try:
+                    last = await self._copy(cfd, child) or last
+                finally:
+                    os.close(cfd)
+        for frame in fresh.attrs(path, fd, None, force=True):
+            last = self._submit(frame) or last
+        return last
 
     # --- attributes ----------------------------------------------------------------------------
 
@@ -447,8 +582,9 @@ class ReplicatedFS(Passthrough):
     async def _ship_if_named(
         self, inode: int, build: Callable[[bytes], m.Message], ctx: pyfuse3.RequestContext | None = None
     ) -> None:
-        """Ship what `build` makes of the inode's path; nothing for an inode without a name (unlinked)."""
-        path = self.inodes.path(inode)
+        """Ship what `build` makes of the inode's path; nothing for an inode without a replicated name
+        (unlinked, or excluded)."""
+        path = self._path(inode)
         if path is not None:
             await self._ship(build(path), ctx)
 
@@ -480,7 +616,8 @@ class ReplicatedFS(Passthrough):
         self._killpriv_granted()
         if self.tandem_engine:
             fd, inode = self._files[fh]
-            pyfuse3.engine_file(fh, fd, self.inodes.path(inode))
+            # An excluded file has no path there: its writes come to Python, which ships nothing.
+            pyfuse3.engine_file(fh, fd, self._path(inode))
 
     @passes_errors
     async def write(self, fh: int, off: int, buf: bytes, kill_suidgid: bool = False) -> int:
@@ -520,7 +657,7 @@ class ReplicatedFS(Passthrough):
 
     async def _sync(self, inode: int, fd: int | None, datasync: bool) -> None:
         """fsync locally while the secondary does the same; return when both are durable."""
-        path = self.inodes.path(inode)
+        path = self._path(inode)
         fut = self.sender.submit(m.Fsync(path, datasync)) if path is not None else None
         own = fd if fd is not None else os.open(syscalls.proc(self.inodes.fd(inode)), os.O_RDONLY | os.O_CLOEXEC)
         sync = os.fdatasync if datasync else os.fsync
@@ -534,6 +671,11 @@ class ReplicatedFS(Passthrough):
                 os.close(own)
         # The Fsync is answered after everything before it was applied: it covers what is in flight.
         await self.sender.wait(fut)
+
+
+def _destination(msg: m.Message) -> bytes | None:
+    """The path an operation changes (a Rename's new one, a Link's new name)."""
+    return msg.new if isinstance(msg, m.Rename) else getattr(msg, "path", None)
 
 
 def _with_times(msg: m.Message, times: m.Times) -> m.Message:

@@ -25,6 +25,7 @@ from agent.replication.applier import Applier
 from agent.replication.awake import HOLD_SECONDS, Awake
 from agent.replication.connection import PEER_TIMEOUT
 from agent.replication.events import Events
+from agent.replication.exclude import Exclude, pattern_error
 from agent.replication.link import PeerLink
 from agent.replication.passthrough import MountError, mount, open_root, use_asyncio
 from agent.replication.primary import ReplicatedFS
@@ -52,6 +53,13 @@ def _address(value: str) -> tuple[str, int]:
     return host, int(port)
 
 
+def _pattern(value: str) -> str:
+    error = pattern_error(value)
+    if error is not None:
+        raise argparse.ArgumentTypeError(error)
+    return value
+
+
 def _loop_name() -> str:
     """The running event loop's module, for the start-up log line ('uvloop' or 'asyncio')."""
     return type(asyncio.get_running_loop()).__module__.partition(".")[0]
@@ -65,6 +73,14 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--peer", type=_address, help="primary: the secondary's HOST:PORT")
     p.add_argument("--listen", type=_address, help="secondary: HOST:PORT to accept the primary on")
     p.add_argument("--ack", choices=ACK_MODES, default="received", help="primary: ack mode asked")
+    p.add_argument(
+        "--exclude",
+        action="append",
+        default=[],
+        type=_pattern,
+        metavar="GLOB",
+        help="primary: a path pattern (ReplicatedDir.exclude) kept on this node and not replicated; repeatable",
+    )
     p.add_argument("--node", default=socket.gethostname())
     p.add_argument("--secret-file", type=Path, help="shared secret; without it peers are unauthenticated")
     p.add_argument(
@@ -162,8 +178,14 @@ async def run_primary(args: argparse.Namespace, events: Events) -> None:
         peer_timeout=args.peer_timeout,
         connect_timeout=args.connect_timeout,
     )
+    exclude = Exclude(args.exclude)
     fs = ReplicatedFS(
-        root_fd, sender, writeback=args.ack == "fsync", engine=args.native_writes, creates=args.native_creates
+        root_fd,
+        sender,
+        writeback=args.ack == "fsync",
+        engine=args.native_writes,
+        creates=args.native_creates,
+        exclude=exclude,
     )
     loop = asyncio.get_running_loop()
     # Before the mount (the supervisor signals only a mounted primary): the agent's membership
@@ -181,9 +203,16 @@ async def run_primary(args: argparse.Namespace, events: Events) -> None:
             pyfuse3.engine_awake(awake.hold)
     for sig in (signal.SIGTERM, signal.SIGINT):
         loop.add_signal_handler(sig, pyfuse3.terminate)
-    log.info("Primary serving dir=%s peer=%s:%d ack=%s loop=%s", args.dir, *args.peer, args.ack, _loop_name())
+    log.info(
+        "Primary serving dir=%s peer=%s:%d ack=%s loop=%s%s",
+        args.dir,
+        *args.peer,
+        args.ack,
+        _loop_name(),
+        f" exclude={list(exclude.patterns)}" if exclude else "",
+    )
     events.emit("mounted", dir=str(args.dir))
-    link = asyncio.create_task(PeerLink(sender, root_fd, events, args.peer).run())
+    link = asyncio.create_task(PeerLink(sender, root_fd, events, args.peer, exclude).run())
     try:
         await pyfuse3.main()
     finally:

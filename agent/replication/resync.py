@@ -10,12 +10,12 @@ import os
 import stat
 from dataclasses import dataclass, field
 
-import msgpack
-
-from agent.replication import blocks, listing, syscalls
+from agent.replication import blocks, fresh, listing, syscalls
 from agent.replication import messages as m
 from agent.replication.beneath import Beneath, PathEscape
 from agent.replication.events import Events
+from agent.replication.exclude import NOTHING, Exclude
+from agent.replication.fresh import CHUNK, join, open_read
 from agent.replication.listing import Entry
 from agent.replication.sender import Sender
 
@@ -23,11 +23,9 @@ log = logging.getLogger(__name__)
 # Errors that a second pass cannot repair: the secondary cannot hold the copy.
 FATAL = frozenset({errno.ENOSPC, errno.EDQUOT, errno.EIO, errno.EROFS, errno.EFBIG, errno.ENOMEM})
 ROUNDS = 20
-# A fresh file up to SMALL bytes without holes travels whole in one SyncFile frame, read on the loop.
-SMALL = 256 * 1024
-# A larger fresh file is read READ bytes per thread hop and sent in Write frames of CHUNK bytes.
+# A fresh file larger than fresh.SMALL is read READ bytes per thread hop and sent in Write frames
+# of fresh.CHUNK bytes.
 READ = 4 * 1024 * 1024
-CHUNK = 256 * 1024
 YIELD_EVERY = 64
 _PUNCH = syscalls.FALLOC_FL_PUNCH_HOLE | syscalls.FALLOC_FL_KEEP_SIZE
 _DESTINATIONS = (m.Rename, m.Link)
@@ -56,11 +54,6 @@ class Stats:
     rounds: int = 0
 
 
-def join(parent: bytes, name: bytes) -> bytes:
-    """A root-relative child path."""
-    return name if parent == b"" else parent + b"/" + name
-
-
 def parent_of(path: bytes) -> bytes:
     """The root-relative parent path (the root's parent is the root)."""
     return path.rpartition(b"/")[0]
@@ -69,14 +62,6 @@ def parent_of(path: bytes) -> bytes:
 def paths_of(msg: m.Message) -> tuple[bytes, ...]:
     """Every path an operation names."""
     return tuple(getattr(msg, f) for f in ("path", "old", "new", "target") if isinstance(getattr(msg, f, None), bytes))
-
-
-def open_read(pfd: int) -> int:
-    """Reopen an O_PATH fd for reading without moving its atime (O_NOATIME needs ownership or CAP_FOWNER)."""
-    try:
-        return os.open(syscalls.proc(pfd), os.O_RDONLY | os.O_CLOEXEC | os.O_NOATIME)
-    except PermissionError:
-        return os.open(syscalls.proc(pfd), os.O_RDONLY | os.O_CLOEXEC)
 
 
 def _same_kind(local: Entry, remote: Entry) -> bool:
@@ -90,9 +75,11 @@ def _same_kind(local: Entry, remote: Entry) -> bool:
 
 
 class Resync:
-    """One resync over the current stream; run() returns when the secondary's tree equals ours."""
+    """One resync over the current stream; run() returns when the secondary's tree equals ours
+    (outside the excluded paths, which it neither sends nor removes on the secondary)."""
 
-    def __init__(self, root_fd: int, sender: Sender, events: Events) -> None:
+    def __init__(self, root_fd: int, sender: Sender, events: Events, exclude: Exclude = NOTHING) -> None:
+        self.exclude = exclude
         self.beneath = Beneath(root_fd)
         self.root_fd = root_fd
         self.sender = sender
@@ -139,7 +126,11 @@ class Resync:
 
     def _count(self) -> tuple[int, int]:
         files = size = 0
-        for _, _, names, dir_fd in os.fwalk(".", dir_fd=self.root_fd):
+        for top, dirs, names, dir_fd in os.fwalk(b".", dir_fd=self.root_fd):
+            if self.exclude:
+                rel = top[2:]  # b"./a/b" -> b"a/b"
+                dirs[:] = [d for d in dirs if not self.exclude.excluded(join(rel, d))]
+                names = [n for n in names if not self.exclude.excluded(join(rel, n))]
             for name in names:
                 with contextlib.suppress(OSError):
                     st = os.stat(name, dir_fd=dir_fd, follow_symlinks=False)
@@ -218,6 +209,8 @@ class Resync:
     # --- namespace -------------------------------------------------------------------------------
 
     async def _sync_tree(self, path: bytes) -> None:
+        if self.exclude.excluded(path):
+            return
         try:
             with self.beneath.inode(path) as (fd, st):
                 if not stat.S_ISDIR(st.st_mode):
@@ -230,7 +223,7 @@ class Resync:
                 self.recheck.add(parent_of(path))
 
     async def _sync_dir(self, path: bytes, fd: int, *, fresh: bool = False) -> None:
-        names = listing.names_in(fd)
+        names = [n for n in listing.names_in(fd) if not self.exclude.excluded(join(path, n))]
         if fresh:  # a directory the secondary just created is empty: nothing to ask
             await self._sync_names(path, fd, names, {})
             return
@@ -248,7 +241,9 @@ class Resync:
 
     async def _sync_names(self, path: bytes, fd: int, names: list[bytes], remote: dict[bytes, Entry]) -> None:
         present = set(names)
-        for name in sorted(remote.keys() - present):
+        # The secondary's own excluded entries stay as they are.
+        theirs = {n for n in remote if not self.exclude.excluded(join(path, n))}
+        for name in sorted(theirs - present):
             with contextlib.suppress(FileNotFoundError):
                 os.stat(name, dir_fd=fd, follow_symlinks=False)
                 continue  # created meanwhile: the live Create already reached the secondary
@@ -304,26 +299,14 @@ class Resync:
 
     def _send_whole(self, pfd: int, path: bytes, local: Entry) -> bool:
         """A small file the secondary lacks, without holes: content, owner, mode, times in one SyncFile."""
-        if local.size > SMALL:
+        frames = fresh.whole(pfd, path, local)
+        if frames is None:
             return False
-        fd = open_read(pfd)
-        try:
-            if local.size and os.lseek(fd, 0, os.SEEK_HOLE) < local.size:
-                return False
-            # Read and queued without yielding: no live change to this file can slip in between.
-            data = os.pread(fd, local.size + 1, 0)
-            st = os.fstat(fd)
-            if len(data) != st.st_size or len(data) > SMALL:
-                return False
-            self._send(m.SyncFile(path, stat.S_IMODE(st.st_mode), st.st_uid, st.st_gid, st.st_atime_ns,
-                                  st.st_mtime_ns, data))  # fmt: skip
-            self.stats.data_bytes += len(data)
-            if local.xattrs:
-                pairs = [list(p) for p in listing.xattrs_of(pfd)]
-                self._send(m.SyncXattrs(path, msgpack.packb(pairs, use_bin_type=True)))
-            return True
-        finally:
-            os.close(fd)
+        # Read and queued without yielding: no live change to this file can slip in between.
+        for frame in frames:
+            self._send(frame)
+        self.stats.data_bytes += sum(len(f.data) for f in frames if isinstance(f, m.SyncFile))
+        return True
 
     @staticmethod
     def _shares_wrongly(local: Entry, remote: Entry) -> bool:
@@ -345,28 +328,12 @@ class Resync:
         return True
 
     def _create(self, path: bytes, e: Entry) -> None:
-        perm = stat.S_IMODE(e.mode)
-        if e.kind == stat.S_IFREG:
-            self._send(m.Create(path, perm, e.uid, e.gid, 0))
-        elif e.kind == stat.S_IFDIR:
-            self._send(m.Mkdir(path, perm, e.uid, e.gid))
-        elif e.kind == stat.S_IFLNK:
-            self._send(m.Symlink(path, e.target, e.uid, e.gid))
-        else:
-            self._send(m.Mknod(path, e.mode, e.rdev, e.uid, e.gid))
+        self._send(fresh.create(path, e))
 
     def _send_attrs(self, path: bytes, fd: int, remote: Entry | None, *, force: bool) -> None:
         """Owner, mode, times and xattrs as ours are now; skipped when the secondary's already match."""
-        local = listing.describe(fd, b"-")
-        if local.kind in (stat.S_IFREG, stat.S_IFDIR) and local.xattrs != (remote.xattrs if remote else 0):
-            pairs = [list(p) for p in listing.xattrs_of(fd)]
-            self._send(m.SyncXattrs(path, msgpack.packb(pairs, use_bin_type=True)))
-        same = not force and remote is not None and (remote.mode, remote.uid, remote.gid, remote.mtime_ns) == (
-            local.mode, local.uid, local.gid, local.mtime_ns,
-        )  # fmt: skip
-        if not same:
-            mode = None if local.kind == stat.S_IFLNK else stat.S_IMODE(local.mode)
-            self._send(m.Setattr(path, mode, local.uid, local.gid, None, local.atime_ns, local.mtime_ns))
+        for frame in fresh.attrs(path, fd, remote, force=force):
+            self._send(frame)
 
     # --- content ---------------------------------------------------------------------------------
 

@@ -6,7 +6,7 @@ import asyncio
 import contextlib
 import logging
 import os
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 
 import pyfuse3
 
@@ -58,6 +58,8 @@ class Sender:
         self._observer: Callable[[m.Message], None] | None = None
         # The resync of the current stream ended with both trees equal (resynced).
         self._resynced = False
+        # held(): the native data path serves nothing while above 0.
+        self._holds = 0
         self.sent_bytes = 0
         self._conn: FrameConnection | None = None
         self._pending: dict[int, asyncio.Future[m.Message]] = {}
@@ -120,13 +122,25 @@ class Sender:
         self._resynced = True
         self._serve()
 
+    @contextlib.contextmanager
+    def held(self) -> Iterator[None]:
+        """The native data path serves nothing meanwhile: every write and fsync comes to Python, which
+        ships it in the order of its own frames (a file that Python copies to the secondary)."""
+        self._holds += 1
+        self._serve()
+        try:
+            yield
+        finally:
+            self._holds -= 1
+            self._serve()
+
     def _serve(self) -> None:
         """Let the native data path serve writes and fsyncs while a stream is up, its resync is done
         and nothing watches. Not before the resync: its thread does not wait for the event loop, and
         a write it shipped between the stream's start and the resync's first frame would reach a
         secondary that does not know yet that its tree is being repaired."""
         if isinstance(self._conn, engine.EngineConnection):
-            pyfuse3.engine_serve(self.connected and self._observer is None and self._resynced)
+            pyfuse3.engine_serve(self.connected and self._observer is None and self._resynced and not self._holds)
 
     def submit(self, msg: m.Message, reply: int = 0) -> asyncio.Future[m.Message] | None:
         """Send one live operation now, in call order; None when no peer is connected (running alone).

@@ -104,6 +104,7 @@ class Replicator:
     peer: tuple[str, int] | None = None  # primary: the secondary's listener
     listen: tuple[str, int] | None = None  # secondary: where the primary connects
     ack: str = "received"
+    exclude: tuple[str, ...] = ()  # primary: ReplicatedDir.exclude (agent/replication/exclude.py)
     keep_cpus_awake: bool = True
     secret_file: Path | None = None
     log_path: Path | None = None
@@ -130,6 +131,7 @@ class Replicator:
         if self.role == "primary":
             assert self.peer is not None
             argv += ["--peer", f"{self.peer[0]}:{self.peer[1]}", "--ack", self.ack]
+            argv += [f"--exclude={pattern}" for pattern in self.exclude]
         else:
             assert self.listen is not None
             argv += ["--listen", f"{self.listen[0]}:{self.listen[1]}"]

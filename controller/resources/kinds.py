@@ -9,6 +9,7 @@ from typing import Annotated, ClassVar, Literal
 
 from pydantic import AfterValidator, Field, ValidationInfo, WithJsonSchema, field_validator, model_validator
 
+from agent.replication.exclude import pattern_error
 from controller.resources.durations import Duration, parse_duration
 from controller.resources.meta import DnsLabel, Model, Resource, raise_problems
 
@@ -221,8 +222,9 @@ class ReplicatedDirSpec(Model):
     path: AbsolutePath
     exclude: list[str] = Field(
         default_factory=list,
-        description="reserved: glob patterns, relative to path, not to replicate; not implemented yet, so a "
-        "non-empty list is refused",
+        description="glob patterns of paths under path that stay on each node and are not replicated: one "
+        "without '/' matches a name at any depth ('*.tmp'), one with '/' the leading components ('cache/*'); a "
+        "matching directory takes its subtree; the secondary's own copies are never overwritten or removed",
     )
     ack: Literal["received", "durable", "fsync"] = "received"
     split_brain: Literal["keepPreferred", "keepRecent", "manual"] = "keepRecent"
@@ -236,17 +238,9 @@ class ReplicatedDirSpec(Model):
     @field_validator("exclude")
     @classmethod
     def _relative_globs(cls, globs: list[str]) -> list[str]:
-        for glob in globs:
-            if not glob or glob.startswith("/") or ".." in glob.split("/"):
-                raise ValueError(f"exclude pattern {glob!r} must be relative to the directory, without '..'")
-        if globs:
-            # Ignoring the patterns would replicate the files they name over the secondary's own copies
-            # (and remove the secondary's files the primary lacks): refused until the replicator honours them.
-            raise ValueError(
-                f"exclude {globs!r} is not supported yet: the replicator replicates every file under path, and "
-                "would overwrite the secondary's own copies of these files; remove exclude "
-                "(docs/dev/replication.md, 'Excluded paths')"
-            )
+        problems = [e for e in map(pattern_error, globs) if e is not None]
+        if problems:
+            raise ValueError("; ".join(problems))
         return globs
 
 

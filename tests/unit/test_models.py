@@ -135,10 +135,15 @@ def test_replicated_dirs_keep_cpus_awake_unless_told_not_to() -> None:
         _rdir(keepCpusAwake="sometimes")
 
 
-def test_exclude_is_refused_until_the_replicator_honours_it() -> None:
+def test_exclude_patterns_are_relative_globs_and_bad_ones_are_named() -> None:
     assert _rdir(exclude=[]).spec.exclude == []
-    with pytest.raises(ValidationError, match=r"exclude \['\*\.tmp'\] is not supported yet.*overwrite the secondary"):
-        _rdir(exclude=["*.tmp"])
-    # A hostile pattern is still named as such first.
-    with pytest.raises(ValidationError, match="must be relative to the directory"):
-        _rdir(exclude=["../etc/*"])
+    assert _rdir(exclude=["*.tmp", "cache/*", "logs/"]).spec.exclude == ["*.tmp", "cache/*", "logs/"]
+    for bad, problem in [
+        ("../etc/*", "has an empty, '.' or '..' component"),
+        ("/etc/*", "must be relative to the directory"),
+        ("a//b", "has an empty, '.' or '..' component"),
+        ("**/*.log", "'\\*\\*' is not supported"),
+        ("", "must be relative to the directory"),
+    ]:
+        with pytest.raises(ValidationError, match=problem):
+            _rdir(exclude=["ok", bad])

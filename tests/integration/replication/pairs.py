@@ -57,24 +57,28 @@ class Pair:
     netns: dict[str, str] = field(default_factory=dict)
 
     def start(self, ack: str, secret: Path | None = None, *, secondary_mount: bool = True) -> None:
-        """Start both replicators and wait until the primary has resynced the secondary and is in sync."""
+        """Start both replicators and wait until the primary has resynced the secondary and is in sync
+        (events of earlier runs, which the events files keep, do not count)."""
+        after = len(self.events("primary"))
         self.start_secondary(ack, secret, mount=secondary_mount)
         self.start_primary()
-        self.wait_in_sync()
+        self.wait_in_sync(after)
 
     def start_secondary(self, ack: str = "received", secret: Path | None = None, *, mount: bool = True) -> None:
         """Start (or restart, on the same port) the secondary and wait for it to listen."""
         self.port, self.ack, self.secret = self.port or free_port(), ack, secret
         cmd = ["--role", "secondary", "--dir", str(self.secondary_dir), "--listen", f"{self.host}:{self.port}"]
+        after = len(self.events("secondary"))
         self._spawn("secondary", [*cmd, "--node", "node2", *self._auth(), *([] if mount else ["--no-mount"])])
-        self.wait_event("secondary", lambda e: e["event"] == "listening")
+        self.wait_event("secondary", lambda e: e["event"] == "listening", after=after)
 
     def start_primary(self) -> None:
         """Start the primary (which mounts at once, whether the secondary runs or not) and wait for its mount."""
         self.port = self.port or free_port()
         cmd = ["--role", "primary", "--dir", str(self.primary_dir), "--peer", f"{self.host}:{self.port}"]
+        after = len(self.events("primary"))
         self._spawn("primary", [*cmd, "--ack", self.ack, "--node", "node1", *self._auth()])
-        self.wait_event("primary", lambda e: e["event"] == "mounted")
+        self.wait_event("primary", lambda e: e["event"] == "mounted", after=after)
         assert mounted(self.primary_dir)
 
     def _auth(self) -> list[str]:

@@ -1,0 +1,175 @@
+"""ReplicatedDir.exclude on a real pair: excluded paths stay on each node, the rest is replicated.
+
+Excluded files never reach the secondary; the secondary's own survive the initial sync, live
+changes and a resync; entries that cross the boundary by rename or link (the common "write x.tmp,
+rename it to x") arrive whole, or leave, before the call returns.
+"""
+
+from __future__ import annotations
+
+import os
+import stat
+from pathlib import Path
+
+import pytest
+
+from agent.replication import syscalls
+from agent.replication.exclude import Exclude
+from tests.integration.replication.pairs import Pair
+from tests.integration.replication.test_replication_pair import tree
+from tests.integration.replication.test_replication_resync import stop_both
+
+PATTERNS = ["*.tmp", "cache/*"]
+EXCLUDE = Exclude(PATTERNS)
+# Names whose inode also has an excluded name on the primary: the secondary holds a copy of its own.
+CROSS_LINKED = {"y", "c"}
+
+
+def replicated(root: Path) -> dict[str, tuple[object, ...]]:
+    """tree() outside the excluded paths. A directory's link count and size count its entries,
+    excluded ones included, so they are left out; so are the link counts of CROSS_LINKED."""
+    out: dict[str, tuple[object, ...]] = {}
+    for rel, row in tree(root).items():
+        if rel != "." and EXCLUDE.excluded(os.fsencode(rel)):
+            continue
+        mode, uid, gid, size, mtime, nlink, rdev, body, xattrs, group = row
+        if stat.S_ISDIR(int(str(mode))):
+            size = nlink = None
+        if rel in CROSS_LINKED:
+            nlink = group = None
+        out[rel] = (mode, uid, gid, size, mtime, nlink, rdev, body, xattrs, group)
+    return out
+
+
+def assert_equal_outside_excluded(pair: Pair) -> None:
+    primary, secondary = replicated(pair.primary_dir), replicated(pair.secondary_dir)
+    assert primary.keys() == secondary.keys()
+    for rel in primary:
+        assert primary[rel] == secondary[rel], rel
+
+
+def seed(p: Path, s: Path) -> None:
+    """Both nodes' trees before the first start: node-local files in excluded places on each."""
+    (p / "keep").mkdir()
+    (p / "keep" / "a").write_bytes(os.urandom(5000))
+    (p / "a.tmp").write_text("the primary's own")
+    (p / "cache").mkdir()
+    (p / "cache" / "blob").write_bytes(os.urandom(70_000))
+    (p / "d" / "x.tmp" / "inner").mkdir(parents=True)
+    (p / "d" / "x.tmp" / "inner" / "f").write_text("excluded with its directory")
+    (s / "a.tmp").write_text("the secondary's own, kept")
+    (s / "cache").mkdir()
+    (s / "cache" / "own").write_text("the secondary's cache, kept")
+    (s / "only-here.tmp").mkdir()
+    (s / "only-here.tmp" / "f").write_text("kept")
+    (s / "stale").write_text("the primary lacks this: removed")
+    (p / "gone").mkdir()
+    (s / "gone").mkdir()
+    (s / "gone" / "own.tmp").write_text("goes with the directory the primary removes")
+
+
+def secondary_own(s: Path) -> None:
+    assert (s / "a.tmp").read_text() == "the secondary's own, kept"
+    assert (s / "cache" / "own").read_text() == "the secondary's cache, kept"
+    assert (s / "only-here.tmp" / "f").read_text() == "kept"
+    assert not (s / "cache" / "blob").exists()
+    assert not (s / "d" / "x.tmp").exists()
+
+
+def crossing_workload(top: Path) -> None:
+    """Live changes through the primary's mount, on both sides of the boundary and across it."""
+    # Excluded only: applied here, not shipped (the directory's times still go).
+    (top / "b.tmp").write_bytes(os.urandom(10_000))
+    with open(top / "a.tmp", "ab") as fh:
+        fh.write(b" and more")
+        os.fsync(fh.fileno())
+    (top / "t.tmp").mkdir()
+    (top / "t.tmp" / "f").write_text("inside an excluded directory")
+    (top / "cache" / "new").write_text("excluded by cache/*")
+    os.unlink(top / "b.tmp")
+    # Empty on the primary, not on the secondary: it goes there with its excluded entries.
+    os.rmdir(top / "gone")
+    # Write x.tmp, fsync, rename to x: x arrives whole, with its data written before and after.
+    fd = os.open(top / "x.tmp", os.O_CREAT | os.O_WRONLY, 0o640)
+    os.write(fd, os.urandom(300_000))  # larger than one SyncFile: Create and Writes
+    os.fsync(fd)
+    os.rename(top / "x.tmp", top / "x")
+    os.pwrite(fd, b"written through the handle opened as x.tmp", 1000)
+    os.fsync(fd)
+    os.close(fd)
+    (top / "small.tmp").write_text("small")
+    os.chmod(top / "small.tmp", 0o604)
+    os.setxattr(top / "small.tmp", "user.k", b"v")
+    os.rename(top / "small.tmp", top / "small")
+    # Over an existing replicated file.
+    (top / "over").write_text("replaced by a renamed excluded file")
+    (top / "over.tmp").write_text("the new content")
+    os.rename(top / "over.tmp", top / "over")
+    # A directory crosses with its subtree (and its excluded entries stay behind on the secondary).
+    (top / "build.tmp" / "sub").mkdir(parents=True)
+    for i in range(20):
+        (top / "build.tmp" / "sub" / f"f{i}").write_bytes(os.urandom(i * 1000))
+    (top / "build.tmp" / "sub" / "part.tmp").write_text("still excluded inside")
+    os.symlink("sub/f1", top / "build.tmp" / "ln")
+    os.rename(top / "build.tmp", top / "build")
+    # Replicated to excluded: it leaves the secondary.
+    os.rename(top / "keep" / "a", top / "keep" / "a.tmp")
+    # Links across the boundary both ways.
+    (top / "y.tmp").write_text("linked into the replicated tree")
+    os.link(top / "y.tmp", top / "y")
+    (top / "c").write_text("linked out")
+    os.link(top / "c", top / "c.tmp")
+    # An exchange across the boundary: the replicated path gets the excluded content.
+    (top / "e1").write_text("replicated, then excluded")
+    (top / "e2.tmp").write_text("excluded, then replicated")
+    dfd = os.open(top, os.O_RDONLY | os.O_DIRECTORY)
+    try:
+        syscalls.renameat2(dfd, b"e1", dfd, b"e2.tmp", syscalls.RENAME_EXCHANGE)
+    finally:
+        os.close(dfd)
+    # Writes to a file after it crossed, through a new handle.
+    with open(top / "build" / "sub" / "f3", "r+b") as fh:
+        fh.write(b"changed after the crossing")
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize(
+    ("ack", "extra"),
+    [("received", []), ("fsync", []), ("durable", ["--no-native-writes"])],
+    ids=["received", "fsync", "durable-python"],
+)
+def test_excluded_paths_stay_on_each_node_and_crossings_arrive_whole(pair: Pair, ack: str, extra: list[str]) -> None:
+    p, s = pair.primary_dir, pair.secondary_dir
+    seed(p, s)
+    pair.extra = [*extra, *(f"--exclude={pattern}" for pattern in PATTERNS)]
+    pair.start(ack)
+    secondary_own(s)
+    assert not (s / "stale").exists()
+    assert (s / "keep" / "a").read_bytes() == (p / "keep" / "a").read_bytes()
+    assert (s / "cache").is_dir() and not (s / "a.tmp").read_text().startswith("the primary")
+
+    crossing_workload(p)
+    # Acknowledged means on the secondary: checked while both still run.
+    assert (s / "x").read_bytes() == (p / "x").read_bytes()
+    assert (s / "build" / "sub" / "f19").read_bytes() == (p / "build" / "sub" / "f19").read_bytes()
+    assert (s / "e2.tmp").exists() is False and (s / "e1").read_text() == "excluded, then replicated"
+    assert not (s / "keep" / "a").exists() and not (s / "keep" / "a.tmp").exists()
+    assert not (s / "c.tmp").exists() and (s / "y").read_text() == "linked into the replicated tree"
+    assert (s / "over").read_text() == "the new content"
+    assert not (s / "gone").exists()
+    secondary_own(s)
+    stop_both(pair)
+    assert_equal_outside_excluded(pair)
+    assert not (s / "build" / "sub" / "part.tmp").exists()
+    assert not (s / "t.tmp").exists() and not (s / "cache" / "new").exists()
+
+    # A resync (here after a restart of both) leaves the secondary's own excluded files alone too.
+    (s / "cache" / "own2").write_text("made on the secondary while it was stopped")
+    pair.start(ack)
+    (p / "after").write_text("live again")
+    stop_both(pair)
+    assert_equal_outside_excluded(pair)
+    secondary_own(s)
+    assert (s / "cache" / "own2").exists()
+    assert "exclude=['*.tmp', 'cache/*']" in pair.log("primary")
+    assert not [e for e in pair.events("primary") if e["event"] == "error"], pair.log("primary")

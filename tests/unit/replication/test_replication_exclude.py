@@ -1,0 +1,81 @@
+"""The exclude matcher (ReplicatedDir.exclude): one for the live path, the resync and the native path."""
+
+from __future__ import annotations
+
+import pytest
+
+from agent.replication.exclude import NOTHING, Exclude, pattern_error
+
+
+@pytest.mark.parametrize(
+    ("patterns", "path", "excluded"),
+    [
+        # Without '/': one component at any depth; an excluded directory takes its subtree.
+        (["*.tmp"], b"a.tmp", True),
+        (["*.tmp"], b"d/e/a.tmp", True),
+        (["*.tmp"], b"x.tmp/inner/file", True),
+        (["*.tmp"], b"a.tmpx", False),
+        (["*.tmp"], b"d/a.tmp.keep", False),
+        (["cache"], b"cache", True),
+        (["cache"], b"srv/cache/blob", True),
+        (["cache"], b"cached", False),
+        (["?.log"], b"a.log", True),
+        (["?.log"], b"ab.log", False),
+        (["[ab].bin"], b"b.bin", True),
+        (["[ab].bin"], b"c.bin", False),
+        # With '/': the leading components; '*' never crosses '/'.
+        (["cache/*"], b"cache/x", True),
+        (["cache/*"], b"cache/x/y", True),
+        (["cache/*"], b"cache", False),
+        (["cache/*"], b"srv/cache/x", False),
+        (["var/run"], b"var/run/pid", True),
+        (["var/run"], b"var/running", False),
+        (["a/*/c"], b"a/b/c", True),
+        (["a/*/c"], b"a/b/x/c", False),
+        (["logs/"], b"logs/today", True),
+        (["logs/"], b"srv/logs", True),  # a trailing '/' does not anchor, as in a .gitignore
+        # Several patterns; the root and an unnamed inode are never excluded.
+        (["*.tmp", "cache/*"], b"cache/a", True),
+        (["*.tmp", "cache/*"], b"", False),
+        (["*.tmp"], None, False),
+        # Names that are no UTF-8 are matched by their bytes.
+        (["*.tmp"], b"\xff\xfe.tmp", True),
+        (["*.tmp"], b"\xff\xfe", False),
+    ],
+)
+def test_a_path_is_excluded_when_it_or_an_ancestor_matches(
+    patterns: list[str], path: bytes | None, excluded: bool
+) -> None:
+    assert Exclude(patterns).excluded(path) is excluded
+    assert Exclude(patterns).kept(path) == (None if excluded else path)
+
+
+def test_no_patterns_exclude_nothing() -> None:
+    assert not NOTHING
+    assert not NOTHING.excluded(b"a.tmp")
+    assert Exclude(["*"])
+    assert Exclude(["*"]).excluded(b"anything/at/all")
+
+
+@pytest.mark.parametrize(
+    ("pattern", "problem"),
+    [
+        ("/abs", "must be relative"),
+        ("", "must be relative"),
+        ("a/../b", "'..' component"),
+        ("./a", "'.' or '..' component"),
+        ("a//b", "an empty"),
+        ("**/x", "'**' is not supported"),
+        ("a\0b", "NUL byte"),
+    ],
+)
+def test_a_bad_pattern_is_named_with_its_problem(pattern: str, problem: str) -> None:
+    error = pattern_error(pattern)
+    assert error is not None and problem in error and repr(pattern) in error
+    with pytest.raises(ValueError, match="exclude pattern"):
+        Exclude([pattern])
+
+
+def test_a_good_pattern_has_no_problem() -> None:
+    for pattern in ["*.tmp", "cache/*", "logs/", "a/b/c", "[!x]*"]:
+        assert pattern_error(pattern) is None
