@@ -9,6 +9,9 @@ from __future__ import annotations
 
 import os
 import stat
+import subprocess
+import sys
+import time
 from pathlib import Path
 
 import pytest
@@ -172,4 +175,48 @@ def test_excluded_paths_stay_on_each_node_and_crossings_arrive_whole(pair: Pair,
     secondary_own(s)
     assert (s / "cache" / "own2").exists()
     assert "exclude=['*.tmp', 'cache/*']" in pair.log("primary")
+    assert not [e for e in pair.events("primary") if e["event"] == "error"], pair.log("primary")
+
+
+WRITER = """
+import os, sys, time
+path, stop = sys.argv[1], sys.argv[2]
+fd = os.open(path, os.O_WRONLY)
+i = 0
+while not os.path.exists(stop) and i < 200_000:
+    os.pwrite(fd, os.urandom(4096), (i * 7919 % 256) * 4096)
+    i += 1
+os.fsync(fd)
+os.close(fd)
+print(i)
+"""
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("ack", ["received", "fsync"])
+def test_a_file_renamed_across_the_boundary_while_written_ends_equal(pair: Pair, ack: str) -> None:
+    """The copy of a crossing file races with live writes through a handle opened before it crossed:
+    each live write is either in the part of the copy read after it or shipped after that part."""
+    p = pair.primary_dir
+    pair.extra = [f"--exclude={pattern}" for pattern in PATTERNS]
+    pair.start(ack)
+    (p / "big.tmp").write_bytes(os.urandom(1024 * 1024))
+    stop = pair.logs / "stop"
+    writer = subprocess.Popen([sys.executable, "-c", WRITER, str(p / "big.tmp"), str(stop)], stdout=subprocess.PIPE)
+    try:
+        time.sleep(0.2)
+        # Back and forth: each arrival copies the file while the writer goes on.
+        for _ in range(40):
+            os.rename(p / "big.tmp", p / "big")
+            time.sleep(0.01)
+            os.rename(p / "big", p / "big.tmp")
+        os.rename(p / "big.tmp", p / "big")
+        time.sleep(0.1)
+    finally:
+        stop.touch()
+        out, _ = writer.communicate(timeout=60)
+    assert writer.returncode == 0 and int(out) > 0
+    stop_both(pair)
+    assert_equal_outside_excluded(pair)
+    assert (pair.secondary_dir / "big").read_bytes() == (p / "big").read_bytes()
     assert not [e for e in pair.events("primary") if e["event"] == "error"], pair.log("primary")
