@@ -346,6 +346,13 @@ def add_replicator_arguments(p: argparse.ArgumentParser) -> None:
         action="store_true",
         help="passed to both replicators: creates, unlinks and opens served through Python, writes still natively",
     )
+    p.add_argument(
+        "--exclude",
+        action="append",
+        default=[],
+        metavar="GLOB",
+        help="passed to the primary (ReplicatedDir.exclude; repeatable): what patterns cost where nothing matches",
+    )
 
 
 def replicator_arguments(args: argparse.Namespace) -> list[str]:
@@ -354,7 +361,7 @@ def replicator_arguments(args: argparse.Namespace) -> list[str]:
     extra += [] if args.event_loop is None else ["--event-loop", args.event_loop]
     for flag in ("no_native_answers", "no_native_writes", "no_native_creates"):
         extra += [f"--{flag.replace('_', '-')}"] if getattr(args, flag) else []
-    return extra
+    return extra + [f"--exclude={pattern}" for pattern in args.exclude]
 
 
 def main(argv: list[str] | None = None) -> None:

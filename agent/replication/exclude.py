@@ -76,6 +76,24 @@ class Exclude:
             for comps in self._anchored
         )
 
+    @property
+    def anywhere(self) -> bool:
+        """Whether a pattern matches names at any depth (one without '/')."""
+        return self._anywhere is not None
+
+    def in_reach(self, directory: bytes) -> bool:
+        """Whether an entry directly in `directory` may be excluded: the directory is, a pattern
+        matches names anywhere, or an anchored one names its children (`cache/*` for `cache`)."""
+        if not self.patterns:
+            return False
+        if self._anywhere is not None or self.excluded(directory):
+            return True
+        parts = os.fsdecode(directory).split("/") if directory else []
+        return any(
+            len(comps) == len(parts) + 1 and all(c.match(p) for c, p in zip(comps, parts, strict=False))
+            for comps in self._anchored
+        )
+
     def kept(self, path: bytes | None) -> bytes | None:
         """`path` if it is replicated, None if it is excluded (as for an inode without a name)."""
         return None if path is not None and self.excluded(path) else path

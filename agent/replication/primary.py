@@ -75,8 +75,9 @@ class ReplicatedFS(Passthrough):
         self.tandem_engine = engine and hasattr(pyfuse3, "engine_file")
         # ... and CREATE and UNLINK in the directories registered with it (_serve_entries_in), once
         # the mount runs it (engine_mounted).
-        # Not with excluded paths: F has no matcher, and would ship the creates of excluded names.
-        self._creates = creates and self.tandem_engine and hasattr(pyfuse3, "engine_creates") and not exclude
+        # Not with a pattern that matches names anywhere: F has no matcher, and would ship the creates
+        # of excluded names. Anchored patterns keep F out of the directories they reach (_serve_entries_in).
+        self._creates = creates and self.tandem_engine and hasattr(pyfuse3, "engine_creates") and not exclude.anywhere
         self.native_creates = False
         self._unsynced: dict[int, int] = {}
         # Inodes known to carry no file capability: the kernel asks before every write().
@@ -135,7 +136,9 @@ class ReplicatedFS(Passthrough):
         if self.native_creates:
             for ino in dirs:
                 path = self.inodes.path(ino)
-                if path is not None:
+                if path is not None and self.exclude.in_reach(path):
+                    pyfuse3.engine_dir(ino, None)  # an entry made here may be excluded: Python's
+                elif path is not None:
                     pyfuse3.engine_dir(ino, path)
 
     def _fix(self, *inos: int | None) -> m.Times:
@@ -385,29 +388,47 @@ class ReplicatedFS(Passthrough):
                 await self._ship(m.Rename(old_path, new_path, flags, times), ctx)
             elif flags & syscalls.RENAME_EXCHANGE or self.exclude.excluded(old_path):
                 # The replicated one of the two paths now holds what was excluded.
-                await self._arrived(old_path if self.exclude.excluded(new_path) else new_path, times)
+                # The replicated one of the two paths now holds what was excluded (an exchange moves
+                # the replicated content to the other).
+                if self.exclude.excluded(new_path):
+                    await self._arrived(old_path, times, moved=new_path)
+                else:
+                    await self._arrived(new_path, times, moved=old_path if flags & syscalls.RENAME_EXCHANGE else None)
             else:
-                await self._departed(old_path, times)
+                await self._departed(old_path, times, moved=new_path)
         self._serve_entries_in(parent_inode_old, parent_inode_new)
 
     # --- crossing the exclude boundary ---------------------------------------------------------
 
-    async def _departed(self, path: bytes, times: m.Times) -> None:
+    async def _departed(self, path: bytes, times: m.Times, *, moved: bytes) -> None:
         """A replicated entry moved to an excluded path: it goes from the secondary (with its subtree)."""
         with self.sender.held():
-            self._reregister()
+            self._reregister(moved)
             last = self._submit(m.SyncRemove(path))
             last = self._submit(self._times_only(times)) or last
         await self._arrive(last)
 
-    async def _arrived(self, path: bytes, times: m.Times) -> None:
+    def _unserve_beneath(self, moved: bytes) -> None:
+        """Replicated content moved to the excluded path `moved`: if it is a directory, F no longer
+        creates in it nor beneath it by the paths they had (no Rename frame told the engine)."""
+        with contextlib.suppress(OSError):
+            if not stat.S_ISDIR(os.stat(moved, dir_fd=self.inodes.root_fd, follow_symlinks=False).st_mode):
+                return
+        prefix = moved + b"/"
+        for ino in list(self.inodes.nodes):
+            path = self.inodes.path(ino)
+            beneath = path is not None and (path == moved or path.startswith(prefix))
+            if beneath and stat.S_ISDIR(os.fstat(self.inodes.fd(ino)).st_mode):
+                pyfuse3.engine_dir(ino, None)
+
+    async def _arrived(self, path: bytes, times: m.Times, *, moved: bytes | None = None) -> None:
         """An excluded entry moved (or was linked) to a replicated path, which the secondary never had:
         its copy there is replaced by the entry whole, before the call returns. The native data path
         serves nothing meanwhile, so every live write to it comes here and ships after the part of
         the copy it changed. A live change beneath a directory being copied that reaches the
         secondary before its parent fails there, and the link resyncs (never a silent divergence)."""
         with self.sender.held():
-            self._reregister()
+            self._reregister(moved)
             last = self._submit(m.SyncRemove(path))
             try:
                 with Beneath(self.inodes.root_fd).inode(path) as (fd, _):
@@ -423,11 +444,13 @@ class ReplicatedFS(Passthrough):
             last = self._submit(self._times_only(times)) or last
         await self._arrive(last)
 
-    def _reregister(self) -> None:
-        """Every open file by the path it has now: a frame of the native data path never names a path
-        whose content crossed the boundary."""
+    def _reregister(self, moved: bytes | None) -> None:
+        """Every open file by the path it has now, and no directory by a path now excluded (`moved`):
+        a frame of the native data path never names a path whose content crossed the boundary."""
         for fh in list(self._files):
             self._register(fh)
+        if moved is not None and self.native_creates:
+            self._unserve_beneath(moved)
 
     def _submit(self, msg: m.Message | None) -> asyncio.Future[m.Message] | None:
         return self.sender.submit(msg) if msg is not None else None

@@ -8,6 +8,7 @@ rename it to x") arrive whole, or leave, before the call returns.
 from __future__ import annotations
 
 import os
+import re
 import stat
 import subprocess
 import sys
@@ -219,4 +220,37 @@ def test_a_file_renamed_across_the_boundary_while_written_ends_equal(pair: Pair,
     stop_both(pair)
     assert_equal_outside_excluded(pair)
     assert (pair.secondary_dir / "big").read_bytes() == (p / "big").read_bytes()
+    assert not [e for e in pair.events("primary") if e["event"] == "error"], pair.log("primary")
+
+
+@pytest.mark.slow
+def test_anchored_patterns_keep_the_native_creates_out_of_the_directories_they_reach(pair: Pair) -> None:
+    """Without a pattern that matches names anywhere, F still creates files, but not where an
+    anchored pattern reaches, nor in a directory that moved there."""
+    p, s = pair.primary_dir, pair.secondary_dir
+    (p / "cache").mkdir()
+    pair.extra = ["--exclude=cache/*"]
+    pair.start("received")
+    for i in range(50):
+        (p / f"f{i}").write_text("created by the native data path")
+    for i in range(5):
+        (p / "cache" / f"c{i}").write_text("excluded")
+    (p / "d").mkdir()
+    for i in range(20):
+        (p / "d" / f"g{i}").write_text("replicated")
+    os.rename(p / "d", p / "cache" / "d")  # departs: gone from the secondary
+    assert not (s / "d").exists()
+    for i in range(20):
+        (p / "cache" / "d" / f"h{i}").write_text("excluded: made where cache/* reaches")
+    os.unlink(p / "cache" / "d" / "g0")
+    os.rename(p / "cache" / "d", p / "e")  # arrives whole
+    for i in range(10):
+        (p / "e" / f"k{i}").write_text("replicated again")
+    os.unlink(p / "e" / "h1")
+    assert sorted(os.listdir(s / "e")) == sorted(os.listdir(p / "e"))
+    stop_both(pair)
+    assert sorted(os.listdir(s / "cache")) == []
+    assert_equal_outside_excluded(pair)
+    counts = re.search(r"answered natively: .*\bcreate=(\d+)", pair.log("primary"))
+    assert counts is not None and int(counts.group(1)) >= 50, pair.log("primary")[-2000:]
     assert not [e for e in pair.events("primary") if e["event"] == "error"], pair.log("primary")

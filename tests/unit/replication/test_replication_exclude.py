@@ -79,3 +79,25 @@ def test_a_bad_pattern_is_named_with_its_problem(pattern: str, problem: str) -> 
 def test_a_good_pattern_has_no_problem() -> None:
     for pattern in ["*.tmp", "cache/*", "logs/", "a/b/c", "[!x]*"]:
         assert pattern_error(pattern) is None
+
+
+@pytest.mark.parametrize(
+    ("patterns", "directory", "in_reach"),
+    [
+        (["*.tmp"], b"", True),  # a name anywhere: every directory
+        (["cache/*"], b"", False),
+        (["cache/*"], b"cache", True),
+        (["cache/*"], b"cache/sub", True),  # excluded itself
+        (["cache/*"], b"other", False),
+        (["a/*/c"], b"a", False),
+        (["a/*/c"], b"a/b", True),
+        (["a/*/c"], b"a/b/c", True),
+        (["a/*/c"], b"a/b/d", False),
+        ([], b"", False),
+    ],
+)
+def test_a_directory_is_in_reach_when_an_entry_made_in_it_may_be_excluded(
+    patterns: list[str], directory: bytes, in_reach: bool
+) -> None:
+    assert Exclude(patterns).in_reach(directory) is in_reach
+    assert Exclude(patterns).anywhere is any("/" not in p.rstrip("/") for p in patterns)
