@@ -222,9 +222,9 @@ class Resync:
             if path:
                 self.recheck.add(parent_of(path))
 
-    async def _sync_dir(self, path: bytes, fd: int, *, fresh: bool = False) -> None:
+    async def _sync_dir(self, path: bytes, fd: int, *, empty: bool = False) -> None:
         names = [n for n in listing.names_in(fd) if not self.exclude.excluded(join(path, n))]
-        if fresh:  # a directory the secondary just created is empty: nothing to ask
+        if empty:  # a directory the secondary just created is empty: nothing to ask
             await self._sync_names(path, fd, names, {})
             return
         # Watched from before the question: the checksums in the answer are as of that point of the stream.
@@ -285,7 +285,7 @@ class Resync:
             await self._sync_content(fd, path, remote)
             self._done_file(local)
         elif local.kind == stat.S_IFDIR:
-            await self._sync_dir(path, fd, fresh=remote is None)
+            await self._sync_dir(path, fd, empty=remote is None)
         # Our writes (or the directory's children) moved the secondary's mtime: then times always go.
         # A file nothing was sent for (not even a live frame) kept its mtime: compare, as for others.
         wrote = remote is None or self.sender.seq != sent
