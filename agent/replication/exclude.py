@@ -81,18 +81,41 @@ class Exclude:
         """Whether a pattern matches names at any depth (one without '/')."""
         return self._anywhere is not None
 
-    def in_reach(self, directory: bytes) -> bool:
+    def in_reach(self, directory: bytes, *, names: bool = True) -> bool:
         """Whether an entry directly in `directory` may be excluded: the directory is, a pattern
-        matches names anywhere, or an anchored one names its children (`cache/*` for `cache`)."""
+        matches names anywhere, or an anchored one names its children (`cache/*` for `cache`).
+        `names` False: leave out the patterns that match names anywhere (the caller matches the
+        entry's name against names())."""
         if not self.patterns:
             return False
-        if self._anywhere is not None or self.excluded(directory):
+        if (names and self._anywhere is not None) or self.excluded(directory):
             return True
         parts = os.fsdecode(directory).split("/") if directory else []
         return any(
             len(comps) == len(parts) + 1 and all(c.match(p) for c, p in zip(comps, parts, strict=False))
             for comps in self._anchored
         )
+
+    def names(self) -> list[bytes]:
+        """The patterns that match names anywhere, widened for the native data path's matcher (C,
+        over bytes): each is a whole name, or the literal prefix before the pattern's first `*?[]`
+        and the literal suffix after its last, around one `*` that stands for any bytes
+        (`[ab]*.log` is `*.log`). Every name a pattern matches matches its widened form: what comes
+        before the first of those characters and after the last is matched character for character
+        (a `[...]` set ends at a `]`, an unclosed `[` is itself), and os.fsencode keeps a prefix a
+        prefix and a suffix a suffix. A name the widened form matches that the pattern does not is
+        only served by Python, which asks excluded()."""
+        out = []
+        for pattern in self.patterns:
+            name = pattern.rstrip("/")
+            if "/" in name:
+                continue
+            meta = [i for i, c in enumerate(name) if c in "*?[]"]
+            if not meta:
+                out.append(os.fsencode(name))
+            else:
+                out.append(os.fsencode(name[: meta[0]]) + b"*" + os.fsencode(name[meta[-1] + 1 :]))
+        return list(dict.fromkeys(out))
 
     def kept(self, path: bytes | None) -> bytes | None:
         """`path` if it is replicated, None if it is excluded (as for an inode without a name)."""

@@ -75,9 +75,16 @@ class ReplicatedFS(Passthrough):
         self.tandem_engine = engine and hasattr(pyfuse3, "engine_file")
         # ... and CREATE and UNLINK in the directories registered with it (_serve_entries_in), once
         # the mount runs it (engine_mounted).
-        # Not with a pattern that matches names anywhere: F has no matcher, and would ship the creates
-        # of excluded names. Anchored patterns keep F out of the directories they reach (_serve_entries_in).
-        self._creates = creates and self.tandem_engine and hasattr(pyfuse3, "engine_creates") and not exclude.anywhere
+        # Anchored exclude patterns keep F out of the directories they reach (_serve_entries_in);
+        # F leaves the names the others may match to Python (engine_exclude). A pyfuse3 without
+        # that matcher serves no creates while such patterns exist.
+        self._names = hasattr(pyfuse3, "engine_exclude")
+        self._creates = (
+            creates
+            and self.tandem_engine
+            and hasattr(pyfuse3, "engine_creates")
+            and (self._names or not exclude.anywhere)
+        )
         self.native_creates = False
         self._unsynced: dict[int, int] = {}
         # Inodes known to carry no file capability: the kernel asks before every write().
@@ -100,6 +107,8 @@ class ReplicatedFS(Passthrough):
             pyfuse3.engine_creates(True, next_ino, self.enable_writeback_cache, self._engine_events)
             return pyfuse3.engine_ino
 
+        if self._names:
+            pyfuse3.engine_exclude(self.exclude.names())
         self.inodes.share_numbers(start)
         self.native_creates = True
         self._serve_entries_in(ROOT)
@@ -136,7 +145,7 @@ class ReplicatedFS(Passthrough):
         if self.native_creates:
             for ino in dirs:
                 path = self.inodes.path(ino)
-                if path is not None and self.exclude.in_reach(path):
+                if path is not None and self.exclude.in_reach(path, names=not self._names):
                     pyfuse3.engine_dir(ino, None)  # an entry made here may be excluded: Python's
                 elif path is not None:
                     pyfuse3.engine_dir(ino, path)

@@ -145,6 +145,8 @@ static struct {
     int n_events;
     int events_fd;            /* an eventfd: Python takes the events when it is readable */
     int creates;              /* F serves CREATE and UNLINK (te_creates) */
+    char *exclude;            /* names F leaves to Python, each NUL-terminated (te_exclude); send_mu */
+    size_t exclude_len;
     int writeback;
     uint64_t next_ino;        /* the next inode number, Python's and F's (te_ino) */
     uint64_t next_fh;         /* F's file handles: TE_FH_BASE + n, apart from Python's */
@@ -863,7 +865,33 @@ static int te_set_times(const struct fuse_in_header *in, const struct fuse_setat
  * lock, which the kernel's unlink takes too, or through an open file of it (a writeback's WRITE,
  * an mmap's): with none open, no frame of Python's can name the old path after F's Unlink. A file
  * registered while F unlinks it is caught by te_files_of after the unlink, or by te_file's own
- * check of the path. An unlink changes no other path, so it starts no new generation. */
+ * check of the path. An unlink changes no other path, so it starts no new generation.
+ *
+ * ReplicatedDir.exclude: a directory an anchored pattern reaches is never registered (Python's
+ * in_reach), and a name that a pattern without '/' may match goes to Python (te_excluded), which
+ * neither ships its create nor its unlink. */
+
+/* Whether `name` may match one of the patterns te_exclude gave: each is a whole name, or a prefix
+ * and a suffix around one '*' that stands for any bytes (agent/replication/exclude.py,
+ * Exclude.names: a widened pattern, so a name a pattern matches always matches here). send_mu. */
+static int te_excluded(const char *name, size_t nlen)
+{
+    if (E.exclude_len == 0)
+        return 0;
+    for (const char *p = E.exclude, *end = E.exclude + E.exclude_len; p < end; p += strlen(p) + 1) {
+        size_t len = strlen(p);
+        const char *star = memchr(p, '*', len);
+        if (star == NULL) {
+            if (len == nlen && memcmp(p, name, nlen) == 0)
+                return 1;
+            continue;
+        }
+        size_t pre = (size_t) (star - p), post = len - pre - 1;
+        if (pre + post <= nlen && memcmp(p, name, pre) == 0 && memcmp(star + 1, name + nlen - post, post) == 0)
+            return 1;
+    }
+    return 0;
+}
 
 /* A directory's registered path, if F may use it now (the current generation), with a dup of its
  * fd (t->fd, closed by the caller): 1, else 0. send_mu held: the generation moves only under it. */
@@ -935,7 +963,8 @@ static int te_create(const struct fuse_in_header *in, size_t n)
 
     d.fd = -1;
     pthread_mutex_lock(&E.send_mu);
-    if (wt == NULL || ev == NULL || node == NULL || !te_may_serve() || E.sock < 0 || !te_parent(in->nodeid, &d) ||
+    if (wt == NULL || ev == NULL || node == NULL || !te_may_serve() || E.sock < 0 || te_excluded(name, nlen) ||
+        !te_parent(in->nodeid, &d) ||
         (plen = te_join(&d, name, nlen, path, sizeof(path))) == 0 || 2 * plen + d.plen + 128 > sizeof(h->b) ||
         (f = malloc(sizeof(*f) + plen)) == NULL)
         goto out;
@@ -1030,7 +1059,8 @@ static int te_unlink(const struct fuse_in_header *in, size_t n)
 
     d.fd = -1;
     pthread_mutex_lock(&E.send_mu);
-    if (wt == NULL || ev == NULL || !te_may_serve() || E.sock < 0 || !te_parent(in->nodeid, &d) ||
+    if (wt == NULL || ev == NULL || !te_may_serve() || E.sock < 0 || te_excluded(name, nlen) ||
+        !te_parent(in->nodeid, &d) ||
         (plen = te_join(&d, name, nlen, path, sizeof(path))) == 0 || plen + d.plen + 96 > sizeof(h->b))
         goto out;
     if (fstatat(d.fd, name, &st, AT_SYMLINK_NOFOLLOW) != 0) {
@@ -1862,6 +1892,25 @@ static int te_dir(uint64_t ino, const char *path, size_t plen)
     }
     pthread_mutex_unlock(&E.tab_mu);
     free(copy);
+    return 0;
+}
+
+/* The names whose CREATE and UNLINK F leaves to Python (te_excluded): `len` bytes of NUL-terminated
+ * patterns (none: 0). 0 or -ENOMEM. */
+static int te_exclude(const char *patterns, size_t len)
+{
+    char *copy = NULL;
+    if (len > 0) {
+        if ((copy = malloc(len + 1)) == NULL)
+            return -ENOMEM;
+        memcpy(copy, patterns, len);
+        copy[len] = '\0'; /* the last one ends, whatever was given */
+    }
+    pthread_mutex_lock(&E.send_mu);
+    char *old = E.exclude;
+    E.exclude = copy, E.exclude_len = copy != NULL ? len : 0;
+    pthread_mutex_unlock(&E.send_mu);
+    free(old);
     return 0;
 }
 

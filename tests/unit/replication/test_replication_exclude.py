@@ -2,7 +2,12 @@
 
 from __future__ import annotations
 
+import fnmatch
+import os
+
 import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 from agent.replication.exclude import NOTHING, Exclude, pattern_error
 
@@ -101,3 +106,62 @@ def test_a_directory_is_in_reach_when_an_entry_made_in_it_may_be_excluded(
 ) -> None:
     assert Exclude(patterns).in_reach(directory) is in_reach
     assert Exclude(patterns).anywhere is any("/" not in p.rstrip("/") for p in patterns)
+
+
+@pytest.mark.parametrize(
+    ("patterns", "directory", "in_reach"),
+    [
+        (["*.tmp"], b"", False),  # the name is the caller's to match
+        (["*.tmp"], b"d/x.tmp", True),  # excluded itself
+        (["*.tmp", "cache/*"], b"cache", True),
+        (["*.tmp", "cache/*"], b"srv", False),
+    ],
+)
+def test_without_names_only_the_directory_and_anchored_patterns_count(
+    patterns: list[str], directory: bytes, in_reach: bool
+) -> None:
+    assert Exclude(patterns).in_reach(directory, names=False) is in_reach
+
+
+@pytest.mark.parametrize(
+    ("patterns", "names"),
+    [
+        (["*.tmp"], [b"*.tmp"]),
+        (["cache", "core/"], [b"cache", b"core"]),
+        (["[ab]*.log", "x?y", "a*b*c", ".nfs*", "*~"], [b"*.log", b"x*y", b"a*c", b".nfs*", b"*~"]),
+        (["[unclosed"], [b"*unclosed"]),
+        (["]x"], [b"*x"]),
+        (["*.é"], [b"*.\xc3\xa9"]),
+        (["cache/*", "a/b"], []),  # anchored: not names
+        (["*.tmp", "*.tmp/"], [b"*.tmp"]),
+    ],
+)
+def test_names_are_the_patterns_without_slash_widened_to_a_prefix_and_a_suffix(
+    patterns: list[str], names: list[bytes]
+) -> None:
+    assert Exclude(patterns).names() == names
+
+
+def widened_match(form: bytes, name: bytes) -> bool:
+    """tandem_engine.c's te_excluded, for one widened pattern."""
+    if b"*" not in form:
+        return form == name
+    pre, post = form.split(b"*")
+    return len(pre) + len(post) <= len(name) and name.startswith(pre) and name.endswith(post)
+
+
+_CHARS = "ab.*?[]!-^é€\\"
+_GLOB = st.text(alphabet=_CHARS, min_size=1, max_size=8).filter(lambda g: pattern_error(g) is None and "/" not in g)
+
+
+@settings(max_examples=2000, deadline=None)
+@given(glob=_GLOB, data=st.data())
+def test_every_name_a_pattern_excludes_matches_its_widened_form(glob: str, data: st.DataObject) -> None:
+    """The native data path leaves a name to Python when its widened form matches: it must never
+    miss a name that excluded() would exclude (then F would ship an excluded entry). The names are
+    drawn from what the pattern matches."""
+    name = os.fsencode(data.draw(st.from_regex(fnmatch.translate(glob), fullmatch=True, alphabet=_CHARS).filter(bool)))
+    exclude = Exclude([glob])
+    (form,) = exclude.names()
+    assert exclude.excluded(name)
+    assert widened_match(form, name), (glob, name, form)
