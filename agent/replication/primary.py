@@ -71,7 +71,8 @@ class ReplicatedFS(Passthrough):
         # The native data path (agent/replication/native, with Tandem's pyfuse3): its thread serves
         # WRITE, FSYNC and the SETATTR of times (the writeback cache's mtime, `fsync` mode) of the
         # files registered with it (_register). Each replies once the secondary acknowledged its
-        # frame, in `fsync` mode too: a flush then waits only for what Python shipped (_settled).
+        # frame, in `fsync` mode too, but for CREATE and UNLINK there, which reply at once as
+        # Python's do: a flush then waits for what Python shipped and for those (_settled).
         self.tandem_engine = engine and hasattr(pyfuse3, "engine_file")
         # ... and CREATE and UNLINK in the directories registered with it (_serve_entries_in), once
         # the mount runs it (engine_mounted).
@@ -194,7 +195,10 @@ class ReplicatedFS(Passthrough):
             await self.sender.drain()
 
     async def _settled(self) -> None:
-        """writeback: wait until the peer acknowledged every operation shipped so far."""
+        """writeback: wait until the peer acknowledged every operation shipped so far (Python's), and
+        has received the native data path's creates and unlinks answered before their acks."""
+        if self._creates and pyfuse3.engine_early():
+            await self.sender.barrier()
         await self.sender.wait(self._last)
 
     @passes_errors

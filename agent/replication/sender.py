@@ -66,6 +66,9 @@ class Sender:
         # The event loop's time of the last frame the peer sent (answers and pongs).
         self._heard = 0.0
         self._watch: asyncio.Task[None] | None = None
+        # Pings numbered from one counter (the watchdog's and barrier()'s), and the barriers' waits.
+        self._ping = 0
+        self._barriers: dict[int, asyncio.Future[None]] = {}
 
     async def connect(self, host: str, port: int) -> Peer:
         """Open a new stream (fresh id, seq from 1) and run the handshake; raise on refusal."""
@@ -198,7 +201,7 @@ class Sender:
         """Ping the peer while `conn` carries the stream; end the stream once the peer answered nothing
         for `peer_timeout`: its host answers TCP, but its replicator hangs or no longer reads."""
         loop = asyncio.get_running_loop()
-        interval, n = self.peer_timeout / PINGS_PER_TIMEOUT, 0
+        interval = self.peer_timeout / PINGS_PER_TIMEOUT
         while True:
             due = loop.time() + interval
             await asyncio.sleep(interval)
@@ -214,9 +217,29 @@ class Sender:
                     abort=True,
                 )
                 return
-            n = (n + 1) & 0xFFFFFFFF
             with contextlib.suppress(ConnectionError):
-                conn.send_nowait(Frame(0, m.Ping(n)))
+                conn.send_nowait(Frame(0, m.Ping(self._next_ping())))
+
+    def _next_ping(self) -> int:
+        self._ping = (self._ping + 1) & 0xFFFFFFFF
+        return self._ping
+
+    async def barrier(self) -> None:
+        """Return once the peer has received every frame sent before this call, the native data
+        path's too (a Ping's Pong: the secondary answers on receipt, with every earlier frame queued,
+        and a queued frame is always applied), or once the stream is lost."""
+        if self._conn is None or not self.connected:
+            return
+        n = self._next_ping()
+        fut: asyncio.Future[None] = asyncio.get_running_loop().create_future()
+        self._barriers[n] = fut
+        try:
+            self._conn.send_nowait(Frame(0, m.Ping(n)))
+            await fut
+        except ConnectionError:
+            pass
+        finally:
+            self._barriers.pop(n, None)
 
     def _answer(self, frame: Frame) -> None:
         """One answer from the secondary, handled in the event-loop turn that received it."""
@@ -225,6 +248,9 @@ class Sender:
         if isinstance(msg, m.Pong):
             if frame.seq != 0:
                 raise ProtocolError(f"Pong with sequence number {frame.seq}: a pong carries 0")
+            barrier = self._barriers.pop(msg.n, None)
+            if barrier is not None and not barrier.done():
+                barrier.set_result(None)
             return
         if isinstance(msg, m.Fault):
             self._failed(frame.seq, msg.status, msg.message)
@@ -262,6 +288,11 @@ class Sender:
                 # Seen now: nobody awaits the resync's own frames one by one.
                 fut.exception()
         self._pending.clear()
+        for barrier in self._barriers.values():
+            if not barrier.done():
+                barrier.set_exception(ConnectionError(reason))
+                barrier.exception()
+        self._barriers.clear()
         if self._conn is not None:
             (self._conn.abort if abort else self._conn.close)()
         self.closed.set()

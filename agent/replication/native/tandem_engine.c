@@ -109,6 +109,7 @@ struct te_wait {
     uint64_t seq, unique;
     uint32_t size; /* WRITE: bytes written; TE_REPLY: the reply's size, in inline_reply */
     int kind;
+    int early;     /* TE_REPLY replied before its ack (`fsync` mode, te_reply_early): counted in n_early */
     int local;     /* FSYNC: -1 running, else 0 or the errno of the local fsync */
     int answered;  /* the secondary acknowledged it, or the stream ended */
     int replied;
@@ -145,6 +146,7 @@ static struct {
     int n_events;
     int events_fd;            /* an eventfd: Python takes the events when it is readable */
     int creates;              /* F serves CREATE and UNLINK (te_creates) */
+    uint64_t n_early;         /* frames replied to before their ack, not answered yet (te_early) */
     char *exclude;            /* names F leaves to Python, each NUL-terminated (te_exclude); send_mu */
     size_t exclude_len;
     int writeback;
@@ -365,6 +367,8 @@ static int te_answered(struct te_wait **slot)
 {
     struct te_wait *w = *slot;
     w->answered = 1;
+    if (w->early)
+        __atomic_sub_fetch(&E.n_early, 1, __ATOMIC_RELEASE);
     if (w->kind != TE_HELD && !te_settle(w))
         return 0;
     *slot = w->next;
@@ -849,6 +853,21 @@ static int te_set_times(const struct fuse_in_header *in, const struct fuse_setat
     return 1;
 }
 
+/* In `fsync` mode (the writeback cache) a CREATE or UNLINK is answered as soon as its frame is
+ * sent, as Python's handlers answer theirs (docs/dev/replication.md, "What each ack mode
+ * promises"): a local disk keeps such a change in memory until an fsync too. The ack still frees
+ * the wait (and an error ack still reaches Python as a Fault); a flush waits for what is still
+ * unanswered (te_early, Python's flush). Else the reply waits for the ack. Before te_ship_now:
+ * the wait may be freed by R as soon as it is registered. send_mu held. */
+static int te_reply_early(struct te_wait *wt)
+{
+    if (!E.writeback)
+        return 0;
+    wt->replied = 1, wt->early = 1;
+    __atomic_add_fetch(&E.n_early, 1, __ATOMIC_RELEASE);
+    return 1;
+}
+
 /* --- F: CREATE and UNLINK -------------------------------------------------------------------------
  *
  * In a directory whose path Python registered in the current generation (te_dir), served as
@@ -1027,8 +1046,11 @@ static int te_create(const struct fuse_in_header *in, size_t n)
     te_event_put(ev);
     pthread_mutex_unlock(&E.tab_mu);
     node = NULL, f = NULL, ev = NULL;
+    int early = te_reply_early(wt);
     te_ship_now(wt, h, seq_at, NULL, 0, 0, 0);
     wt = NULL;
+    if (early)
+        te_reply(in->unique, 0, &out, sizeof(out));
     __atomic_add_fetch(&E.n_create, 1, __ATOMIC_RELAXED);
 out:
     pthread_mutex_unlock(&E.send_mu);
@@ -1099,8 +1121,11 @@ static int te_unlink(const struct fuse_in_header *in, size_t n)
         tf_byte(h, 0x90);
     }
     tf_end(h, 0);
+    int early = te_reply_early(wt);
     te_ship_now(wt, h, seq_at, NULL, 0, 0, 0);
     wt = NULL;
+    if (early)
+        te_reply(in->unique, 0, NULL, 0);
     __atomic_add_fetch(&E.n_unlink, 1, __ATOMIC_RELAXED);
 out:
     pthread_mutex_unlock(&E.send_mu);
@@ -2005,6 +2030,13 @@ static uint64_t te_unsynced(uint64_t fh)
         n = f->unsynced, f->unsynced = 0;
     pthread_mutex_unlock(&E.tab_mu);
     return n;
+}
+
+/* How many of F's frames were replied to before their ack and are not answered yet: a flush that
+ * must cover them waits for the secondary to have received them (a Ping's Pong). */
+static unsigned long long te_early(void)
+{
+    return __atomic_load_n(&E.n_early, __ATOMIC_ACQUIRE);
 }
 
 static void te_serve(int on)

@@ -136,3 +136,36 @@ def test_without_the_native_path_nothing_is_held(pair: Pair) -> None:
     stop_both(pair)
     assert_same_trees(pair)
     assert _counts(pair.log("primary")).get("held", 0) == 0
+
+
+def test_with_a_writeback_cache_creates_and_unlinks_return_at_once_and_a_close_waits_for_them(pair: Pair) -> None:
+    """`fsync` mode: the native data path answers a CREATE and an UNLINK as soon as their frames
+    are sent (the promise of a local disk, as Python's handlers in that mode); the next close still
+    returns only once the secondary has received them, on any file."""
+    pair.start("fsync", secondary_mount=False)
+    _setup(pair.primary_dir)
+    other = os.open(pair.primary_dir / "old", os.O_RDWR)
+    fds: list[int] = []
+
+    def create_and_unlink() -> None:
+        fds.append(os.open(pair.primary_dir / "new", os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o640))
+        os.unlink(pair.primary_dir / "gone")
+
+    freeze(pair.pid("secondary"))
+    try:
+        done, errors = in_background(create_and_unlink)
+        assert done.wait(10), "a create or an unlink waited for the stopped secondary"
+        assert not errors, errors
+        closed, close_errors = in_background(lambda: os.close(other))
+        # The stopped secondary reads nothing: no Pong, so no close.
+        assert not closed.wait(0.5), f"close returned before the secondary received the create: {close_errors}"
+    finally:
+        os.kill(pair.pid("secondary"), signal.SIGCONT)
+    assert closed.wait(30), "close still waits after the secondary went on"
+    assert not close_errors, close_errors
+    os.close(fds[0])
+    stop_both(pair)
+    assert (pair.secondary_dir / "new").exists() and not (pair.secondary_dir / "gone").exists()
+    assert_same_trees(pair)
+    counts = _counts(pair.log("primary"))
+    assert counts["create"] >= 1 and counts["unlink"] >= 1, counts
