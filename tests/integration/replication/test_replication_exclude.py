@@ -13,13 +13,13 @@ import stat
 import subprocess
 import sys
 import time
-from collections.abc import Callable
 from pathlib import Path
 
 import pytest
 
 from agent.replication import syscalls
 from agent.replication.exclude import Exclude
+from tests.daemons import wait_for
 from tests.integration.replication.pairs import Pair
 from tests.integration.replication.test_replication_pair import tree
 from tests.integration.replication.test_replication_resync import stop_both
@@ -154,7 +154,8 @@ def test_excluded_paths_stay_on_each_node_and_crossings_arrive_whole(pair: Pair,
     assert (s / "cache").is_dir() and not (s / "a.tmp").read_text().startswith("the primary")
 
     crossing_workload(p)
-    # Acknowledged means on the secondary: checked while both still run.
+    # `received` and `fsync` acknowledge before the secondary applies: checked once it stopped.
+    stop_both(pair)
     assert (s / "x").read_bytes() == (p / "x").read_bytes()
     assert (s / "build" / "sub" / "f19").read_bytes() == (p / "build" / "sub" / "f19").read_bytes()
     assert (s / "e2.tmp").exists() is False and (s / "e1").read_text() == "excluded, then replicated"
@@ -163,7 +164,6 @@ def test_excluded_paths_stay_on_each_node_and_crossings_arrive_whole(pair: Pair,
     assert (s / "over").read_text() == "the new content"
     assert not (s / "gone").exists()
     secondary_own(s)
-    stop_both(pair)
     assert_equal_outside_excluded(pair)
     assert not (s / "build" / "sub" / "part.tmp").exists()
     assert not (s / "t.tmp").exists() and not (s / "cache" / "new").exists()
@@ -241,7 +241,7 @@ def test_anchored_patterns_keep_the_native_creates_out_of_the_directories_they_r
         (p / "d" / f"g{i}").write_text("replicated")
     os.rename(p / "d", p / "cache" / "d")  # departs: gone from the secondary
     # `received` acknowledges before the secondary applies: wait for the apply.
-    assert eventually(lambda: not (s / "d").exists())
+    wait_for("d gone from the secondary", lambda: not (s / "d").exists())
     for i in range(20):
         (p / "cache" / "d" / f"h{i}").write_text("excluded: made where cache/* reaches")
     os.unlink(p / "cache" / "d" / "g0")
@@ -249,23 +249,15 @@ def test_anchored_patterns_keep_the_native_creates_out_of_the_directories_they_r
     for i in range(10):
         (p / "e" / f"k{i}").write_text("replicated again")
     os.unlink(p / "e" / "h1")
-    assert eventually(lambda: (s / "e").is_dir() and sorted(os.listdir(s / "e")) == sorted(os.listdir(p / "e")))
+    wait_for(
+        "e on the secondary", lambda: (s / "e").is_dir() and sorted(os.listdir(s / "e")) == sorted(os.listdir(p / "e"))
+    )
     stop_both(pair)
     assert sorted(os.listdir(s / "cache")) == []
     assert_equal_outside_excluded(pair)
     counts = re.search(r"answered natively: .*\bcreate=(\d+)", pair.log("primary"))
     assert counts is not None and int(counts.group(1)) >= 50, pair.log("primary")[-2000:]
     assert not [e for e in pair.events("primary") if e["event"] == "error"], pair.log("primary")
-
-
-def eventually(condition: Callable[[], bool], timeout: float = 10) -> bool:
-    """Whether `condition` holds within `timeout` seconds (polled)."""
-    deadline = time.monotonic() + timeout
-    while not condition():
-        if time.monotonic() > deadline:
-            return False
-        time.sleep(0.01)
-    return True
 
 
 def native_count(pair: Pair, kind: str) -> int:

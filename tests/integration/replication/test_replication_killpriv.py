@@ -75,6 +75,7 @@ def test_capabilities_and_set_id_bits_go_as_they_would_locally(
     expected = _state(local)
     assert _state(pair.primary_dir) == expected
     assert pair.stop("primary") == 0
+    assert pair.stop("secondary") == 0  # acknowledged on receipt: applied once it stopped
     assert _state(pair.secondary_dir) == expected
     assert "granted HANDLE_KILLPRIV_V2" in pair.log("primary")
     if caller:  # the check can fail: a caller without CAP_FSETID loses the set-user-ID bit
@@ -90,6 +91,7 @@ def test_a_tree_on_a_file_system_without_xattrs_is_written_through(pair: Pair) -
         pair.start("received")
         (pair.primary_dir / "f").write_bytes(b"through")
         assert pair.stop("primary") == 0
+        assert pair.stop("secondary") == 0
         assert (pair.secondary_dir / "f").read_bytes() == b"through"
     finally:
         pair.close()  # before the ramfs goes: the primary's mount sits on it

@@ -216,6 +216,7 @@ def test_a_capability_set_after_writes_is_seen_and_replicated(pair: Pair) -> Non
     os.setxattr(target, "security.capability", caps)
     assert os.getxattr(target, "security.capability") == caps
     assert pair.stop("primary") == 0
+    assert pair.stop("secondary") == 0  # acknowledged on receipt: applied once it stopped
     assert os.getxattr(pair.secondary_dir / "tool", "security.capability") == caps
 
 
@@ -317,6 +318,7 @@ def test_the_primary_keeps_the_pages_of_files_written_through_it(pair: Pair) -> 
             os.close(fd)
         with open(top, "rb") as f:
             assert f.read(8192) == b"b" * 4096  # past the end: the size is asked again, the pages stay
-        assert (pair.secondary_dir / "kept").read_bytes() == b"b" * 4096
+        # Acknowledged on receipt: applied soon after.
+        wait_for("the write on the secondary", lambda: (pair.secondary_dir / "kept").read_bytes() == b"b" * 4096)
     finally:
         os.close(beneath)
