@@ -104,6 +104,12 @@ struct te_event {
                                TE_EV_OPEN: the open file's fd (F's: F closes it at RELEASE) */
 };
 
+/* A FLUSH F answers once the secondary answered every frame numbered up to `seq` (te_flush). */
+struct te_barrier {
+    struct te_barrier *next;
+    uint64_t seq, unique;
+};
+
 struct te_wait {
     struct te_wait *next;
     uint64_t seq, unique;
@@ -140,6 +146,8 @@ static struct {
     struct te_file *files[TE_BUCKETS];
     struct te_wait *waits[TE_BUCKETS];
     struct te_wait *held[TE_BUCKETS]; /* TE_HELD waits by unique, until their reply is written */
+    uint64_t acked;                   /* the highest seq the secondary answered (tab_mu) */
+    struct te_barrier *barriers;      /* FLUSHes waiting for `acked` (te_flush; tab_mu) */
     int n_open_held;                  /* how many are in held[] */
     struct te_node *nodes[TE_BUCKETS];
     struct te_event *events, **events_end; /* tab_mu */
@@ -155,7 +163,8 @@ static struct {
     int answers;              /* F answers from the node table (te_answers) */
     double attr_timeout;      /* GETATTR's validity */
     double negative_timeout;  /* a missing name's; < 0: ENOENT, no negative entry */
-    uint64_t n_write, n_fsync, n_getattr, n_lookup, n_getxattr, n_held, n_setattr, n_create, n_unlink, n_release, n_open;
+    uint64_t n_write, n_fsync, n_getattr, n_lookup, n_getxattr, n_held, n_setattr, n_create, n_unlink, n_release, n_open,
+        n_flush;
     int qos;            /* this engine's own PM QoS request, or -1 */
     int64_t hold_ns;
     int64_t last_ns;
@@ -1203,6 +1212,58 @@ static int te_forget(const struct fuse_in_header *in, size_t n)
     return 1;
 }
 
+/* FLUSH with a writeback cache (`fsync` mode): the kernel wrote the file's dirty pages back before
+ * it sent the FLUSH, and a completed close promises that everything done before it, on any file,
+ * is in the secondary's memory (docs/dev/replication.md, "What each ack mode promises"). Every frame
+ * of the stream, F's and Python's, is numbered under send_mu, and in this mode the secondary
+ * answers each on receipt, once all before it are queued: the FLUSH is answered once an answer
+ * numbered E.seq or later came (at once if one did), or the stream ended (the close completes
+ * locally, as Python's flush does). That is Python's flush (primary.py, _settled) without its trip
+ * through pyfuse3. Without a writeback cache Python's flush says ENOSYS once and no FLUSH comes. */
+static int te_flush(const struct fuse_in_header *in, size_t n)
+{
+    if (n < sizeof(*in) + sizeof(struct fuse_flush_in))
+        return 0;
+    struct te_barrier *b = malloc(sizeof(*b));
+    if (b == NULL)
+        return 0;
+    int served = 0, now = 0;
+    pthread_mutex_lock(&E.send_mu); /* the stream's end (R) cannot pass between the check and the wait */
+    if (E.writeback && te_may_serve() && E.sock >= 0) {
+        served = 1;
+        pthread_mutex_lock(&E.tab_mu);
+        if (E.acked >= E.seq) {
+            now = 1;
+        } else {
+            b->seq = E.seq, b->unique = in->unique, b->next = E.barriers;
+            E.barriers = b, b = NULL;
+        }
+        pthread_mutex_unlock(&E.tab_mu);
+    }
+    pthread_mutex_unlock(&E.send_mu);
+    free(b);
+    if (now)
+        te_reply(in->unique, 0, NULL, 0);
+    if (served)
+        __atomic_add_fetch(&E.n_flush, 1, __ATOMIC_RELAXED);
+    return served;
+}
+
+/* The FLUSHes that waited for answers up to `acked` (all of them: the stream ended) reply. tab_mu held. */
+static void te_barriers_reached(uint64_t acked, int all)
+{
+    for (struct te_barrier **p = &E.barriers; *p != NULL;) {
+        struct te_barrier *b = *p;
+        if (all || b->seq <= acked) {
+            *p = b->next;
+            te_reply(b->unique, 0, NULL, 0);
+            free(b);
+        } else {
+            p = &b->next;
+        }
+    }
+}
+
 /* RELEASE: the file leaves F's table before its fd closes. While F serves creates it closes the fd
  * itself and answers (1); otherwise Python does (0). */
 static int te_release(const struct fuse_in_header *in, size_t n)
@@ -1331,7 +1392,8 @@ static void *te_fuse_thread(void *arg)
                    (in->opcode == FUSE_FSYNC && te_fsync(in, (size_t) n)) ||
                    (in->opcode == FUSE_SETATTR && te_setattr(in, (size_t) n)) ||
                    (in->opcode == FUSE_CREATE && te_create(in, (size_t) n)) ||
-                   (in->opcode == FUSE_UNLINK && te_unlink(in, (size_t) n))) {
+                   (in->opcode == FUSE_UNLINK && te_unlink(in, (size_t) n)) ||
+                   (in->opcode == FUSE_FLUSH && te_flush(in, (size_t) n))) {
             te_touch();
             continue;
         } else if ((in->opcode == FUSE_GETATTR || in->opcode == FUSE_LOOKUP || in->opcode == FUSE_GETXATTR) &&
@@ -1454,9 +1516,20 @@ static int te_answer(uint8_t *frame, size_t len)
 {
     uint64_t op, seq;
     size_t at;
-    if (tf_read_head(frame, len, &op, &seq, &at) != 0 || (op != 4 && op != 5) || seq == 0)
+    if (tf_read_head(frame, len, &op, &seq, &at) != 0 || seq == 0)
         return 0;
     pthread_mutex_lock(&E.tab_mu);
+    /* Any answer (an Ack, a Fault, a resync's Listing or Sums) says the secondary received every
+     * frame up to its number: the stream is in order. */
+    if (seq > E.acked) {
+        E.acked = seq;
+        if (E.barriers != NULL)
+            te_barriers_reached(seq, 0);
+    }
+    if (op != 4 && op != 5) {
+        pthread_mutex_unlock(&E.tab_mu);
+        return 0;
+    }
     struct te_wait **slot = te_wait_slot(seq), *w = *slot;
     int mine = w != NULL && !w->answered;
     int failed = 0;
@@ -1476,6 +1549,7 @@ static int te_answer(uint8_t *frame, size_t len)
 static void te_end_waits(void)
 {
     pthread_mutex_lock(&E.tab_mu);
+    te_barriers_reached(0, 1);
     for (size_t i = 0; i < TE_BUCKETS; i++) {
         struct te_wait **p = &E.waits[i];
         while (*p != NULL)
@@ -1705,6 +1779,9 @@ static int te_attach(int sock)
     if (E.ans_w >= 0)
         close(E.ans_w);
     E.sock = sock, E.ans_w = pair[1], E.seq = 0, E.lost[0] = 0, E.lost_errno = 0;
+    pthread_mutex_lock(&E.tab_mu);
+    E.acked = 0; /* the last stream's barriers were released as it ended */
+    pthread_mutex_unlock(&E.tab_mu);
     __atomic_store_n(&E.dead, 0, __ATOMIC_RELEASE);
     __atomic_add_fetch(&E.gen, 1, __ATOMIC_RELEASE); /* paths are registered anew for each stream */
     int err = pthread_create(&E.r, NULL, te_reader_thread, NULL);
@@ -2077,12 +2154,12 @@ static const char *te_lost(int *err)
 }
 
 /* Requests F answered: 0 WRITE, 1 FSYNC, 2 GETATTR, 3 LOOKUP, 4 GETXATTR; 5: Python's replies held
- * until their frame's ack (te_send); 6 SETATTR, 7 CREATE, 8 UNLINK, 9 RELEASE. */
+ * until their frame's ack (te_send); 6 SETATTR, 7 CREATE, 8 UNLINK, 9 RELEASE, 10 OPEN, 11 FLUSH. */
 static unsigned long long te_count(int which)
 {
     uint64_t *counts[] = {&E.n_write, &E.n_fsync, &E.n_getattr, &E.n_lookup, &E.n_getxattr, &E.n_held,
-                          &E.n_setattr, &E.n_create, &E.n_unlink, &E.n_release, &E.n_open};
-    return which >= 0 && which < 11 ? __atomic_load_n(counts[which], __ATOMIC_RELAXED) : 0;
+                          &E.n_setattr, &E.n_create, &E.n_unlink, &E.n_release, &E.n_open, &E.n_flush};
+    return which >= 0 && which < 12 ? __atomic_load_n(counts[which], __ATOMIC_RELAXED) : 0;
 }
 
 static unsigned long long te_seq(void)
