@@ -87,7 +87,13 @@ def check() -> None:
     """Raise ProfileError naming what is missing (perf, or the kernel's FUSE tracepoints)."""
     if shutil.which("perf") is None:
         raise ProfileError("--fuse-profile needs perf (apt-get install linux-perf)")
-    if not Path("/sys/kernel/tracing/events/fuse/fuse_request_send").exists():
+    tracing = Path("/sys/kernel/tracing")
+    if not (tracing / "events").exists():
+        # A booted system has tracefs there; a fresh VM or container may not have mounted it yet.
+        mounted = subprocess.run(["mount", "-t", "tracefs", "nodev", str(tracing)], capture_output=True, text=True)
+        if mounted.returncode != 0:
+            raise ProfileError(f"--fuse-profile needs tracefs at {tracing}: mount failed: {mounted.stderr.strip()}")
+    if not (tracing / "events/fuse/fuse_request_send").exists():
         raise ProfileError("--fuse-profile needs the FUSE tracepoints (fuse:fuse_request_send); this kernel has none")
 
 

@@ -37,10 +37,11 @@ class Sizes:
     fsync_writes: int
     small_files: int
     sqlite_tx: int
+    replaces: int
 
 
-FULL = Sizes(dd_mib=1024, fsync_writes=3000, small_files=10_000, sqlite_tx=3000)
-QUICK = Sizes(dd_mib=256, fsync_writes=1000, small_files=2000, sqlite_tx=1000)
+FULL = Sizes(dd_mib=1024, fsync_writes=3000, small_files=10_000, sqlite_tx=3000, replaces=2000)
+QUICK = Sizes(dd_mib=256, fsync_writes=1000, small_files=2000, sqlite_tx=1000, replaces=500)
 
 
 @dataclass
@@ -232,6 +233,24 @@ def bench_sqlite(top: Path, sizes: Sizes) -> float:
     return sizes.sqlite_tx / elapsed
 
 
+def bench_replace(top: Path, sizes: Sizes) -> float:
+    """The atomic replace that applications use to save a state file: write a temporary file,
+    fsync it, close it, rename it over the old one; replacements per second."""
+    body, tmp, target = os.urandom(4096), top / "state.tmp", top / "state"
+    t0 = time.perf_counter()
+    for _ in range(sizes.replaces):
+        fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o644)
+        try:
+            os.write(fd, body)
+            os.fsync(fd)
+        finally:
+            os.close(fd)
+        os.rename(tmp, target)
+    elapsed = time.perf_counter() - t0
+    target.unlink()
+    return sizes.replaces / elapsed
+
+
 def run_mode(
     base: Path, ack: str, sizes: Sizes, extra: Sequence[str] = (), *, profile: bool = False
 ) -> tuple[list[Row], float, tuple[float, ...], str]:
@@ -269,6 +288,10 @@ def run_mode(
         with traced.section("SQLite WAL synchronous=FULL, per transaction", sizes.sqlite_tx):
             sqlite_repl = bench_sqlite(mnt, sizes)
         rows.append(Row("SQLite WAL synchronous=FULL", "tx/s", sqlite_local, sqlite_repl))
+        replace_local = bench_replace(local, sizes)
+        with traced.section("write+fsync+close+rename over, per replacement", sizes.replaces):
+            replace_repl = bench_replace(mnt, sizes)
+        rows.append(Row("4 KiB write+fsync+close+rename over", "files/s", replace_local, replace_repl))
     return rows, rss.peak, cpu, traced.render()
 
 
