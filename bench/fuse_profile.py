@@ -84,7 +84,10 @@ def parse(lines: Iterator[str], conn: int, operations: int) -> Profile:
 
 
 def check() -> None:
-    """Raise ProfileError naming what is missing (perf, or the kernel's FUSE tracepoints)."""
+    """Raise ProfileError naming what is missing (perf, tracefs, or the kernel's FUSE tracepoints).
+
+    Mounts tracefs at /sys/kernel/tracing first if nothing is mounted there.
+    """
     if shutil.which("perf") is None:
         raise ProfileError("--fuse-profile needs perf (apt-get install linux-perf)")
     tracing = Path("/sys/kernel/tracing")
